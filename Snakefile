@@ -1,0 +1,40 @@
+# EfficientLLM benchmark pipeline: includes and target rules only. See README.md.
+from snakemake.utils import min_version
+
+min_version("9.19")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/inference.smk"
+include: "workflow/rules/analysis.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_records(),
+        "results/tables/runs.csv",
+        "results/tables/normalised.csv",
+        FIGURES,
+
+
+rule records:
+    """Every run of the grid, without analysis."""
+    input:
+        all_records(),
+
+
+rule figures:
+    """Every paper figure (and what it needs)."""
+    input:
+        FIGURES,

@@ -1,0 +1,9 @@
+"""effllm: the library behind the EfficientLLM benchmark pipeline.
+
+Rooms follow the paper's concepts: ``data`` (corpora, tokenizer, reasoning set), ``models`` (the
+decoder family), ``training`` (pretraining and fine-tuning loops), ``inference`` (precisions and
+decoding), ``measure`` (memory, time, energy, FLOPs), ``records`` (the one metric-record type),
+``analysis`` (aggregation, normalisation, scores, ranks) and ``plots`` (figures).
+"""
+
+__version__ = "0.1.0"

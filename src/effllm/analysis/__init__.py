@@ -1,0 +1,1 @@
+"""Analysis: records -> runs table -> derived compression, normalised values, scores and ranks -> tables."""

@@ -1,0 +1,106 @@
+"""Load and check the pipeline config before any job runs.
+
+Two passes, both naming the offending key: the JSON schema (types, ranges, known technique names)
+and the checks a schema cannot express (a size whose width does not divide into its heads, a
+fine-tuning base that is not pretrained, steps that do not cover warm-up). Snakemake's
+``common.smk`` calls :func:`check_config`; so do the tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message starts with the dotted key at fault."""
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as handle:
+        return yaml.safe_load(handle) or {}
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "<config>"
+
+
+def validate_schema(config: dict, schema_path: str | os.PathLike) -> None:
+    import jsonschema
+
+    schema = load_yaml(schema_path)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
+    if errors:
+        # best_match picks the most relevant error of an anyOf/allOf tree.
+        err = jsonschema.exceptions.best_match(errors)
+        raise ConfigError(f"config key '{_key(err.absolute_path)}': {err.message}")
+
+
+def check_semantics(config: dict) -> None:
+    for name, size in config["sizes"].items():
+        key = f"sizes.{name}"
+        if size["hidden_size"] % size["num_heads"]:
+            raise ConfigError(
+                f"config key '{key}.hidden_size': {size['hidden_size']} does not divide into "
+                f"num_heads {size['num_heads']}"
+            )
+    pre = config["pretrain"]
+    for i, size in enumerate(pre["sizes"]):
+        if size not in config["sizes"]:
+            raise ConfigError(f"config key 'pretrain.sizes.{i}': unknown size {size!r}; "
+                              f"defined sizes: {sorted(config['sizes'])}")
+        heads = config["sizes"][size]["num_heads"]
+        if "gqa" in pre["attention"] and heads % pre["kv_heads"]:
+            raise ConfigError(f"config key 'pretrain.kv_heads': {pre['kv_heads']} does not divide "
+                              f"num_heads {heads} of size {size!r}")
+        head_dim = config["sizes"][size]["hidden_size"] // heads
+        if head_dim % 2:
+            raise ConfigError(f"config key 'sizes.{size}': head dim {head_dim} must be even "
+                              "for RoPE")
+    if pre["warmup_steps"] >= pre["steps"]:
+        raise ConfigError(f"config key 'pretrain.warmup_steps': {pre['warmup_steps']} must be "
+                          f"below pretrain.steps {pre['steps']}")
+    if pre["steps"] <= config["measure"]["warmup_steps"]:
+        raise ConfigError(f"config key 'measure.warmup_steps': {config['measure']['warmup_steps']}"
+                          f" leaves no timed step of pretrain.steps {pre['steps']}")
+    known = {f"{a}-{s}" for a in pre["attention"] for s in pre["sizes"]}
+    for i, base in enumerate(config["finetune"]["bases"]):
+        if base not in known:
+            raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is not a pretraining "
+                              f"run; choose from {sorted(known)}")
+    for method in config["finetune"]["methods"]:
+        if method not in config["finetune"]:
+            raise ConfigError(f"config key 'finetune.{method}': settings for method {method!r} "
+                              "are missing")
+    syn = config["data"]["reasoning"].get("synthetic")
+    if config["data"]["reasoning"]["source"] == "synthetic":
+        if not syn:
+            raise ConfigError("config key 'data.reasoning.synthetic': missing")
+        if syn["min_digits"] > syn["max_digits"]:
+            raise ConfigError("config key 'data.reasoning.synthetic.min_digits': larger than "
+                              "max_digits")
+    for source in ("corpus", "reasoning"):
+        block = config["data"][source]
+        if block["source"] == "hf" and "hf" not in block:
+            raise ConfigError(f"config key 'data.{source}.hf': needed when source is hf")
+    split = config["data"]["split"]
+    if split["validation_fraction"] + split["test_fraction"] >= 0.5:
+        raise ConfigError("config key 'data.split': validation_fraction + test_fraction must "
+                          "stay below 0.5")
+    for precision in config["inference"]["precisions"]:
+        if precision in ("int4", "int8") and precision not in config["inference"]:
+            config["inference"][precision] = {}
+
+
+def check_config(config: dict, schema_path: str | os.PathLike) -> dict:
+    """Validate ``config`` in place and return it; raise ConfigError naming the key."""
+    validate_schema(config, schema_path)
+    check_semantics(config)
+    return config

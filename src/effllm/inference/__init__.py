@@ -1,0 +1,1 @@
+"""Inference: loading a model at a precision, fixed-length decoding benchmarks, evaluation."""

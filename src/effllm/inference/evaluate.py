@@ -1,0 +1,64 @@
+"""Quality of a model on held-out data: completion loss, token accuracy, exact match, perplexity.
+
+Shared by fine-tuning (to score the trained adapter) and inference (to score each precision), so
+that "accuracy" means the same thing at both stages.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from effllm.training.sft import collate, encode_example
+
+
+@torch.no_grad()
+def completion_scores(model, tokenizer, problems: list[dict], max_length: int,
+                      batch_size: int = 16) -> dict[str, float]:
+    """Teacher-forced mean NLL and next-token accuracy on the completions (prompts excluded)."""
+    model.eval()
+    nll, correct, count = 0.0, 0, 0
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        batch = collate([encode_example(tokenizer, p["prompt"], p["completion"], max_length)
+                         for p in chunk], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        keep = target != -100
+        nll += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+        correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
+        count += int(keep.sum())
+    return {"loss": nll / count, "token_accuracy": correct / count, "tokens": count}
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
+                     batch_size: int = 16, desc: str = "generate") -> list[str]:
+    """Greedy completions of ``prompts`` (left-padded batches), stopping at end-of-sequence."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    outputs = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, mininterval=2.0):
+        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+                        add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                          skip_special_tokens=True)
+    return outputs
+
+
+def exact_match_rate(model, tokenizer, problems: list[dict], max_new_tokens: int,
+                     desc: str = "exact match") -> tuple[float, int]:
+    """Share of problems whose generated final answer equals the reference answer."""
+    from effllm.data.reasoning import exact_match
+
+    scored = [p for p in problems if p.get("answer") is not None]
+    if not scored:
+        raise ValueError("no problem has a reference answer")
+    texts = generate_answers(model, tokenizer, [p["prompt"] for p in scored], max_new_tokens,
+                             desc=desc)
+    hits = sum(exact_match(t, p["answer"]) for t, p in zip(texts, scored))
+    return hits / len(scored), len(scored)

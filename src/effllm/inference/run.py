@@ -1,0 +1,170 @@
+"""Serving a model at one precision: load, evaluate quality, time fixed-length decoding.
+
+Each precision is loaded fresh from the saved safetensors (never converted in place: bitsandbytes
+on CPU repacks 4-bit weights on the first eval forward, measurement.md §10). Timing follows
+measurement.md §2: fixed output length (end-of-sequence disabled), warm-up runs, then repeats until
+both a minimum count and a minimum time are reached; prefill = generate of one token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+import effllm.models  # noqa: F401 - registers our config with the Auto classes
+from effllm.inference.evaluate import completion_scores, exact_match_rate
+from effllm.measure import Timer, Window, latency_summary
+from effllm.records import Metric, RunRecord, config_hash, now_iso, provenance
+from effllm.training.loop import seed_everything
+from effllm.training.pretrain import perplexity
+from effllm.training.sft import read_jsonl
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# bitsandbytes' CPU 4-bit eval path asserts out_features % 32 == 0 (measurement.md §10).
+INT4_ALIGN = 32
+
+
+def quantisable_skips(model_dir: str | os.PathLike, align: int) -> list[str]:
+    """Linear layers whose width the 4-bit kernels cannot take; they stay in high precision."""
+    with torch.device("meta"):
+        config = effllm.models.DecoderConfig.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_config(config)
+    return sorted(name.split(".")[-1] for name, mod in model.named_modules()
+                  if isinstance(mod, torch.nn.Linear) and mod.out_features % align)
+
+
+def load_model(model_dir: str | os.PathLike, precision: str, quant: dict):
+    """The model at ``precision``; returns (model, notes about what was kept unquantised)."""
+    if precision in DTYPES:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision]), None
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers import BitsAndBytesConfig
+
+    if precision == "int4":
+        skips = quantisable_skips(model_dir, INT4_ALIGN)
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
+            bnb_4bit_use_double_quant=quant.get("double_quant", True),
+            bnb_4bit_compute_dtype=DTYPES[quant.get("compute_dtype", "bf16")],
+            llm_int8_skip_modules=["lm_head", *skips],
+        )
+    elif precision == "int8":
+        skips = []
+        bnb = BitsAndBytesConfig(load_in_8bit=True,
+                                 llm_int8_threshold=quant.get("threshold", 6.0),
+                                 llm_int8_skip_modules=["lm_head"])
+    else:
+        raise ValueError(f"precision {precision!r} is not supported")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb,
+                                                 device_map="cpu" if not torch.cuda.is_available()
+                                                 else "auto")
+    note = f"kept unquantised (width not a multiple of {INT4_ALIGN}): {skips}" if skips else None
+    return model, note
+
+
+def weight_bytes(model) -> int:
+    """Bytes of parameters and buffers as held in memory (packed bytes for 4-bit weights)."""
+    return int(model.get_memory_footprint())
+
+
+def time_generation(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: int,
+                    warmup: int, min_runs: int, min_seconds: float) -> dict:
+    """Prefill and end-to-end latency of fixed-length greedy generation, repeated."""
+    def gen(n: int) -> torch.Tensor:
+        cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               eos_token_id=None, pad_token_id=pad_id)
+        return model.generate(input_ids=prompt_ids,
+                              attention_mask=torch.ones_like(prompt_ids), generation_config=cfg)
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            gen(new_tokens)
+            gen(1)
+        prefill, e2e = [], []
+        begin = time.perf_counter()
+        while len(e2e) < min_runs or time.perf_counter() - begin < min_seconds:
+            with Timer() as t:
+                gen(1)
+            prefill.append(t.seconds)
+            with Timer() as t:
+                out = gen(new_tokens)
+            e2e.append(t.seconds)
+            produced = out.shape[1] - prompt_ids.shape[1]
+            if produced != new_tokens:
+                raise RuntimeError(f"generated {produced} tokens, expected {new_tokens}")
+    return {"prefill": prefill, "e2e": e2e}
+
+
+def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_tokens_dir: str | os.PathLike,
+                  reasoning_dir: str | os.PathLike, record_out: str | os.PathLike) -> RunRecord:
+    start = now_iso()
+    settings, ev = spec["settings"], spec["settings"]["eval"]
+    measure = settings["measure"]
+    seed_everything(spec["seed"], measure["threads"])
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with Window(measure["sample_interval_s"]) as load_window:
+        model, quant_note = load_model(model_dir, settings["precision"], settings["quant"])
+    model.eval()
+    test_tokens = np.load(Path(corpus_tokens_dir) / "test.npy")
+    problems = read_jsonl(Path(reasoning_dir) / "test.jsonl")[: ev["eval_problems"]]
+
+    # Timing first, in its own window; quality passes afterwards (never time under evaluation).
+    rng = np.random.default_rng(spec["seed"])
+    starts = rng.integers(0, len(test_tokens) - ev["prompt_tokens"], size=ev["batch_size"])
+    prompt_ids = torch.from_numpy(np.stack([test_tokens[s:s + ev["prompt_tokens"]]
+                                            for s in starts]).astype(np.int64))
+    window = Window(measure["sample_interval_s"])
+    with window:
+        times = time_generation(model, prompt_ids, ev["new_tokens"], tokenizer.pad_token_id,
+                                ev["warmup_runs"], ev["min_runs"], ev["min_seconds"])
+    e2e, prefill = latency_summary(times["e2e"]), latency_summary(times["prefill"])
+    decode = [(a - b) / (ev["new_tokens"] - 1) for a, b in zip(times["e2e"], times["prefill"])]
+    generated = ev["batch_size"] * ev["new_tokens"]
+    note = (f"{e2e['count']} runs after {ev['warmup_runs']} warm-up; batch {ev['batch_size']}, "
+            f"prompt {ev['prompt_tokens']}, {ev['new_tokens']} new tokens (eos disabled); "
+            f"cv {e2e['cv']:.3f}")
+    metrics = window.metrics()
+    metrics.update({
+        "al": Metric.measured(e2e["mean"], "s", Timer.method, note),
+        "al_cv": Metric.measured(e2e["cv"], "1", "std/mean of repeats", note),
+        "prefill_latency": Metric.measured(prefill["mean"], "s", Timer.method,
+                                           "generate(max_new_tokens=1)"),
+        "decode_latency": Metric.measured(sum(decode) / len(decode), "s/token", Timer.method,
+                                          "(e2e - prefill) / (new_tokens - 1)"),
+        "it": Metric.measured(generated * e2e["count"] / e2e["total"], "tokens/s", Timer.method,
+                              note),
+        "weight_bytes": Metric.measured(weight_bytes(model), "B", "get_memory_footprint",
+                                        quant_note),
+        "bits_nominal": Metric.measured(settings["bits"], "bits", "nominal_bits"),
+        "load_memory_peak": load_window.metrics()["memory_peak"],
+    })
+
+    ppl, scored = perplexity(model, test_tokens, ev["prompt_tokens"] + ev["new_tokens"],
+                             ev["ppl_tokens"])
+    scores = completion_scores(model, tokenizer, problems, ev["prompt_tokens"] + ev["new_tokens"])
+    em, n_em = exact_match_rate(model, tokenizer, problems, ev["new_tokens"],
+                                desc=f"exact match {spec['run_id']}")
+    metrics["perplexity"] = Metric.measured(ppl, "1", "exp_mean_nll_corpus_test",
+                                            f"{scored} scored tokens")
+    metrics["token_accuracy"] = Metric.measured(scores["token_accuracy"], "fraction",
+                                                "teacher_forced_argmax_reasoning_test")
+    metrics["exact_match"] = Metric.measured(em, "fraction", "greedy_final_answer_match",
+                                             f"{n_em} held-out test problems")
+    metrics["performance"] = Metric.measured((em + scores["token_accuracy"]) / 2, "fraction",
+                                             "mean(exact_match, token_accuracy)")
+    record = RunRecord(
+        run_id=spec["run_id"], stage="inference", technique=spec["technique"],
+        model_size=spec["size"], seed=spec["seed"], config_hash=config_hash(spec),
+        params=spec, provenance=provenance(start), metrics=metrics,
+        series={"e2e_seconds": times["e2e"], "prefill_seconds": times["prefill"]},
+    )
+    record.save(record_out)
+    return record

@@ -1,0 +1,7 @@
+"""The decoder family. Importing this package registers our config with the Auto classes."""
+
+from effllm.models.decoder import (  # noqa: F401
+    DecoderConfig,
+    DecoderForCausalLM,
+    kv_heads_for,
+)

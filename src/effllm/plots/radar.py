@@ -1,0 +1,106 @@
+"""Radar charts of normalised metrics (the paper's Fig. 3a; one panel per comparison group).
+
+A metric that is not available is never drawn as 0: the series' polygon has a gap there (and is
+not filled), the panel notes which series lack what, and an axis nobody has is labelled "(n/a)".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from effllm.analysis.aggregate import companion, read_table
+from effllm.plots import style
+from effllm.plots.style import plt
+
+R_TICKS = (0.25, 0.5, 0.75, 1.0)
+CAPTION = "min-max normalised within group{floor}; higher is better"
+
+
+def _norm_matrix(df: pd.DataFrame, metrics: Sequence[str]) -> np.ndarray:
+    """Rows x metrics array of ``m__norm`` values; NaN where a value or a whole column is missing."""
+    cols = [df[companion(m, "norm")].astype(float).to_numpy() if companion(m, "norm") in df
+            else np.full(len(df), np.nan) for m in metrics]
+    return np.column_stack(cols) if cols else np.empty((len(df), 0))
+
+
+def radar(ax, df: pd.DataFrame, metrics: Sequence[str], series_col: str = "label"):
+    """Draw one radar of ``m__norm`` on a polar Axes, one series per row; return the Axes.
+
+    Each series is one Line2D (label and gid = the series name) over the closed polygon, with NaN
+    where a metric is missing, so matplotlib breaks the line there instead of drawing a 0.
+    """
+    if len(metrics) < 3:
+        raise ValueError(f"a radar needs at least 3 metrics, got {list(metrics)}")
+    theta = np.linspace(0.0, 2.0 * np.pi, len(metrics), endpoint=False)
+    values = _norm_matrix(df, metrics)
+    absent = np.isnan(values).all(axis=0)
+    ax.set_theta_offset(np.pi / 2)
+    ax.set_theta_direction(-1)
+    notes = []
+    for name, r in zip(df[series_col].astype(str), values):
+        colour = style.technique_colour(name)
+        ax.plot(np.append(theta, theta[0]), np.append(r, r[0]), color=colour, marker="o",
+                label=name, gid=name, clip_on=False, zorder=3)
+        if np.isfinite(r).all():
+            ax.fill(theta, r, color=colour, alpha=0.12, linewidth=0)
+        gaps = [style.metric_label(m) for m, v, a in zip(metrics, r, absent) if np.isnan(v) and not a]
+        if gaps:
+            notes.append(f"{name}: {', '.join(gaps)}")
+    ax.set_xticks(theta, [style.metric_axis_label(m) + ("\n(n/a)" if a else "")
+                          for m, a in zip(metrics, absent)])
+    ax.tick_params(axis="x", pad=1)
+    ax.tick_params(axis="y", labelsize=5.5)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_yticks(R_TICKS, [f"{t:g}" if t in (0.5, 1.0) else "" for t in R_TICKS], color="0.4")
+    ax.set_rlabel_position(180.0 / len(metrics))  # between the first two spokes, not on one
+    if notes:
+        ax.text(0.5, -0.08, "n/a: " + "; ".join(notes), transform=ax.transAxes, ha="center",
+                va="top", fontsize=6, color="0.3")
+    return ax
+
+
+def draw_radar_figure(
+    normalised_csv: str | os.PathLike,
+    out_pdf: str | os.PathLike,
+    out_png: str | os.PathLike,
+    stage: str,
+    metrics: Sequence[str],
+    title: str | None = None,
+    series_col: str = "label",
+) -> None:
+    """One radar per comparison group of ``stage`` (seeds averaged per series), shared legend."""
+    df = read_table(normalised_csv)
+    df = df[df["stage"] == stage]
+    if df.empty:
+        raise ValueError(f"no rows for stage {stage!r} in {normalised_csv}: nothing to draw")
+    norm_cols = [companion(m, "norm") for m in metrics if companion(m, "norm") in df]
+    groups = list(dict.fromkeys(df["group"]))
+    ncols = min(len(groups), 3)
+    nrows = math.ceil(len(groups) / ncols)
+    width = style.ONE_COLUMN if ncols == 1 else style.TWO_COLUMN
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(width, nrows * width / ncols + 0.6), squeeze=False,
+        subplot_kw={"projection": "polar"}, layout="constrained",
+    )
+    legend: dict[str, object] = {}
+    for ax, group in zip(axes.flat, groups):
+        members = df[df["group"] == group]
+        series = members.groupby(series_col, sort=False)[norm_cols].mean().reset_index()
+        radar(ax, series, metrics, series_col)
+        ax.set_title(str(group), pad=12, fontsize="medium")
+        legend.update({line.get_label(): line for line in ax.get_lines()})
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    floor = df["norm_floor"].dropna().unique() if "norm_floor" in df else []
+    caption = CAPTION.format(floor=f", floor {floor[0]:g}" if len(floor) == 1 else "")
+    # The caption is the legend's title: one bottom artist, so constrained layout cannot overlap them.
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center",
+               ncol=min(len(legend), 6), title=caption,
+               title_fontproperties={"style": "italic", "size": "small"})
+    fig.suptitle(title or f"{stage}: normalised metrics", fontweight="bold")
+    style.save_figure(fig, out_pdf, out_png)

@@ -1,0 +1,107 @@
+"""The one plotting style: headless backend, paper-size fonts and widths, stable technique colours.
+
+Importing this module selects the Agg backend (pipeline jobs have no display) and applies
+:data:`RC`, so every figure module starts with ``from effllm.plots import style``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from effllm.io import atomic_file  # noqa: E402
+from effllm.records import METRICS  # noqa: E402
+
+ONE_COLUMN = 3.4  # inches: one column of a two-column paper
+TWO_COLUMN = 7.0  # inches: full text width
+
+RC = {
+    "font.family": "DejaVu Sans",  # has the arrow glyphs used in axis labels
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 6,
+    "legend.fontsize": 7,
+    "figure.titlesize": 9,
+    "figure.labelsize": 7,
+    "axes.linewidth": 0.6,
+    "grid.linewidth": 0.4,
+    "grid.alpha": 0.6,
+    "lines.linewidth": 1.2,
+    "lines.markersize": 3,
+    "legend.frameon": False,
+    "pdf.fonttype": 42,  # embed TrueType: text stays editable and searchable in the PDF
+    "ps.fonttype": 42,
+    "savefig.dpi": 200,
+}
+matplotlib.rcParams.update(RC)
+# PDF font subsetting logs every glyph at INFO; keep pipeline logs readable.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
+
+# One colour per technique label; colour-blind-safe (Okabe-Ito) and distinct within each sweep.
+_BLUE, _SKY, _GREEN, _ORANGE, _VERMILION, _PURPLE = (
+    "#0072B2", "#56B4E9", "#009E73", "#E69F00", "#D55E00", "#CC79A7")
+_BLACK, _GREY = "#000000", "#7F7F7F"
+TECHNIQUE_COLOURS = {
+    # attention (pretraining)
+    "MHA": _GREY, "MQA": _ORANGE, "GQA": _BLUE, "MLA": _GREEN, "NSA": _VERMILION,
+    # positional encoding
+    "RoPE": _BLUE, "Absolute": _ORANGE, "Learnable Absolute": _GREEN, "Relate": _PURPLE,
+    "None": _GREY,
+    # architectures
+    "Dense": _BLUE, "MoE": _VERMILION, "Transformer": _BLUE, "Mamba": _VERMILION,
+    "Pythia": _GREEN, "RWKV": _PURPLE,
+    # fine-tuning
+    "LoRA": _BLUE, "LoRA+": _SKY, "RSLoRA": _GREEN, "DoRA": _ORANGE, "PiSSA": _PURPLE,
+    "Freeze": _VERMILION, "Full": _BLACK,
+    # precision
+    "fp32": _BLACK, "bf16": _BLUE, "fp16": _SKY, "int8": _ORANGE, "int4": _VERMILION,
+}
+_ALIASES = {
+    "lora-plus": "LoRA+", "loraplus": "LoRA+", "lora_plus": "LoRA+", "rslora": "RSLoRA",
+    "full*": "Full", "full_ft": "Full", "bfloat16": "bf16", "float16": "fp16",
+    "float32": "fp32", "absolute pe": "Absolute", "learnable": "Learnable Absolute",
+}
+_BY_KEY = {k.lower(): v for k, v in TECHNIQUE_COLOURS.items()} | {
+    k: TECHNIQUE_COLOURS[v] for k, v in _ALIASES.items()
+}
+_FALLBACK = plt.get_cmap("tab20").colors
+
+
+def technique_colour(label: str) -> str | tuple:
+    """Stable colour of a technique label (case-insensitive); unknown labels hash into tab20."""
+    key = str(label).strip().lower()
+    if key in _BY_KEY:
+        return _BY_KEY[key]
+    digest = hashlib.sha256(key.encode()).digest()  # not hash(): that changes per process
+    return _FALLBACK[digest[0] % len(_FALLBACK)]
+
+
+def metric_label(name: str) -> str:
+    """The paper abbreviation of a metric (records.METRICS), or the name itself when unknown."""
+    info = METRICS.get(name)
+    return info.label if info else name
+
+
+def metric_axis_label(name: str) -> str:
+    """Axis label of a normalised metric, e.g. "AMU↑" (normalised values are higher-is-better)."""
+    return f"{metric_label(name)}\u2191"
+
+
+def save_figure(fig, out_pdf: str | os.PathLike, out_png: str | os.PathLike, dpi: int = 200) -> None:
+    """Write the figure as PDF and PNG, each atomically and without timestamps, then close it."""
+    try:
+        with atomic_file(out_pdf, "wb") as handle:
+            fig.savefig(handle, format="pdf", metadata={"CreationDate": None})
+        with atomic_file(out_png, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=dpi, metadata={"Software": None})
+    finally:
+        plt.close(fig)

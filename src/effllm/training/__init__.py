@@ -1,0 +1,1 @@
+"""Training loops: pretraining from scratch and fine-tuning (PEFT via peft)."""

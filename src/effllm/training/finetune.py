@@ -1,0 +1,115 @@
+"""Fine-tuning a pretrained model with a PEFT method (peft), measured.
+
+Writes the adapter (peft format) and a merged model (safetensors) that the inference stage
+quantises. The base weights are never modified: peft wraps them and only adapter tensors train.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import effllm.models  # noqa: F401 - registers our config with the Auto classes
+from effllm.inference.evaluate import completion_scores, exact_match_rate
+from effllm.io import atomic_dir
+from effllm.measure import Timer, Window
+from effllm.records import Metric, RunRecord, config_hash, now_iso, provenance
+from effllm.training.loop import (
+    adamw, cosine_schedule, count_params, mfu_metric, seed_everything, step_metrics, train,
+)
+from effllm.training.sft import collate, encode_example, read_jsonl
+
+
+def apply_method(model, method: dict):
+    """Wrap ``model`` for the configured PEFT method; return the trainable model."""
+    from peft import LoraConfig, get_peft_model
+
+    name = method["name"]
+    if name == "lora":
+        config = LoraConfig(r=method["r"], lora_alpha=method["alpha"],
+                            lora_dropout=method["dropout"],
+                            target_modules=list(method["target_modules"]), task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
+    raise ValueError(f"fine-tuning method {name!r} is not implemented")
+
+
+def epoch_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int):
+    """Shuffled batches, a new permutation every epoch, for as long as asked."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(examples))
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
+
+
+def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | os.PathLike,
+                 model_out: str | os.PathLike, adapter_out: str | os.PathLike,
+                 record_out: str | os.PathLike) -> RunRecord:
+    start = now_iso()
+    settings, train_cfg = spec["settings"], spec["settings"]["train"]
+    measure = settings["measure"]
+    seed_everything(spec["seed"], measure["threads"])
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    reasoning_dir = Path(reasoning_dir)
+    train_set = read_jsonl(reasoning_dir / "train.jsonl")[: train_cfg["max_samples"]]
+    val_set = read_jsonl(reasoning_dir / "validation.jsonl")
+    test_set = read_jsonl(reasoning_dir / "test.jsonl")[: train_cfg["eval_problems"]]
+    examples = [encode_example(tokenizer, p["prompt"], p["completion"], train_cfg["max_length"])
+                for p in train_set]
+    batch_size = train_cfg["batch_size"]
+    if len(examples) < batch_size:
+        raise ValueError(f"{len(examples)} training examples, fewer than one batch of "
+                         f"{batch_size}")
+    steps = (len(examples) // batch_size) * train_cfg["epochs"]
+    if train_cfg.get("max_steps"):
+        steps = min(steps, train_cfg["max_steps"])
+    warmup_steps = measure["warmup_steps"]
+    if steps <= warmup_steps:
+        raise ValueError(f"{steps} fine-tuning steps leave none after {warmup_steps} warm-up")
+
+    model = apply_method(model, settings["method"])
+    params_total, params_trainable = count_params(model)
+    optimizer = adamw(model, train_cfg["lr"], 0.0)
+    scheduler = cosine_schedule(optimizer, math.ceil(train_cfg["warmup_ratio"] * steps), steps,
+                                0.0)
+    window = Window(measure["sample_interval_s"])
+    log = train(model, epoch_batches(examples, batch_size, tokenizer.pad_token_id, spec["seed"]),
+                steps, optimizer, scheduler, 1.0, window, desc=f"finetune {spec['run_id']}")
+
+    val = completion_scores(model, tokenizer, val_set, train_cfg["max_length"])
+    em, n_em = exact_match_rate(model, tokenizer, test_set, train_cfg["max_new_tokens"],
+                                desc=f"exact match {spec['run_id']}")
+    metrics = step_metrics(log, warmup_steps, params_total, Timer.method)
+    metrics.update(window.metrics())
+    metrics["val_loss"] = Metric.measured(val["loss"], "nats/token", "completion_nll_validation",
+                                          f"{val['tokens']} completion tokens")
+    metrics["token_accuracy"] = Metric.measured(val["token_accuracy"], "fraction",
+                                                "teacher_forced_argmax_validation")
+    metrics["exact_match"] = Metric.measured(em, "fraction", "greedy_final_answer_match",
+                                             f"{n_em} held-out test problems")
+    metrics["params_total"] = Metric.measured(params_total, "params", "count_unique_parameters")
+    metrics["params_trainable"] = Metric.measured(params_trainable, "params",
+                                                  "count_requires_grad")
+    metrics["mfu"] = mfu_metric(None, metrics["tokens_per_s"].value, measure.get("peak_flops"))
+
+    with atomic_dir(adapter_out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+    merged = model.merge_and_unload()
+    with atomic_dir(model_out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    record = RunRecord(
+        run_id=spec["run_id"], stage="finetune", technique=spec["technique"],
+        model_size=spec["size"], seed=spec["seed"], config_hash=config_hash(spec),
+        params=spec, provenance=provenance(start),
+        metrics=metrics,
+        series={"train_loss": log.losses, "step_seconds": log.seconds},
+    )
+    record.save(record_out)
+    return record

@@ -1,0 +1,250 @@
+"""Analysis: runs table, MCR, min-max normalisation, efficiency score, ranks, tables (hand-computed)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from effllm.analysis.aggregate import (
+    derive_compression, read_table, runs_table, write_runs_table,
+)
+from effllm.analysis.normalise import (
+    efficiency_inputs, efficiency_score, minmax, normalise_table, ranks,
+)
+from effllm.analysis.tables import format_number, to_latex, to_markdown, write_table
+from effllm.records import Metric, RunRecord, config_hash
+
+NAN = float("nan")
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+def _record(run_id, stage, technique, label, group, metrics, seed=0, upstream=None):
+    return RunRecord(
+        run_id=run_id, stage=stage, technique=technique, model_size="tiny", seed=seed,
+        config_hash=config_hash({"run": run_id}),
+        params={"group": group, "label": label, "upstream": upstream},
+        provenance={
+            "git_commit": "abc123", "packages": {"numpy": "2"}, "python": "3.12", "cpu_model": "cpu",
+            "gpus": [], "torch_threads": 2, "start_time": "2025-01-01T00:00:00+00:00",
+            "end_time": "2025-01-01T00:01:00+00:00",
+        },
+        metrics=metrics,
+    )
+
+
+def _m(value, unit="1", status="measured"):
+    if status == "unavailable":
+        return Metric.unavailable(unit, "rapl", "no energy counter on this machine")
+    if status == "estimated":
+        return Metric.estimated(value, unit, "model", "estimated from FLOPs")
+    return Metric.measured(value, unit, "sampler")
+
+
+@pytest.fixture
+def record_paths(tmp_path):
+    recs = [
+        _record("pretrain/gqa-tiny", "pretrain", "gqa", "GQA", "attention-tiny",
+                {"perplexity": _m(30.0), "amu": _m(0.5, "GB"), "aec": _m(None, "W", "unavailable")}),
+        _record("pretrain/none-tiny", "pretrain", "none", "None", "pe-tiny",
+                {"perplexity": _m(40.0), "amu": _m(0.4, "GB"), "aec": _m(None, "W", "unavailable")}),
+        _record("inference/a-bf16", "inference", "bf16", "bf16", "finetune/a",
+                {"bits_nominal": _m(16.0, "bits"), "weight_bytes": _m(1000.0, "B"),
+                 "performance": _m(0.5, "fraction"), "amu": _m(1.0, "GB"),
+                 "aec": _m(None, "W", "unavailable")}, upstream="finetune/a"),
+        _record("inference/a-int4", "inference", "int4", "int4", "finetune/a",
+                {"bits_nominal": _m(4.0, "bits"), "weight_bytes": _m(300.0, "B"),
+                 "performance": _m(0.45, "fraction"), "amu": _m(0.4, "GB"),
+                 "aec": _m(None, "W", "unavailable")}, upstream="finetune/a"),
+    ]
+    paths = []
+    for rec in recs:
+        path = tmp_path / "records" / (rec.run_id.replace("/", "__") + ".json")
+        rec.save(path)
+        paths.append(path)
+    return paths
+
+
+# --- runs table -----------------------------------------------------------------------------------
+
+def test_runs_table_columns_and_unavailable(record_paths, tmp_path):
+    df = runs_table(record_paths)
+    assert len(df) == 4
+    assert list(df.columns[:12]) == [
+        "run_id", "stage", "technique", "label", "group", "upstream", "model_size", "seed",
+        "config_hash", "git_commit", "start_time", "end_time",
+    ]
+    row = df.set_index("run_id").loc["pretrain/gqa-tiny"]
+    assert row["perplexity"] == 30.0 and row["perplexity__status"] == "measured"
+    assert row["amu__unit"] == "GB" and row["amu__method"] == "sampler"
+    assert math.isnan(row["aec"]) and row["aec__status"] == "unavailable"
+    assert pd.isna(row["bits_nominal"]) and pd.isna(row["bits_nominal__status"])  # not reported
+    assert df.set_index("run_id").loc["inference/a-int4", "upstream"] == "finetune/a"
+
+    out_csv, out_pq = tmp_path / "t" / "runs.csv", tmp_path / "t" / "runs.parquet"
+    write_runs_table(record_paths, out_csv, out_pq)
+    back = read_table(out_csv)
+    assert set(back["label"]) == {"GQA", "None", "bf16", "int4"}  # "None" is a label, not NaN
+    assert back["aec"].isna().all() and (back["aec__status"] == "unavailable").all()
+    assert pd.read_parquet(out_pq).shape == df.shape
+    assert sorted(p.name for p in out_csv.parent.iterdir()) == ["runs.csv", "runs.parquet"]
+
+
+# --- compression ----------------------------------------------------------------------------------
+
+def _inference(rows):
+    base = {"stage": "inference", "seed": 0}
+    df = pd.DataFrame([{**base, **r} for r in rows])
+    for m in ("bits_nominal", "weight_bytes", "performance"):
+        df[f"{m}__status"] = [r.get(f"{m}__status", "measured") for r in rows]
+    return df
+
+
+def test_derive_compression_by_hand():
+    df = _inference([
+        {"group": "G", "technique": "bf16", "bits_nominal": 16, "weight_bytes": 1000, "performance": 0.5},
+        {"group": "G", "technique": "int4", "bits_nominal": 4, "weight_bytes": 300, "performance": 0.45},
+        {"group": "Z", "technique": "bf16", "bits_nominal": 16, "weight_bytes": 1000, "performance": 0.0},
+        {"group": "Z", "technique": "int4", "bits_nominal": 4, "weight_bytes": 300, "performance": 0.1},
+        {"group": "F", "technique": "fp32", "bits_nominal": 32, "weight_bytes": 4000, "performance": 0.5},
+        {"group": "F", "technique": "int8", "bits_nominal": 8, "weight_bytes": 1000, "performance": 0.5,
+         "performance__status": "estimated"},
+        {"group": "M", "technique": "bf16", "bits_nominal": 16, "weight_bytes": 1000, "performance": 0.5},
+        {"group": "M", "technique": "int4", "bits_nominal": 4, "weight_bytes": NAN, "performance": 0.5,
+         "weight_bytes__status": "unavailable"},
+    ])
+    out = derive_compression(df).set_index(["group", "technique"])
+    assert out.loc[("G", "int4"), "mcr_nominal"] == pytest.approx(4 * 0.9)  # 3.6
+    assert out.loc[("G", "int4"), "mcr_measured"] == pytest.approx(1000 / 300 * 0.9)
+    assert out.loc[("G", "int4"), "mcr_nominal__status"] == "measured"
+    assert out.loc[("G", "int4"), "mcr_nominal__method"] == "nominal_bits_x_retention"
+    assert out.loc[("G", "int4"), "mcr_measured__method"] == "measured_bytes_x_retention"
+    assert out.loc[("G", "bf16"), "mcr_nominal"] == pytest.approx(1.0)
+    for tech in ("bf16", "int4"):  # reference performance 0 -> unavailable, never a number
+        assert math.isnan(out.loc[("Z", tech), "mcr_nominal"])
+        assert out.loc[("Z", tech), "mcr_nominal__status"] == "unavailable"
+    # no bf16 run: the widest bit width (fp32) is the reference; estimated inputs propagate
+    assert out.loc[("F", "int8"), "mcr_nominal"] == pytest.approx(4.0)
+    assert out.loc[("F", "int8"), "mcr_nominal__status"] == "estimated"
+    # one missing input: that ratio is unavailable, the other is still measured
+    assert math.isnan(out.loc[("M", "int4"), "mcr_measured"])
+    assert out.loc[("M", "int4"), "mcr_measured__status"] == "unavailable"
+    assert out.loc[("M", "int4"), "mcr_nominal"] == pytest.approx(4.0)
+
+
+def test_derive_compression_leaves_other_stages_empty():
+    df = pd.DataFrame({"stage": ["pretrain"], "group": ["g"], "technique": ["gqa"], "seed": [0]})
+    out = derive_compression(df)
+    assert math.isnan(out.loc[0, "mcr_nominal"]) and pd.isna(out.loc[0, "mcr_nominal__status"])
+
+
+# --- normalisation --------------------------------------------------------------------------------
+
+@pytest.fixture
+def grouped():
+    """g1: PPL (lower better) 10/20/30/missing; EM (higher better) 0.2/0.2/0.6/0.4.
+    g2: a single run. g3: two runs that tie on everything."""
+    return pd.DataFrame({
+        "group": ["g1", "g1", "g1", "g1", "g2", "g3", "g3"],
+        "perplexity": [10.0, 20.0, 30.0, NAN, 5.0, 7.0, 7.0],
+        "exact_match": [0.2, 0.2, 0.6, 0.4, 0.3, 0.5, 0.5],
+    })
+
+
+def test_minmax_by_hand(grouped, caplog):
+    with caplog.at_level(logging.INFO, logger="effllm.analysis.normalise"):
+        out = minmax(grouped, ["perplexity", "exact_match"], floor=0.1)
+    ppl, em = out["perplexity__norm"], out["exact_match__norm"]
+    # lower-is-better is flipped: best (10) -> 1, worst (30) -> floor, middle -> 0.1 + 0.9 * 0.5
+    assert ppl[:3].tolist() == pytest.approx([1.0, 0.55, 0.1])
+    assert math.isnan(ppl[3])  # missing stays missing and does not count in min/max
+    assert em[:4].tolist() == pytest.approx([0.1, 0.1, 1.0, 0.55])  # ties share the value
+    assert ppl[4] == 1.0 and em[4] == 1.0  # single member
+    assert ppl[5:].tolist() == [1.0, 1.0] and em[5:].tolist() == [1.0, 1.0]  # max == min
+    assert "degenerate" in caplog.text
+    raw = minmax(grouped, ["perplexity"], floor=0.0)["perplexity__norm"]
+    assert raw[:3].tolist() == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_minmax_rejects_unknown_metric_and_bad_floor(grouped):
+    with pytest.raises(KeyError, match="METRICS"):
+        minmax(grouped.assign(foo=1.0), ["foo"])
+    with pytest.raises(ValueError):
+        minmax(grouped, ["perplexity"], floor=1.0)
+
+
+def test_efficiency_score_by_hand():
+    df = pd.DataFrame({"amu__norm": [0.5, 0.5, NAN, NAN], "al__norm": [1.0, 1.0, 1.0, NAN]})
+    es = efficiency_score(df, {"amu": 1, "al": 1})
+    assert es[0] == pytest.approx(2 / (1 / 0.5 + 1 / 1.0))  # 0.6667
+    assert es[2] == pytest.approx(1.0)  # amu missing: dropped, weights renormalised
+    assert math.isnan(es[3])
+    weighted = efficiency_score(df, {"amu": 1, "al": 3})
+    assert weighted[0] == pytest.approx(4 / (1 / 0.5 + 3 / 1.0))  # 0.8
+    assert efficiency_score(df, {"amu": 1, "al": 1, "aec": 1})[0] == pytest.approx(2 / 3)
+    assert efficiency_inputs(df, {"amu": 1, "al": 1}).tolist() == ["amu;al", "amu;al", "al", ""]
+    with pytest.raises(ValueError):
+        efficiency_score(df, {"amu": -1})
+
+
+def test_ranks_by_hand(grouped):
+    out = ranks(grouped, ["perplexity", "exact_match"])
+    assert out["perplexity__rank"][:3].tolist() == [1, 2, 3]  # lower is better
+    assert pd.isna(out["perplexity__rank"][3])
+    assert out["exact_match__rank"][:4].tolist() == [3, 3, 1, 2]  # ties take the min rank
+    assert out["perplexity__rank"][5:].tolist() == [1, 1]
+
+
+def test_normalise_table_end_to_end(record_paths, tmp_path):
+    runs = tmp_path / "runs.csv"
+    write_runs_table(record_paths, runs)
+    cfg = {"normalise_floor": 0.1, "efficiency_score": {"metrics": {"amu": 1.0, "aec": 1.0}}}
+    out = normalise_table(runs, cfg, tmp_path / "norm.csv")
+    back = read_table(tmp_path / "norm.csv").set_index("run_id")
+    assert back.loc["inference/a-int4", "mcr_nominal"] == pytest.approx(3.6)
+    assert back.loc["inference/a-int4", "amu__norm"] == 1.0
+    assert back.loc["inference/a-bf16", "amu__norm"] == pytest.approx(0.1)
+    assert back.loc["inference/a-int4", "amu__rank"] == 1
+    # pretrain runs sit in different groups: each is degenerate, 1.0
+    assert back.loc["pretrain/gqa-tiny", "perplexity__norm"] == 1.0
+    assert back["aec__norm"].isna().all()  # unavailable everywhere: never normalised to a number
+    assert back.loc["inference/a-bf16", "efficiency_score"] == pytest.approx(0.1)  # amu only
+    assert back.loc["inference/a-bf16", "efficiency_score__metrics"] == "amu"
+    assert back.loc["inference/a-bf16", "efficiency_score__status"] == "measured"
+    assert "amu:1" in back.loc["inference/a-bf16", "efficiency_score__method"]
+    assert (back["norm_floor"] == 0.1).all() and len(out) == 4
+
+
+# --- tables ---------------------------------------------------------------------------------------
+
+def test_format_number():
+    assert format_number(3.6) == "3.60"
+    assert format_number(0.012345) == "0.0123"
+    assert format_number(1234.5) == "1230"
+    assert format_number(0.000012345) == "1.23e-5"
+    assert format_number(123456.0) == "1.23e5"
+    assert format_number(0.0) == "0" and format_number(7) == "7"
+
+
+def test_tables_na_dagger_and_escapes(tmp_path):
+    df = pd.DataFrame({
+        "label": ["a_b & 50%", "GQA"],
+        "amu": [0.5, NAN], "amu__status": ["measured", "unavailable"], "amu__unit": ["GB", "GB"],
+        "aec": [12.0, NAN], "aec__status": ["estimated", np.nan],
+    })
+    md = to_markdown(df)
+    lines = md.splitlines()
+    assert lines[0] == "| label | AMU [GB] | AEC [W] |"
+    assert lines[3] == "| GQA | n/a | n/a |"
+    assert "12.0\u2020" in lines[2] and "estimated" in md
+    assert not any(cell.strip() in {"0", "0.0", "nan", "NaN"} for cell in lines[3].split("|"))
+    tex = to_latex(df)
+    assert r"a\_b \& 50\%" in tex and r"\toprule" in tex and r"\bottomrule" in tex
+    assert r"12.0$^{\dagger}$" in tex and "GQA & n/a & n/a" in tex
+    paths = write_table(df, tmp_path / "tab")
+    assert [p.name for p in paths] == ["tab.csv", "tab.md", "tab.tex"]
+    assert paths[1].read_text() == md

@@ -1,0 +1,64 @@
+"""Config validation: every bad input is refused with a message naming the key."""
+
+import copy
+
+import pytest
+
+from effllm.config import ConfigError, check_config, load_yaml
+from effllm.sweep import expand_runs
+
+
+@pytest.fixture
+def config(repo_root):
+    return load_yaml(repo_root / "config/config.yaml")
+
+
+@pytest.fixture
+def schema(repo_root):
+    return repo_root / "workflow/schemas/config.schema.yaml"
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "smoke.yaml"])
+def test_shipped_configs_are_valid(repo_root, schema, name):
+    config = check_config(load_yaml(repo_root / "config" / name), schema)
+    runs = expand_runs(config)
+    assert runs["pretrain"] and runs["finetune"] and runs["inference"]
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: c["pretrain"].__setitem__("steps", -5), "pretrain.steps"),
+    (lambda c: c["pretrain"].__setitem__("attention", ["gqa", "flash"]), "pretrain.attention.1"),
+    (lambda c: c["finetune"].__setitem__("methods", ["qlora9"]), "finetune.methods.0"),
+    (lambda c: c["inference"].__setitem__("precisions", ["int3"]), "inference.precisions.0"),
+    (lambda c: c["sizes"]["tiny"].__setitem__("num_heads", 5), "sizes.tiny.hidden_size"),
+    (lambda c: c["pretrain"].__setitem__("kv_heads", 3), "pretrain.kv_heads"),
+    (lambda c: c["pretrain"].__setitem__("sizes", ["huge"]), "pretrain.sizes.0"),
+    (lambda c: c["finetune"].__setitem__("bases", ["mqa-tiny"]), "finetune.bases.0"),
+    (lambda c: c["pretrain"].__setitem__("warmup_steps", 10_000), "pretrain.warmup_steps"),
+    (lambda c: c.__setitem__("colour", "blue"), "<config>"),
+    (lambda c: c["data"]["corpus"].__setitem__("source", "wikipedia"), "data.corpus.source"),
+])
+def test_bad_config_names_the_key(config, schema, mutate, key):
+    bad = copy.deepcopy(config)
+    mutate(bad)
+    with pytest.raises(ConfigError, match=f"'{key}'" if key != "<config>" else "colour"):
+        check_config(bad, schema)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_yaml(tmp_path / "nope.yaml")
+
+
+def test_sweep_is_deterministic_and_links_stages(config, schema):
+    config = check_config(config, schema)
+    config["seeds"] = [0, 1]
+    runs = expand_runs(config)
+    assert runs == expand_runs(copy.deepcopy(config))
+    for run in runs["finetune"].values():
+        assert run.upstream in {r.run_id for r in runs["pretrain"].values()}
+    for run in runs["inference"].values():
+        up = run.upstream.split("/", 1)
+        assert up[1] in runs[up[0]]
+        assert run.settings["bits"] in (4, 8, 16, 32)
+    assert {r.seed for r in runs["pretrain"].values()} == {0, 1}

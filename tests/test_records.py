@@ -1,0 +1,65 @@
+"""The record type: schema-valid JSON, statuses, and no 0 for what was not measured."""
+
+import json
+
+import pytest
+
+from effllm.records import (
+    METRICS, Metric, RecordError, RunRecord, load_record, provenance, now_iso, validate_record,
+)
+
+
+def make_record(**metrics):
+    return RunRecord(
+        run_id="pretrain/gqa-tiny-s0", stage="pretrain", technique="gqa", model_size="tiny",
+        seed=0, config_hash="0123456789abcdef", params={"group": "g"},
+        provenance=provenance(now_iso()), metrics=metrics or {
+            "al": Metric.measured(0.1, "s", "perf_counter"),
+            "aec": Metric.unavailable("W", "none", "no RAPL"),
+        },
+    )
+
+
+def test_round_trip_and_schema(tmp_path):
+    rec = make_record()
+    rec.save(tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    validate_record(data)
+    assert data["metrics"]["aec"] == {"value": None, "unit": "W", "method": "none",
+                                      "status": "unavailable", "note": "no RAPL"}
+    back = load_record(tmp_path / "r.json")
+    assert back.metrics["al"].value == 0.1
+    prov = data["provenance"]
+    assert prov["packages"]["torch"].startswith("2.13")
+    assert prov["cpu_model"] and prov["start_time"] <= prov["end_time"]
+
+
+def test_unavailable_metric_cannot_carry_a_value():
+    with pytest.raises(RecordError):
+        Metric(0.0, "W", "none", "unavailable")
+    with pytest.raises(RecordError):
+        Metric(None, "W", "rapl", "measured")
+    with pytest.raises(RecordError):
+        Metric(float("nan"), "W", "rapl", "measured")
+    with pytest.raises(RecordError):
+        Metric(1.0, "W", "rapl", "guessed")
+
+
+@pytest.mark.parametrize("mutate, where", [
+    (lambda d: d.__setitem__("stage", "training"), "stage"),
+    (lambda d: d["metrics"]["al"].pop("method"), "metrics.al"),
+    (lambda d: d["metrics"]["aec"].__setitem__("value", 0), "aec"),
+    (lambda d: d.__setitem__("config_hash", "xyz"), "config_hash"),
+    (lambda d: d.pop("provenance"), "provenance"),
+])
+def test_schema_rejects_broken_records(mutate, where):
+    data = make_record().to_dict()
+    mutate(data)
+    with pytest.raises(RecordError, match=where.split(".")[0]):
+        validate_record(data)
+
+
+def test_every_metric_has_a_direction_and_unit():
+    for name, info in METRICS.items():
+        assert info.unit and info.label, name
+        assert isinstance(info.higher_is_better, bool)

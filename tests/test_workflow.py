@@ -1,0 +1,128 @@
+"""The Snakemake workflow: the default DAG holds every stage, bad input stops before any job,
+a failing job leaves no partial output, and the smoke config runs end to end."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from effllm.records import validate_record
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+STAGE_RULES = {"prepare_corpus", "train_tokenizer", "prepare_reasoning", "pretrain", "finetune",
+               "inference", "aggregate", "normalise", "inference_radar", "all"}
+
+
+def workdir(tmp_path: Path, config: dict | None = None) -> Path:
+    """A scratch working directory with the config folder the Snakefile expects."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    if config is not None:
+        (tmp_path / "config" / "test.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def snakemake(cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    counts, in_table = {}, False
+    for line in output.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            in_table = True
+        elif in_table and len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.mark.parametrize("configfile", ["config/config.yaml", "config/smoke.yaml"])
+def test_dry_run_holds_every_stage(tmp_path, configfile):
+    result = snakemake(workdir(tmp_path), "all", "-n", "--configfile", configfile)
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout + result.stderr)
+    assert STAGE_RULES <= set(counts), counts
+    config = yaml.safe_load((ROOT / configfile).read_text())
+    n_pre = len(config["seeds"]) * len(config["pretrain"]["sizes"]) * len(
+        config["pretrain"]["attention"])
+    assert counts["pretrain"] == n_pre
+    assert counts["inference"] == counts["finetune"] * len(config["inference"]["precisions"])
+
+
+def test_single_figure_target_builds_only_its_upstream(tmp_path):
+    result = snakemake(workdir(tmp_path), "-n", "paper_figures/inference_radar.pdf")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout + result.stderr)
+    assert "inference_radar" in counts and "all" not in counts
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: c["pretrain"].__setitem__("steps", -1), "pretrain.steps"),
+    (lambda c: c["finetune"].__setitem__("methods", ["lora", "magic"]), "finetune.methods.1"),
+    (lambda c: c["sizes"]["tiny"].__setitem__("num_heads", 3), "sizes.tiny.hidden_size"),
+])
+def test_bad_config_stops_before_any_job(tmp_path, mutate, key):
+    config = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    mutate(config)
+    cwd = workdir(tmp_path, config)
+    result = snakemake(cwd, "all", "--cores", "1", "--configfile", "config/test.yaml")
+    assert result.returncode != 0
+    assert key in result.stderr + result.stdout
+    assert not (cwd / "results").exists()
+
+
+def test_missing_config_file_is_named(tmp_path):
+    result = snakemake(workdir(tmp_path), "-n", "--configfile", "config/nothere.yaml")
+    assert result.returncode != 0
+    assert "nothere.yaml" in result.stderr + result.stdout
+
+
+def test_failing_job_leaves_no_partial_output_and_others_finish(tmp_path):
+    config = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    # Valid for the schema, impossible at run time: 1-digit sums cannot give 5000 unique problems.
+    config["data"]["reasoning"]["synthetic"].update(min_digits=1, max_digits=1, n_train=5000)
+    cwd = workdir(tmp_path, config)
+    result = snakemake(cwd, "results/data/reasoning", "results/data/tokens", "--cores", "2",
+                       "--keep-going", "--configfile", "config/test.yaml")
+    assert result.returncode != 0
+    assert not (cwd / "results/data/reasoning").exists()
+    assert (cwd / "results/data/tokens/card.json").exists()  # the independent job finished
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_end_to_end(tmp_path):
+    cwd = workdir(tmp_path)
+    begin = time.perf_counter()
+    result = snakemake(cwd, "all", "--profile", str(ROOT / "profiles/local"), "--configfile",
+                       "config/smoke.yaml", timeout=1200)
+    elapsed = time.perf_counter() - begin
+    print(f"smoke pipeline: {elapsed:.1f} s")
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = sorted(cwd.glob("results/*/*/record.json"))
+    stages = {p.parts[-3] for p in records}
+    assert stages == {"pretrain", "finetune", "inference"}
+    for path in records:
+        data = json.loads(path.read_text())
+        validate_record(data)
+        for name, metric in data["metrics"].items():
+            assert metric["status"] in ("measured", "estimated", "unavailable")
+            if metric["status"] == "measured" and name in ("al", "amu", "it", "tt", "st",
+                                                           "perplexity", "tokens_per_s"):
+                assert metric["value"] > 0, (path, name)
+        assert data["metrics"]["amu"]["status"] == "measured"
+        assert "al" in data["metrics"]
+    for card in ("corpus", "tokens", "reasoning"):
+        assert json.loads((cwd / f"results/data/{card}/card.json").read_text())
+    for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
+        fig = cwd / f"paper_figures/inference_radar.{ext}"
+        assert fig.read_bytes()[:4] == magic and fig.stat().st_size > 5000
+    assert (cwd / "results/tables/normalised.csv").stat().st_size > 0

@@ -1,0 +1,69 @@
+# Config validation, the run grid, and input/param functions shared by every rule.
+import json
+import os
+from pathlib import Path
+
+# No network at run time: every job reads models and data from disk only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from effllm.config import ConfigError, check_config
+from effllm.sweep import expand_runs
+
+BASE = Path(workflow.basedir)
+
+try:
+    check_config(config, BASE / "workflow/schemas/config.schema.yaml")
+except ConfigError as err:
+    raise ValueError(f"invalid configuration: {err}") from None
+
+RUNS = expand_runs(config)
+
+
+wildcard_constraints:
+    run=r"[A-Za-z0-9_.+-]+",
+
+
+# Library files each stage really runs. Declared as inputs so that editing one reruns exactly
+# the jobs that use it (Snakemake does not track modules imported by scripts).
+CODE = {
+    "data": ["io.py", "data/*.py"],
+    "model": ["io.py", "records.py", "measure/*.py", "models/*.py", "training/*.py"],
+    "inference": ["io.py", "records.py", "measure/*.py", "models/*.py", "training/*.py",
+                  "inference/*.py", "data/reasoning.py"],
+    "analysis": ["io.py", "records.py", "analysis/*.py"],
+    "plots": ["io.py", "records.py", "plots/*.py"],
+}
+
+
+def code(kind):
+    lib = BASE / "src/effllm"
+    return sorted(str(p) for pattern in CODE[kind] for p in lib.glob(pattern))
+
+
+def run_spec(stage):
+    """Params function: the run's resolved spec as canonical JSON (stable for rerun checks)."""
+
+    def spec(wildcards):
+        return json.dumps(RUNS[stage][wildcards.run].spec(), sort_keys=True)
+
+    return spec
+
+
+def upstream_model(stage):
+    def path(wildcards):
+        return f"results/{RUNS[stage][wildcards.run].upstream}/model"
+
+    return path
+
+
+def records(stage):
+    return [f"results/{stage}/{name}/record.json" for name in RUNS[stage]]
+
+
+def all_records():
+    return [path for stage in RUNS for path in records(stage)]
+
+
+FIGURES = [f"paper_figures/inference_radar.{ext}" for ext in ("pdf", "png")]

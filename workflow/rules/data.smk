@@ -1,0 +1,44 @@
+# Stage 1: corpus, tokenizer and the fine-tuning (reasoning) set, each with a JSON card.
+
+
+rule prepare_corpus:
+    input:
+        code=code("data"),
+    output:
+        directory("results/data/corpus"),
+    params:
+        corpus=config["data"]["corpus"],
+        split=config["data"]["split"],
+        seed=config["data"]["seed"],
+    log:
+        "logs/data/prepare_corpus.log",
+    script:
+        "../scripts/prepare_corpus.py"
+
+
+rule train_tokenizer:
+    input:
+        corpus="results/data/corpus",
+        code=code("data"),
+    output:
+        directory("results/data/tokens"),
+    params:
+        tokenizer=config["data"]["tokenizer"],
+    log:
+        "logs/data/train_tokenizer.log",
+    script:
+        "../scripts/train_tokenizer.py"
+
+
+rule prepare_reasoning:
+    input:
+        code=code("data"),
+    output:
+        directory("results/data/reasoning"),
+    params:
+        reasoning=config["data"]["reasoning"],
+        seed=config["data"]["seed"],
+    log:
+        "logs/data/prepare_reasoning.log",
+    script:
+        "../scripts/prepare_reasoning.py"

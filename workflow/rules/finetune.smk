@@ -1,0 +1,19 @@
+# Stage 3: fine-tuning sweeps (method x base model x seed).
+
+
+rule finetune:
+    input:
+        base=upstream_model("finetune"),
+        reasoning="results/data/reasoning",
+        code=code("model") + code("inference"),
+    output:
+        model=directory("results/finetune/{run}/model"),
+        adapter=directory("results/finetune/{run}/adapter"),
+        record="results/finetune/{run}/record.json",
+    params:
+        spec=run_spec("finetune"),
+    threads: config["measure"]["threads"]
+    log:
+        "logs/finetune/{run}.log",
+    script:
+        "../scripts/finetune.py"

@@ -1,0 +1,18 @@
+# Stage 4: inference at each precision (post-training quantisation) of each served model.
+
+
+rule inference:
+    input:
+        model=upstream_model("inference"),
+        tokens="results/data/tokens",
+        reasoning="results/data/reasoning",
+        code=code("inference"),
+    output:
+        record="results/inference/{run}/record.json",
+    params:
+        spec=run_spec("inference"),
+    threads: config["measure"]["threads"]
+    log:
+        "logs/inference/{run}.log",
+    script:
+        "../scripts/inference.py"

@@ -1,0 +1,9 @@
+"""Snakemake entry point: build the verifiable step-by-step reasoning set."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
+
+from effllm.data.reasoning import prepare_reasoning  # noqa: E402
+
+p = snakemake.params  # noqa: F821
+prepare_reasoning(p.reasoning, p.seed, snakemake.output[0])  # noqa: F821
