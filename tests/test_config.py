@@ -62,3 +62,11 @@ def test_sweep_is_deterministic_and_links_stages(config, schema):
         assert up[1] in runs[up[0]]
         assert run.settings["bits"] in (4, 8, 16, 32)
     assert {r.seed for r in runs["pretrain"].values()} == {0, 1}
+
+
+def test_uncached_hf_data_set_is_refused_up_front(config, schema, tmp_path):
+    bad = copy.deepcopy(config)
+    bad["data"]["corpus"]["source"] = "hf"
+    bad["data"]["corpus"]["hf"]["cache_dir"] = str(tmp_path)  # an empty hub cache
+    with pytest.raises(ConfigError, match="data.corpus.hf.repo_id.*fineweb-edu.*hf download"):
+        check_config(bad, schema)

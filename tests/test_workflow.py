@@ -17,7 +17,7 @@ from effllm.records import validate_record
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 STAGE_RULES = {"prepare_corpus", "train_tokenizer", "prepare_reasoning", "pretrain", "finetune",
-               "inference", "aggregate", "normalise", "inference_radar", "all"}
+               "inference", "aggregate", "normalise", "inference_radar", "attention_radar", "all"}
 
 
 def workdir(tmp_path: Path, config: dict | None = None) -> Path:
@@ -122,7 +122,16 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         assert "al" in data["metrics"]
     for card in ("corpus", "tokens", "reasoning"):
         assert json.loads((cwd / f"results/data/{card}/card.json").read_text())
-    for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
-        fig = cwd / f"paper_figures/inference_radar.{ext}"
-        assert fig.read_bytes()[:4] == magic and fig.stat().st_size > 5000
+    for name in ("inference_radar", "fig3a_attention_radar"):
+        for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
+            fig = cwd / f"paper_figures/{name}.{ext}"
+            assert fig.read_bytes()[:4] == magic and fig.stat().st_size > 5000
     assert (cwd / "results/tables/normalised.csv").stat().st_size > 0
+
+    # Nothing left to do; the report bundles every figure.
+    again = snakemake(cwd, "all", "-n", "--configfile", "config/smoke.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr
+    report = snakemake(cwd, "all", "--configfile", "config/smoke.yaml", "--report",
+                       "report.html")
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (cwd / "report.html").stat().st_size > 100_000

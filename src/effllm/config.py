@@ -99,8 +99,25 @@ def check_semantics(config: dict) -> None:
             config["inference"][precision] = {}
 
 
+def check_sources(config: dict) -> None:
+    """Hugging Face data sets must already be in the local cache: say so before any job runs."""
+    from effllm.data import DataSourceError
+    from effllm.data.hub import cached_dataset
+
+    for name in ("corpus", "reasoning"):
+        block = config["data"][name]
+        if block["source"] != "hf":
+            continue
+        hf = block["hf"]
+        try:
+            cached_dataset(hf["repo_id"], hf["files"], hf.get("cache_dir"))
+        except DataSourceError as err:
+            raise ConfigError(f"config key 'data.{name}.hf.repo_id': {err}") from None
+
+
 def check_config(config: dict, schema_path: str | os.PathLike) -> dict:
     """Validate ``config`` in place and return it; raise ConfigError naming the key."""
     validate_schema(config, schema_path)
     check_semantics(config)
+    check_sources(config)
     return config

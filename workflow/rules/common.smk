@@ -31,15 +31,15 @@ CODE = {
     "data": ["io.py", "data/*.py"],
     "model": ["io.py", "records.py", "measure/*.py", "models/*.py", "training/*.py"],
     "inference": ["io.py", "records.py", "measure/*.py", "models/*.py", "training/*.py",
-                  "inference/*.py", "data/reasoning.py"],
+                  "inference/*.py", "data/reasoning.py", "data/splits.py"],
     "analysis": ["io.py", "records.py", "analysis/*.py"],
     "plots": ["io.py", "records.py", "plots/*.py"],
 }
 
 
-def code(kind):
+def code(*kinds):
     lib = BASE / "src/effllm"
-    return sorted(str(p) for pattern in CODE[kind] for p in lib.glob(pattern))
+    return sorted({str(p) for kind in kinds for pattern in CODE[kind] for p in lib.glob(pattern)})
 
 
 def run_spec(stage):
@@ -66,4 +66,8 @@ def all_records():
     return [path for stage in RUNS for path in records(stage)]
 
 
-FIGURES = [f"paper_figures/inference_radar.{ext}" for ext in ("pdf", "png")]
+FIGURES = [
+    f"paper_figures/{name}.{ext}"
+    for name in ("fig3a_attention_radar", "inference_radar")
+    for ext in ("pdf", "png")
+]

@@ -5,7 +5,7 @@ rule finetune:
     input:
         base=upstream_model("finetune"),
         reasoning="results/data/reasoning",
-        code=code("model") + code("inference"),
+        code=code("model", "inference"),
     output:
         model=directory("results/finetune/{run}/model"),
         adapter=directory("results/finetune/{run}/adapter"),

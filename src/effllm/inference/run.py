@@ -24,7 +24,7 @@ from effllm.measure import Timer, Window, latency_summary
 from effllm.records import Metric, RunRecord, config_hash, now_iso, provenance
 from effllm.training.loop import seed_everything
 from effllm.training.pretrain import perplexity
-from effllm.training.sft import read_jsonl
+from effllm.data.splits import read_split
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # bitsandbytes' CPU 4-bit eval path asserts out_features % 32 == 0 (measurement.md §10).
@@ -114,7 +114,7 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_tokens_dir: s
         model, quant_note = load_model(model_dir, settings["precision"], settings["quant"])
     model.eval()
     test_tokens = np.load(Path(corpus_tokens_dir) / "test.npy")
-    problems = read_jsonl(Path(reasoning_dir) / "test.jsonl")[: ev["eval_problems"]]
+    problems = read_split(reasoning_dir, "test")[: ev["eval_problems"]]
 
     # Timing first, in its own window; quality passes afterwards (never time under evaluation).
     rng = np.random.default_rng(spec["seed"])

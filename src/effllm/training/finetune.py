@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +21,8 @@ from effllm.records import Metric, RunRecord, config_hash, now_iso, provenance
 from effllm.training.loop import (
     adamw, cosine_schedule, count_params, mfu_metric, seed_everything, step_metrics, train,
 )
-from effllm.training.sft import collate, encode_example, read_jsonl
+from effllm.data.splits import read_split
+from effllm.training.sft import collate, encode_example
 
 
 def apply_method(model, method: dict):
@@ -56,10 +56,9 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     seed_everything(spec["seed"], measure["threads"])
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    reasoning_dir = Path(reasoning_dir)
-    train_set = read_jsonl(reasoning_dir / "train.jsonl")[: train_cfg["max_samples"]]
-    val_set = read_jsonl(reasoning_dir / "validation.jsonl")
-    test_set = read_jsonl(reasoning_dir / "test.jsonl")[: train_cfg["eval_problems"]]
+    train_set = read_split(reasoning_dir, "train")[: train_cfg["max_samples"]]
+    val_set = read_split(reasoning_dir, "validation")
+    test_set = read_split(reasoning_dir, "test")[: train_cfg["eval_problems"]]
     examples = [encode_example(tokenizer, p["prompt"], p["completion"], train_cfg["max_length"])
                 for p in train_set]
     batch_size = train_cfg["batch_size"]

@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def encode_example(tokenizer, prompt: str, completion: str, max_length: int) -> dict:
