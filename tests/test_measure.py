@@ -27,12 +27,20 @@ def test_window_sees_an_allocation():
     assert w.seconds >= 0.2
 
 
-def test_energy_is_unavailable_not_zero_without_counters(tmp_path):
-    meter = EnergyMeter(rapl_root=tmp_path)  # an empty powercap tree
-    meter.start()
+def test_energy_is_unavailable_not_zero_without_counters(tmp_path, monkeypatch):
+    from effllm.measure import energy, nvml
+
+    monkeypatch.setattr(nvml, "device_handles", lambda: ())  # no GPU
+    monkeypatch.setattr(energy, "RAPL_ROOT", tmp_path)  # an empty powercap tree
+    monkeypatch.setattr(EnergyMeter.__init__, "__defaults__", (tmp_path,))
+    meter = EnergyMeter().start()
     meter.stop()
-    if meter.method is None:
-        assert meter.joules is None
+    assert meter.method is None and meter.joules is None
+    with Window(0.01) as w:
+        time.sleep(0.05)
+    m = w.metrics()
+    for name in ("aec", "energy"):
+        assert m[name].status == "unavailable" and m[name].value is None and m[name].note
 
 
 def test_energy_reads_rapl_with_wraparound(tmp_path, monkeypatch):

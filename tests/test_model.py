@@ -32,6 +32,19 @@ def test_forward_backward_shapes():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_loss_is_next_token_cross_entropy_ignoring_masked_labels():
+    model = tiny()
+    ids = torch.randint(2, 97, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100  # e.g. a prompt
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+        logits = out.logits[:, :-1].reshape(-1, 97)
+        ref = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1),
+                                                ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_attention_equals_explicit_softmax_reference(variant):
     from effllm.models.decoder import apply_rope, rope_cos_sin
@@ -41,12 +54,12 @@ def test_attention_equals_explicit_softmax_reference(variant):
     b, t, h, kv, d = 2, 9, 4, VARIANTS[variant], 8
     x = torch.randn(b, t, 32)
     pos = torch.arange(t)[None].expand(b, t)
-    got = attn(x, pos, None, None)
+    cos, sin = rope_cos_sin(pos, d, 10000.0, x.dtype)
+    got = attn(x, (cos, sin), None, None)
 
     q = attn.q_proj(x).view(b, t, h, d).transpose(1, 2)
     k = attn.k_proj(x).view(b, t, kv, d).transpose(1, 2)
     v = attn.v_proj(x).view(b, t, kv, d).transpose(1, 2)
-    cos, sin = rope_cos_sin(pos, d, 10000.0, q.dtype)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k = k.repeat_interleave(h // kv, dim=1)  # query head i uses KV head i // (h / kv)
     v = v.repeat_interleave(h // kv, dim=1)

@@ -51,6 +51,8 @@ def test_unavailable_metric_cannot_carry_a_value():
     (lambda d: d["metrics"]["aec"].__setitem__("value", 0), "aec"),
     (lambda d: d.__setitem__("config_hash", "xyz"), "config_hash"),
     (lambda d: d.pop("provenance"), "provenance"),
+    (lambda d: d["metrics"]["al"].__setitem__("unit", "GB"), "al"),
+    (lambda d: d["metrics"].__setitem__("speed", d["metrics"]["al"]), "speed"),
 ])
 def test_schema_rejects_broken_records(mutate, where):
     data = make_record().to_dict()

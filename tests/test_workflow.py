@@ -115,10 +115,14 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         validate_record(data)
         for name, metric in data["metrics"].items():
             assert metric["status"] in ("measured", "estimated", "unavailable")
-            if metric["status"] == "measured" and name in ("al", "amu", "it", "tt", "st",
-                                                           "perplexity", "tokens_per_s"):
+            if metric["status"] == "measured" and name in (
+                    "al", "amu", "it", "tt", "st", "perplexity", "tokens_per_s", "token_accuracy",
+                    "performance", "decode_latency", "prefill_latency", "weight_bytes",
+                    "flops_per_token", "completion_perplexity"):
                 assert metric["value"] > 0, (path, name)
         assert data["metrics"]["amu"]["status"] == "measured"
+        if data["stage"] != "pretrain":
+            assert data["metrics"]["exact_match"]["status"] == "measured"
         assert "al" in data["metrics"]
     for card in ("corpus", "tokens", "reasoning"):
         assert json.loads((cwd / f"results/data/{card}/card.json").read_text())

@@ -90,6 +90,22 @@ def check_semantics(config: dict) -> None:
         block = config["data"][source]
         if block["source"] == "hf" and "hf" not in block:
             raise ConfigError(f"config key 'data.{source}.hf': needed when source is hf")
+    if syn and config["data"]["reasoning"]["source"] == "synthetic":
+        ft = config["finetune"]
+        samples = min(ft["max_samples"], syn["n_train"])
+        steps = samples // ft["batch_size"] * ft["epochs"]
+        if ft.get("max_steps"):
+            steps = min(steps, ft["max_steps"])
+        if steps <= config["measure"]["warmup_steps"]:
+            raise ConfigError(f"config key 'finetune.batch_size': {samples} training samples give "
+                              f"{steps} fine-tuning steps, none left after measure.warmup_steps "
+                              f"{config['measure']['warmup_steps']}")
+    from effllm.records import METRICS
+
+    for name in config["analysis"]["efficiency_score"]["metrics"]:
+        if name not in METRICS:
+            raise ConfigError(f"config key 'analysis.efficiency_score.metrics.{name}': unknown "
+                              f"metric; known: {sorted(METRICS)}")
     split = config["data"]["split"]
     if split["validation_fraction"] + split["test_fraction"] >= 0.5:
         raise ConfigError("config key 'data.split': validation_fraction + test_fraction must "

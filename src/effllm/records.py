@@ -41,7 +41,10 @@ class MetricInfo:
 # Canonical metric names. Analysis and plots look directions and labels up here, nowhere else.
 METRICS: dict[str, MetricInfo] = {
     # quality
-    "perplexity": MetricInfo("1", False, "PPL", "exp(mean token NLL) on held-out text"),
+    "perplexity": MetricInfo("1", False, "PPL", "exp(mean token NLL) on held-out corpus text"),
+    "completion_perplexity": MetricInfo(
+        "1", False, "Task PPL", "exp(mean NLL) of held-out reasoning completions"
+    ),
     "loss": MetricInfo("nats/token", False, "Loss", "final training loss (mean of the last steps)"),
     "val_loss": MetricInfo("nats/token", False, "Val loss", "mean token NLL on the validation set"),
     "exact_match": MetricInfo("fraction", True, "EM", "exact-match accuracy on held-out problems"),
@@ -74,6 +77,7 @@ METRICS: dict[str, MetricInfo] = {
     # energy
     "aec": MetricInfo("W", False, "AEC", "average power over the window: energy / time"),
     "energy": MetricInfo("J", False, "Energy", "energy over the measured window"),
+    "energy_per_token": MetricInfo("J/token", False, "J/tok", "window energy per generated token"),
     "efficiency_score": MetricInfo(
         "1", True, "ES", "weighted harmonic mean of normalised resource metrics"
     ),
@@ -195,6 +199,11 @@ def validate_record(data: dict[str, Any]) -> None:
         where = ".".join(str(p) for p in err.absolute_path) or "<record>"
         raise RecordError(f"record {data.get('run_id', '?')}: {where}: {err.message}")
     for name, metric in data["metrics"].items():
+        info = METRICS.get(name)
+        if info is None:
+            raise RecordError(f"metric {name}: not a canonical metric (add it to records.METRICS)")
+        if metric["unit"] != info.unit:
+            raise RecordError(f"metric {name}: unit {metric['unit']!r}, expected {info.unit!r}")
         if metric["status"] == "unavailable" and metric["value"] is not None:
             raise RecordError(f"metric {name}: unavailable but has a value")
         if metric["status"] != "unavailable" and metric["value"] is None:

@@ -58,6 +58,7 @@ def model_shape(config: dict, size: str, attention: str) -> dict[str, Any]:
         "intermediate_size": from_size["intermediate_size"],
         "max_position_embeddings": max(config["pretrain"]["seq_len"],
                                        config["finetune"]["max_length"],
+                                       config["inference"]["eval_max_length"],
                                        config["inference"]["prompt_tokens"]
                                        + config["inference"]["new_tokens"]),
         "rope_theta": config["pretrain"]["rope_theta"],
@@ -87,7 +88,8 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
             upstream = runs["pretrain"][f"{base}-s{seed}"]
             for method in ft["methods"]:
                 name = f"{method}-{base}-s{seed}"
-                train = {k: v for k, v in ft.items() if k not in ("bases", "methods", "lora")}
+                train = {k: v for k, v in ft.items()
+                         if k not in ("bases", "methods") and not isinstance(v, dict)}
                 runs["finetune"][name] = Run(
                     "finetune", name, method, upstream.size, seed, group=base,
                     upstream=upstream.run_id,
@@ -100,7 +102,8 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
                 name = f"{precision}-{source.name}"
                 quant = inf.get(precision, {}) if precision in ("int4", "int8") else {}
                 eval_keys = ("batch_size", "prompt_tokens", "new_tokens", "warmup_runs",
-                             "min_runs", "min_seconds", "eval_problems", "ppl_tokens")
+                             "min_runs", "min_seconds", "eval_problems", "eval_max_new_tokens",
+                             "eval_max_length", "ppl_tokens")
                 runs["inference"][name] = Run(
                     "inference", name, precision, source.size, seed, group=source.run_id,
                     upstream=source.run_id,

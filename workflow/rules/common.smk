@@ -29,11 +29,13 @@ wildcard_constraints:
 # the jobs that use it (Snakemake does not track modules imported by scripts).
 CODE = {
     "data": ["io.py", "data/*.py"],
-    "model": ["io.py", "records.py", "measure/*.py", "models/*.py", "training/*.py"],
-    "inference": ["io.py", "records.py", "measure/*.py", "models/*.py", "training/*.py",
-                  "inference/*.py", "data/reasoning.py", "data/splits.py"],
-    "analysis": ["io.py", "records.py", "analysis/*.py"],
-    "plots": ["io.py", "records.py", "plots/*.py"],
+    "model": ["io.py", "records.py", "record.schema.json", "measure/*.py", "models/*.py",
+              "training/*.py", "data/__init__.py", "data/tokenizer.py"],
+    "inference": ["io.py", "records.py", "record.schema.json", "measure/*.py", "models/*.py",
+                  "training/*.py", "inference/*.py", "data/__init__.py", "data/reasoning.py",
+                  "data/splits.py", "data/hub.py"],
+    "analysis": ["io.py", "records.py", "record.schema.json", "analysis/*.py"],
+    "plots": ["io.py", "records.py", "plots/*.py", "analysis/aggregate.py"],
 }
 
 

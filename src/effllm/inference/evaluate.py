@@ -6,9 +6,12 @@ that "accuracy" means the same thing at both stages.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
+from effllm.records import Metric
 from effllm.training.sft import collate, encode_example
 
 
@@ -51,14 +54,50 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
 
 
 def exact_match_rate(model, tokenizer, problems: list[dict], max_new_tokens: int,
-                     desc: str = "exact match") -> tuple[float, int]:
-    """Share of problems whose generated final answer equals the reference answer."""
+                     budget_key: str, desc: str = "exact match") -> tuple[float, int] | None:
+    """Share of problems whose generated final answer equals the reference; None without answers.
+
+    Refuses a generation budget shorter than a reference completion: that would score 0 by
+    construction, not by the model's fault.
+    """
     from effllm.data.reasoning import exact_match
 
     scored = [p for p in problems if p.get("answer") is not None]
     if not scored:
-        raise ValueError("no problem has a reference answer")
+        return None
+    longest = max(len(tokenizer(p["completion"], add_special_tokens=False)["input_ids"]) + 1
+                  for p in scored)
+    if longest > max_new_tokens:
+        raise ValueError(f"config key '{budget_key}': {max_new_tokens} new tokens cannot hold the "
+                         f"longest reference completion ({longest} tokens with end-of-text)")
     texts = generate_answers(model, tokenizer, [p["prompt"] for p in scored], max_new_tokens,
                              desc=desc)
     hits = sum(exact_match(t, p["answer"]) for t, p in zip(texts, scored))
     return hits / len(scored), len(scored)
+
+
+def reasoning_metrics(model, tokenizer, problems: list[dict], max_length: int,
+                      max_new_tokens: int, budget_key: str, desc: str) -> dict[str, Metric]:
+    """Quality on held-out reasoning problems, as Metrics: completion perplexity, token accuracy,
+    exact match (unavailable without reference answers) and ``performance``, their mean."""
+    scores = completion_scores(model, tokenizer, problems, max_length)
+    em = exact_match_rate(model, tokenizer, problems, max_new_tokens, budget_key, desc)
+    n = f"{len(problems)} held-out problems"
+    out = {
+        "completion_perplexity": Metric.measured(math.exp(scores["loss"]), "1",
+                                                 "exp_mean_nll_completions",
+                                                 f"{scores['tokens']} completion tokens, {n}"),
+        "token_accuracy": Metric.measured(scores["token_accuracy"], "fraction",
+                                          "teacher_forced_argmax_completions", n),
+    }
+    if em is None:
+        out["exact_match"] = Metric.unavailable("fraction", "greedy_final_answer_match",
+                                                "the data set has no reference answers")
+        out["performance"] = Metric.measured(scores["token_accuracy"], "fraction",
+                                             "token_accuracy (no reference answers)")
+    else:
+        out["exact_match"] = Metric.measured(em[0], "fraction", "greedy_final_answer_match",
+                                             f"{em[1]} held-out problems")
+        out["performance"] = Metric.measured((em[0] + scores["token_accuracy"]) / 2, "fraction",
+                                             "mean(exact_match, token_accuracy)")
+    return out

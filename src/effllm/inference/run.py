@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import effllm.models  # noqa: F401 - registers our config with the Auto classes
-from effllm.inference.evaluate import completion_scores, exact_match_rate
+from effllm.inference.evaluate import reasoning_metrics
 from effllm.measure import Timer, Window, latency_summary
 from effllm.records import Metric, RunRecord, config_hash, now_iso, provenance
 from effllm.training.loop import seed_everything
@@ -62,7 +62,9 @@ def load_model(model_dir: str | os.PathLike, precision: str, quant: dict):
                                  llm_int8_skip_modules=["lm_head"])
     else:
         raise ValueError(f"precision {precision!r} is not supported")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb,
+    # Unquantised parts (embeddings, head, norms) in the compute dtype, as the bf16 run holds them.
+    dtype = DTYPES[quant.get("compute_dtype", "bf16")] if precision == "int4" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=dtype,
                                                  device_map="cpu" if not torch.cuda.is_available()
                                                  else "auto")
     note = f"kept unquantised (width not a multiple of {INT4_ALIGN}): {skips}" if skips else None
@@ -75,11 +77,16 @@ def weight_bytes(model) -> int:
 
 
 def time_generation(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: int,
-                    warmup: int, min_runs: int, min_seconds: float) -> dict:
-    """Prefill and end-to-end latency of fixed-length greedy generation, repeated."""
+                    warmup: int, min_runs: int, min_seconds: float, window: Window) -> dict:
+    """Prefill and end-to-end latency of fixed-length greedy generation, repeated.
+
+    Warm-up runs (which on CPU also trigger bitsandbytes' one-off 4-bit weight repack) happen
+    before ``window`` opens, so memory and energy cover only the timed repeats.
+    """
     def gen(n: int) -> torch.Tensor:
+        # min_new_tokens = max_new_tokens suppresses end-of-sequence: the length is fixed.
         cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               eos_token_id=None, pad_token_id=pad_id)
+                               pad_token_id=pad_id)
         return model.generate(input_ids=prompt_ids,
                               attention_mask=torch.ones_like(prompt_ids), generation_config=cfg)
 
@@ -88,18 +95,23 @@ def time_generation(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: in
             gen(new_tokens)
             gen(1)
         prefill, e2e = [], []
-        begin = time.perf_counter()
-        while len(e2e) < min_runs or time.perf_counter() - begin < min_seconds:
-            with Timer() as t:
-                gen(1)
-            prefill.append(t.seconds)
-            with Timer() as t:
-                out = gen(new_tokens)
-            e2e.append(t.seconds)
-            produced = out.shape[1] - prompt_ids.shape[1]
-            if produced != new_tokens:
-                raise RuntimeError(f"generated {produced} tokens, expected {new_tokens}")
-    return {"prefill": prefill, "e2e": e2e}
+        with window:
+            begin = time.perf_counter()
+            while len(e2e) < min_runs or time.perf_counter() - begin < min_seconds:
+                with Timer() as t:
+                    gen(1)
+                prefill.append(t.seconds)
+                with Timer() as t:
+                    out = gen(new_tokens)
+                e2e.append(t.seconds)
+                produced = out.shape[1] - prompt_ids.shape[1]
+                if produced != new_tokens:
+                    raise RuntimeError(f"generated {produced} tokens, expected {new_tokens}")
+    decode = [(a - b) / (new_tokens - 1) for a, b in zip(e2e, prefill)]
+    if min(decode) < 0:
+        raise RuntimeError("a generate() was faster than its own prefill: timings are noise; "
+                           "raise inference.new_tokens or inference.warmup_runs")
+    return {"prefill": prefill, "e2e": e2e, "decode": decode}
 
 
 def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_tokens_dir: str | os.PathLike,
@@ -122,23 +134,25 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_tokens_dir: s
     prompt_ids = torch.from_numpy(np.stack([test_tokens[s:s + ev["prompt_tokens"]]
                                             for s in starts]).astype(np.int64))
     window = Window(measure["sample_interval_s"])
-    with window:
-        times = time_generation(model, prompt_ids, ev["new_tokens"], tokenizer.pad_token_id,
-                                ev["warmup_runs"], ev["min_runs"], ev["min_seconds"])
+    times = time_generation(model, prompt_ids, ev["new_tokens"], tokenizer.pad_token_id,
+                            ev["warmup_runs"], ev["min_runs"], ev["min_seconds"], window)
     e2e, prefill = latency_summary(times["e2e"]), latency_summary(times["prefill"])
-    decode = [(a - b) / (ev["new_tokens"] - 1) for a, b in zip(times["e2e"], times["prefill"])]
     generated = ev["batch_size"] * ev["new_tokens"]
     note = (f"{e2e['count']} runs after {ev['warmup_runs']} warm-up; batch {ev['batch_size']}, "
-            f"prompt {ev['prompt_tokens']}, {ev['new_tokens']} new tokens (eos disabled); "
-            f"cv {e2e['cv']:.3f}")
+            f"prompt {ev['prompt_tokens']}, exactly {ev['new_tokens']} new tokens "
+            f"(min_new_tokens = max_new_tokens); cv {e2e['cv']:.3f}")
     metrics = window.metrics()
+    if metrics["energy"].status != "unavailable":
+        metrics["energy_per_token"] = Metric.measured(
+            metrics["energy"].value / (generated * e2e["count"]), "J/token",
+            metrics["energy"].method, "window energy includes the prefill-only runs")
     metrics.update({
         "al": Metric.measured(e2e["mean"], "s", Timer.method, note),
         "al_cv": Metric.measured(e2e["cv"], "1", "std/mean of repeats", note),
         "prefill_latency": Metric.measured(prefill["mean"], "s", Timer.method,
                                            "generate(max_new_tokens=1)"),
-        "decode_latency": Metric.measured(sum(decode) / len(decode), "s/token", Timer.method,
-                                          "(e2e - prefill) / (new_tokens - 1)"),
+        "decode_latency": Metric.measured(sum(times["decode"]) / len(times["decode"]), "s/token",
+                                          Timer.method, "(e2e - prefill) / (new_tokens - 1)"),
         "it": Metric.measured(generated * e2e["count"] / e2e["total"], "tokens/s", Timer.method,
                               note),
         "weight_bytes": Metric.measured(weight_bytes(model), "B", "get_memory_footprint",
@@ -147,24 +161,18 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_tokens_dir: s
         "load_memory_peak": load_window.metrics()["memory_peak"],
     })
 
-    ppl, scored = perplexity(model, test_tokens, ev["prompt_tokens"] + ev["new_tokens"],
-                             ev["ppl_tokens"])
-    scores = completion_scores(model, tokenizer, problems, ev["prompt_tokens"] + ev["new_tokens"])
-    em, n_em = exact_match_rate(model, tokenizer, problems, ev["new_tokens"],
-                                desc=f"exact match {spec['run_id']}")
+    ppl, scored = perplexity(model, test_tokens, ev["eval_max_length"], ev["ppl_tokens"])
     metrics["perplexity"] = Metric.measured(ppl, "1", "exp_mean_nll_corpus_test",
                                             f"{scored} scored tokens")
-    metrics["token_accuracy"] = Metric.measured(scores["token_accuracy"], "fraction",
-                                                "teacher_forced_argmax_reasoning_test")
-    metrics["exact_match"] = Metric.measured(em, "fraction", "greedy_final_answer_match",
-                                             f"{n_em} held-out test problems")
-    metrics["performance"] = Metric.measured((em + scores["token_accuracy"]) / 2, "fraction",
-                                             "mean(exact_match, token_accuracy)")
+    metrics.update(reasoning_metrics(model, tokenizer, problems, ev["eval_max_length"],
+                                     ev["eval_max_new_tokens"], "inference.eval_max_new_tokens",
+                                     desc=f"exact match {spec['run_id']}"))
     record = RunRecord(
         run_id=spec["run_id"], stage="inference", technique=spec["technique"],
         model_size=spec["size"], seed=spec["seed"], config_hash=config_hash(spec),
         params=spec, provenance=provenance(start), metrics=metrics,
-        series={"e2e_seconds": times["e2e"], "prefill_seconds": times["prefill"]},
+        series={"e2e_seconds": times["e2e"], "prefill_seconds": times["prefill"],
+                "decode_seconds_per_token": times["decode"]},
     )
     record.save(record_out)
     return record

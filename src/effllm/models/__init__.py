@@ -3,5 +3,4 @@
 from effllm.models.decoder import (  # noqa: F401
     DecoderConfig,
     DecoderForCausalLM,
-    kv_heads_for,
 )

@@ -118,19 +118,18 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.theta = config.rope_theta
         d = config.hidden_size
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
-    def forward(self, x, position_ids, mask, cache):
+    def forward(self, x, rope, mask, cache):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.theta, q.dtype)
+        cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -163,8 +162,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, position_ids, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), position_ids, mask, cache)
+    def forward(self, x, rope, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -217,8 +216,10 @@ class DecoderModel(DecoderPreTrainedModel):
             position_ids = position_ids.expand(b, t)
         mask = self._build_mask(attention_mask, b, t, past, input_ids.device)
         x = self.embed_tokens(input_ids)
+        # One cos/sin table per forward, shared by every layer.
+        rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, position_ids, mask, past_key_values)
+            x = layer(x, rope, mask, past_key_values)
         return self.norm(x), past_key_values
 
     @staticmethod
@@ -272,18 +273,13 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-            )
+            # Shift the labels, not the logits: slicing logits would copy the largest tensor.
+            shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                   shifted.reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
 
 AutoConfig.register(DecoderConfig.model_type, DecoderConfig)
 AutoModelForCausalLM.register(DecoderConfig, DecoderForCausalLM)
 
-
-def kv_heads_for(attention: str, num_heads: int, gqa_kv_heads: int) -> int:
-    """KV-head count of an attention variant: MHA = all heads, MQA = one, GQA = configured."""
-    return {"mha": num_heads, "mqa": 1, "gqa": gqa_kv_heads}[attention]
