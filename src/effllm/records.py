@@ -168,6 +168,16 @@ class RunRecord:
         }
 
     @classmethod
+    def for_run(cls, spec: dict[str, Any], start_time: str, metrics: dict[str, Metric],
+                series: dict[str, list[float]]) -> "RunRecord":
+        """The record of a sweep run (``effllm.sweep.Run.spec()``) that started at ``start_time``."""
+        return cls(
+            run_id=spec["run_id"], stage=spec["stage"], technique=spec["technique"],
+            model_size=spec["size"], seed=spec["seed"], config_hash=config_hash(spec),
+            params=spec, provenance=provenance(start_time), metrics=metrics, series=series,
+        )
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
         validate_record(data)
         fields = {k: data[k] for k in data if k != "metrics"}

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 import effllm.models  # noqa: F401 - registers our config with the Auto classes
 from effllm.inference.evaluate import reasoning_metrics
 from effllm.measure import Timer, Window, latency_summary
-from effllm.records import Metric, RunRecord, config_hash, now_iso, provenance
+from effllm.records import Metric, RunRecord, now_iso
 from effllm.training.loop import seed_everything
 from effllm.training.pretrain import perplexity
 from effllm.data.splits import read_split
@@ -167,10 +167,8 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_tokens_dir: s
     metrics.update(reasoning_metrics(model, tokenizer, problems, ev["eval_max_length"],
                                      ev["eval_max_new_tokens"], "inference.eval_max_new_tokens",
                                      desc=f"exact match {spec['run_id']}"))
-    record = RunRecord(
-        run_id=spec["run_id"], stage="inference", technique=spec["technique"],
-        model_size=spec["size"], seed=spec["seed"], config_hash=config_hash(spec),
-        params=spec, provenance=provenance(start), metrics=metrics,
+    record = RunRecord.for_run(
+        spec, start, metrics,
         series={"e2e_seconds": times["e2e"], "prefill_seconds": times["prefill"],
                 "decode_seconds_per_token": times["decode"]},
     )

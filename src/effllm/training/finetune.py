@@ -17,7 +17,7 @@ import effllm.models  # noqa: F401 - registers our config with the Auto classes
 from effllm.inference.evaluate import completion_scores, reasoning_metrics
 from effllm.io import atomic_dir
 from effllm.measure import Timer, Window, count_flops
-from effllm.records import Metric, RunRecord, config_hash, now_iso, provenance
+from effllm.records import Metric, RunRecord, now_iso
 from effllm.training.loop import (
     adamw, cosine_schedule, count_params, mfu_metric, seed_everything, step_metrics, train,
 )
@@ -111,11 +111,8 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     with atomic_dir(model_out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    record = RunRecord(
-        run_id=spec["run_id"], stage="finetune", technique=spec["technique"],
-        model_size=spec["size"], seed=spec["seed"], config_hash=config_hash(spec),
-        params=spec, provenance=provenance(start),
-        metrics=metrics,
+    record = RunRecord.for_run(
+        spec, start, metrics,
         series={"train_loss": log.losses, "step_seconds": log.seconds},
     )
     record.save(record_out)

@@ -12,7 +12,7 @@ import torch
 from effllm.io import atomic_dir
 from effllm.measure import Timer, Window, count_flops
 from effllm.models import DecoderConfig, DecoderForCausalLM
-from effllm.records import Metric, RunRecord, config_hash, now_iso, provenance
+from effllm.records import Metric, RunRecord, now_iso
 from effllm.training.loop import (
     adamw, batch_iterator, cosine_schedule, count_params, mfu_metric, seed_everything,
     step_metrics, train,
@@ -113,10 +113,8 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
     with atomic_dir(model_out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    record = RunRecord(
-        run_id=spec["run_id"], stage="pretrain", technique=spec["technique"],
-        model_size=spec["size"], seed=spec["seed"], config_hash=config_hash(spec),
-        params=spec, provenance=provenance(start), metrics=metrics,
+    record = RunRecord.for_run(
+        spec, start, metrics,
         series={"train_loss": log.losses, "step_seconds": log.seconds},
     )
     record.save(record_out)
