@@ -40,6 +40,8 @@ def job_counts(output: str) -> dict[str, int]:
         parts = line.split()
         if parts[:2] == ["job", "count"]:
             in_table = True
+        elif in_table and parts[:1] == ["total"]:
+            break
         elif in_table and len(parts) == 2 and parts[1].isdigit():
             counts[parts[0]] = int(parts[1])
     return counts
@@ -98,12 +100,31 @@ def test_failing_job_leaves_no_partial_output_and_others_finish(tmp_path):
     assert (cwd / "results/data/tokens/card.json").exists()  # the independent job finished
 
 
+def repo_copy(dest: Path) -> Path:
+    """The workflow and library sources, copied so that a test can edit them."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("workflow", "src", "profiles"):
+        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
+    shutil.copy(ROOT / "Snakefile", dest / "Snakefile")
+    return dest
+
+
 @pytest.mark.slow
 def test_smoke_pipeline_end_to_end(tmp_path):
-    cwd = workdir(tmp_path)
+    """Runs the smoke config, checks every output, then checks that editing one library file
+    reruns exactly the jobs that use it (the jobs import the installed library; the copy's files
+    are the declared code inputs)."""
+    repo = repo_copy(tmp_path / "repo")
+    cwd = workdir(tmp_path / "work")
+
+    def run(*args, **kw):
+        return subprocess.run(
+            [SNAKEMAKE, "--snakefile", str(repo / "Snakefile"), *args], cwd=cwd,
+            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kw)
+
     begin = time.perf_counter()
-    result = snakemake(cwd, "all", "--profile", str(ROOT / "profiles/local"), "--configfile",
-                       "config/smoke.yaml", timeout=1200)
+    result = run("all", "--profile", str(repo / "profiles/local"), "--configfile",
+                 "config/smoke.yaml", timeout=1200)
     elapsed = time.perf_counter() - begin
     print(f"smoke pipeline: {elapsed:.1f} s")
     assert result.returncode == 0, result.stderr[-4000:]
@@ -133,9 +154,30 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert (cwd / "results/tables/normalised.csv").stat().st_size > 0
 
     # Nothing left to do; the report bundles every figure.
-    again = snakemake(cwd, "all", "-n", "--configfile", "config/smoke.yaml")
+    again = run("all", "-n", "--configfile", "config/smoke.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
-    report = snakemake(cwd, "all", "--configfile", "config/smoke.yaml", "--report",
-                       "report.html")
+    report = run("all", "--configfile", "config/smoke.yaml", "--report", "report.html")
     assert report.returncode == 0, report.stderr[-2000:]
     assert (cwd / "report.html").stat().st_size > 100_000
+
+    # Exact partial reruns: edit one library file, dry-run, compare the job set; then revert.
+    figures = {"attention_radar", "inference_radar", "all"}
+    after_model = {"pretrain", "finetune", "inference", "aggregate", "normalise"} | figures
+    everything = {"prepare_corpus", "train_tokenizer", "prepare_reasoning"} | after_model
+    for edited, expected in (("plots/style.py", figures),
+                             ("analysis/normalise.py", {"normalise"} | figures),
+                             ("inference/run.py", {"inference", "aggregate", "normalise"}
+                              | figures),
+                             ("training/finetune.py", {"finetune", "inference", "aggregate",
+                                                       "normalise"} | figures),
+                             ("models/decoder.py", after_model),
+                             ("data/corpus.py", everything - {"prepare_reasoning"}),
+                             ("data/splits.py", everything)):
+        path = repo / "src/effllm" / edited
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        dry = run("all", "-n", "--configfile", "config/smoke.yaml")
+        assert set(job_counts(dry.stdout + dry.stderr)) == expected, edited
+        path.write_text(original)
+    same = run("all", "-n", "--configfile", "config/smoke.yaml")
+    assert "Nothing to be done" in same.stdout + same.stderr  # reverted content: no rerun

@@ -4,7 +4,7 @@
 rule aggregate:
     input:
         records=all_records(),
-        code=code("analysis"),
+        code=code("effllm.analysis.aggregate"),
     output:
         csv="results/tables/runs.csv",
     log:
@@ -17,7 +17,7 @@ rule aggregate:
 rule normalise:
     input:
         runs="results/tables/runs.csv",
-        code=code("analysis"),
+        code=code("effllm.analysis.normalise"),
     output:
         csv="results/tables/normalised.csv",
     params:

@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from effllm.codedeps import module_files
 from effllm.config import ConfigError, check_config
 from effllm.sweep import expand_runs
 
@@ -25,23 +26,11 @@ wildcard_constraints:
     run=r"[A-Za-z0-9_.+-]+",
 
 
-# Library files each stage really runs. Declared as inputs so that editing one reruns exactly
-# the jobs that use it (Snakemake does not track modules imported by scripts).
-CODE = {
-    "data": ["io.py", "data/*.py"],
-    "model": ["io.py", "records.py", "record.schema.json", "measure/*.py", "models/*.py",
-              "training/*.py", "data/__init__.py", "data/tokenizer.py"],
-    "inference": ["io.py", "records.py", "record.schema.json", "measure/*.py", "models/*.py",
-                  "training/*.py", "inference/*.py", "data/__init__.py", "data/reasoning.py",
-                  "data/splits.py", "data/hub.py"],
-    "analysis": ["io.py", "records.py", "record.schema.json", "analysis/*.py"],
-    "plots": ["io.py", "records.py", "plots/*.py", "analysis/aggregate.py"],
-}
-
-
-def code(*kinds):
-    lib = BASE / "src/effllm"
-    return sorted({str(p) for kind in kinds for pattern in CODE[kind] for p in lib.glob(pattern)})
+def code(*modules):
+    """The library files a rule's code reaches (its imports, transitively), declared as inputs
+    so that editing one reruns exactly the jobs that use it: Snakemake does not track modules a
+    script imports. tests/test_workflow.py checks the job sets."""
+    return module_files(*modules, root=BASE / "src/effllm")
 
 
 def run_spec(stage):

@@ -3,7 +3,7 @@
 
 rule prepare_corpus:
     input:
-        code=code("data"),
+        code=code("effllm.data.corpus"),
     output:
         directory("results/data/corpus"),
     params:
@@ -19,7 +19,7 @@ rule prepare_corpus:
 rule train_tokenizer:
     input:
         corpus="results/data/corpus",
-        code=code("data"),
+        code=code("effllm.data.tokenizer"),
     output:
         directory("results/data/tokens"),
     params:
@@ -32,7 +32,7 @@ rule train_tokenizer:
 
 rule prepare_reasoning:
     input:
-        code=code("data"),
+        code=code("effllm.data.reasoning"),
     output:
         directory("results/data/reasoning"),
     params:

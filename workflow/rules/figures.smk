@@ -5,7 +5,7 @@ rule attention_radar:
     """Figure 3a: one radar per model size, one series per attention variant."""
     input:
         normalised="results/tables/normalised.csv",
-        code=code("plots"),
+        code=code("effllm.plots.radar"),
     output:
         pdf=report(
             "paper_figures/fig3a_attention_radar.pdf",
@@ -26,7 +26,7 @@ rule attention_radar:
 rule inference_radar:
     input:
         normalised="results/tables/normalised.csv",
-        code=code("plots"),
+        code=code("effllm.plots.radar"),
     output:
         pdf=report(
             "paper_figures/inference_radar.pdf",

@@ -5,7 +5,7 @@ rule finetune:
     input:
         base=upstream_model("finetune"),
         reasoning="results/data/reasoning",
-        code=code("model", "inference"),
+        code=code("effllm.training.finetune"),
     output:
         model=directory("results/finetune/{run}/model"),
         adapter=directory("results/finetune/{run}/adapter"),

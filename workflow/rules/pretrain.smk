@@ -4,7 +4,7 @@
 rule pretrain:
     input:
         tokens="results/data/tokens",
-        code=code("model"),
+        code=code("effllm.training.pretrain"),
     output:
         model=directory("results/pretrain/{run}/model"),
         record="results/pretrain/{run}/record.json",
