@@ -7,3 +7,9 @@ decoding), ``measure`` (memory, time, energy, FLOPs), ``records`` (the one metri
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# bitsandbytes (imported by peft) logs a missing optional `kernels` package at every import; the
+# native CPU kernels are used instead. Never install `kernels`: it would fetch code from the Hub.
+_logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)

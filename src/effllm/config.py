@@ -75,10 +75,23 @@ def check_semantics(config: dict) -> None:
         if base not in known:
             raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is not a pretraining "
                               f"run; choose from {sorted(known)}")
-    for method in config["finetune"]["methods"]:
-        if method not in config["finetune"]:
-            raise ConfigError(f"config key 'finetune.{method}': settings for method {method!r} "
-                              "are missing")
+    from effllm.training.methods import ADAPTER_METHODS
+
+    ft = config["finetune"]
+    for method in ft["methods"]:
+        needs = ["lora"] if method in ADAPTER_METHODS else []
+        needs += [method] if method in ("lora_plus", "freeze") else []
+        for block in needs:
+            if block not in ft:
+                raise ConfigError(f"config key 'finetune.{block}': settings for method "
+                                  f"{method!r} are missing")
+        if method == "freeze":
+            for base in ft["bases"]:
+                layers = config["sizes"][base.split("-", 1)[1]]["num_layers"]
+                if ft["freeze"]["layers"] >= layers:
+                    raise ConfigError(f"config key 'finetune.freeze.layers': "
+                                      f"{ft['freeze']['layers']} leaves no layer of {base!r} "
+                                      f"({layers} layers) to train")
     syn = config["data"]["reasoning"].get("synthetic")
     if config["data"]["reasoning"]["source"] == "synthetic":
         if not syn:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from effllm.training.methods import ADAPTER_METHODS, LABELS as METHOD_LABELS
+
 LABELS = {
     "mha": "MHA", "mqa": "MQA", "gqa": "GQA",
-    "lora": "LoRA",
+    **METHOD_LABELS,
     "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int8": "int8", "int4": "int4",
 }
 BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4}
@@ -90,10 +92,12 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
                 name = f"{method}-{base}-s{seed}"
                 train = {k: v for k, v in ft.items()
                          if k not in ("bases", "methods") and not isinstance(v, dict)}
+                shared = ft["lora"] if method in ADAPTER_METHODS else {}
                 runs["finetune"][name] = Run(
                     "finetune", name, method, upstream.size, seed, group=base,
                     upstream=upstream.run_id,
-                    settings={"method": {"name": method, **ft.get(method, {})}, "train": train,
+                    settings={"method": {"name": method, **shared, **ft.get(method, {})},
+                              "train": train,
                               "measure": config["measure"]},
                 )
         served = [r for stage in inf["sources"] for r in runs[stage].values() if r.seed == seed]

@@ -8,7 +8,6 @@ rule finetune:
         code=code("effllm.training.finetune"),
     output:
         model=directory("results/finetune/{run}/model"),
-        adapter=directory("results/finetune/{run}/adapter"),
         record="results/finetune/{run}/record.json",
     params:
         spec=run_spec("finetune"),

@@ -8,4 +8,4 @@ from effllm.training.finetune import run_finetune  # noqa: E402
 
 sm = snakemake  # noqa: F821
 run_finetune(json.loads(sm.params.spec), sm.input.base, sm.input.reasoning, sm.output.model,
-             sm.output.adapter, sm.output.record)
+             sm.output.record)

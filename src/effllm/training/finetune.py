@@ -1,13 +1,15 @@
-"""Fine-tuning a pretrained model with a PEFT method (peft), measured.
+"""Fine-tuning a pretrained model with one method of ``effllm.training.methods``, measured.
 
-Writes the adapter (peft format) and a merged model (safetensors) that the inference stage
-quantises. The base weights are never modified: peft wraps them and only adapter tensors train.
+Writes a merged model (safetensors) that the inference stage quantises, with the peft adapter in
+its ``adapter/`` folder for adapter methods (whose base weights never change: peft wraps them and
+only adapter tensors train).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,24 +20,12 @@ from effllm.inference.evaluate import completion_scores, reasoning_metrics
 from effllm.io import atomic_dir
 from effllm.measure import Timer, Window, count_flops
 from effllm.records import Metric, RunRecord, now_iso
+from effllm.training import methods
 from effllm.training.loop import (
-    adamw, cosine_schedule, count_params, mfu_metric, seed_everything, step_metrics, train,
+    cosine_schedule, count_params, mfu_metric, seed_everything, step_metrics, train,
 )
 from effllm.data.splits import read_split
 from effllm.training.sft import collate, encode_example
-
-
-def apply_method(model, method: dict):
-    """Wrap ``model`` for the configured PEFT method; return the trainable model."""
-    from peft import LoraConfig, get_peft_model
-
-    name = method["name"]
-    if name == "lora":
-        config = LoraConfig(r=method["r"], lora_alpha=method["alpha"],
-                            lora_dropout=method["dropout"],
-                            target_modules=list(method["target_modules"]), task_type="CAUSAL_LM")
-        return get_peft_model(model, config)
-    raise ValueError(f"fine-tuning method {name!r} is not implemented")
 
 
 def epoch_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int):
@@ -48,8 +38,7 @@ def epoch_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int)
 
 
 def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | os.PathLike,
-                 model_out: str | os.PathLike, adapter_out: str | os.PathLike,
-                 record_out: str | os.PathLike) -> RunRecord:
+                 model_out: str | os.PathLike, record_out: str | os.PathLike) -> RunRecord:
     start = now_iso()
     settings, train_cfg = spec["settings"], spec["settings"]["train"]
     measure = settings["measure"]
@@ -72,7 +61,7 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     if steps <= warmup_steps:
         raise ValueError(f"{steps} fine-tuning steps leave none after {warmup_steps} warm-up")
 
-    model = apply_method(model, settings["method"])
+    model, optimizer = methods.prepare(model, settings["method"], train_cfg["lr"])
     params_total, params_trainable = count_params(model)
     batches = epoch_batches(examples, batch_size, tokenizer.pad_token_id, spec["seed"])
 
@@ -82,7 +71,6 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     flops = count_flops(lambda: model(**probe).loss.backward())
     model.zero_grad(set_to_none=True)
     flops_per_token = flops / int(probe["attention_mask"].sum())
-    optimizer = adamw(model, train_cfg["lr"], 0.0)
     scheduler = cosine_schedule(optimizer, math.ceil(train_cfg["warmup_ratio"] * steps), steps,
                                 0.0)
     window = Window(measure["sample_interval_s"])
@@ -105,11 +93,10 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     metrics["mfu"] = mfu_metric(flops_per_token, metrics["tokens_per_s"].value,
                                 measure.get("peak_flops"))
 
-    with atomic_dir(adapter_out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-    merged = model.merge_and_unload()
     with atomic_dir(model_out) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        if settings["method"]["name"] in methods.ADAPTER_METHODS:
+            model.save_pretrained(Path(tmp) / "adapter", safe_serialization=True)
+        methods.merged(model).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     record = RunRecord.for_run(
         spec, start, metrics,
