@@ -202,7 +202,7 @@ def test_ranks_by_hand(grouped):
 def test_normalise_table_end_to_end(record_paths, tmp_path):
     runs = tmp_path / "runs.csv"
     write_runs_table(record_paths, runs)
-    cfg = {"normalise_floor": 0.1, "efficiency_score": {"metrics": {"amu": 1.0, "aec": 1.0}}}
+    cfg = {"normalise_floor": 0.1, "efficiency_score": {"inference": {"amu": 1.0, "aec": 1.0}}}
     out = normalise_table(runs, cfg, tmp_path / "norm.csv")
     back = read_table(tmp_path / "norm.csv").set_index("run_id")
     assert back.loc["inference/a-int4", "mcr_nominal"] == pytest.approx(3.6)
@@ -217,6 +217,8 @@ def test_normalise_table_end_to_end(record_paths, tmp_path):
     assert back.loc["inference/a-bf16", "efficiency_score__status"] == "measured"
     assert "amu:1" in back.loc["inference/a-bf16", "efficiency_score__method"]
     assert (back["norm_floor"] == 0.1).all() and len(out) == 4
+    pre = back.loc["pretrain/gqa-tiny"]  # no weights for pretraining: unavailable, not 0
+    assert pd.isna(pre["efficiency_score"]) and pre["efficiency_score__status"] == "unavailable"
 
 
 # --- tables ---------------------------------------------------------------------------------------

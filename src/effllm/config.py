@@ -115,10 +115,11 @@ def check_semantics(config: dict) -> None:
                               f"{config['measure']['warmup_steps']}")
     from effllm.records import METRICS
 
-    for name in config["analysis"]["efficiency_score"]["metrics"]:
-        if name not in METRICS:
-            raise ConfigError(f"config key 'analysis.efficiency_score.metrics.{name}': unknown "
-                              f"metric; known: {sorted(METRICS)}")
+    for stage, weights in config["analysis"]["efficiency_score"].items():
+        for name in weights:
+            if name not in METRICS:
+                raise ConfigError(f"config key 'analysis.efficiency_score.{stage}.{name}': "
+                                  f"unknown metric; known: {sorted(METRICS)}")
     split = config["data"]["split"]
     if split["validation_fraction"] + split["test_fraction"] >= 0.5:
         raise ConfigError("config key 'data.split': validation_fraction + test_fraction must "

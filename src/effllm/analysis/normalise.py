@@ -126,25 +126,38 @@ def normalisable_metrics(df: pd.DataFrame) -> list[str]:
 def normalise_table(
     runs_csv: str | os.PathLike, analysis_cfg: Mapping, out_csv: str | os.PathLike
 ) -> pd.DataFrame:
-    """Runs table -> MCR -> ``__norm`` (per stage and group) -> efficiency score -> ``__rank``."""
+    """Runs table -> MCR -> ``__norm`` (per stage and group) -> efficiency score -> ``__rank``.
+
+    ``analysis_cfg["efficiency_score"]`` maps each stage to its {metric: weight}; a stage without
+    weights gets an unavailable score.
+    """
     floor = float(analysis_cfg.get("normalise_floor", 0.1))
-    weights = dict(analysis_cfg["efficiency_score"]["metrics"])
+    weights_by_stage = analysis_cfg["efficiency_score"]
     groups = ["stage", "group"]  # group ids could repeat across stages (e.g. a served base model)
     df = derive_compression(read_table(runs_csv))
     metrics = normalisable_metrics(df)
     df = pd.concat([df, minmax(df, metrics, groups, floor)], axis=1)
     df["norm_floor"] = floor
-    df["efficiency_score"] = efficiency_score(df, weights)
-    used = efficiency_inputs(df, weights)
-    df["efficiency_score__metrics"] = used
-    df["efficiency_score__status"] = [
-        combine_status([row.get(companion(m, "status")) for m in names.split(";")],
-                       [row.get(m) for m in names.split(";")]) if names else "unavailable"
-        for names, (_, row) in zip(used, df.iterrows())
-    ]
+    for column in ("efficiency_score", "efficiency_score__metrics", "efficiency_score__status",
+                   "efficiency_score__method"):
+        df[column] = np.nan if column == "efficiency_score" else ""
     df["efficiency_score__unit"] = "1"
-    df["efficiency_score__method"] = "weighted_harmonic_mean(" + ",".join(
-        f"{m}:{w:g}" for m, w in weights.items()) + ")"
+    for stage, rows in df.groupby("stage", sort=False):
+        weights = dict(weights_by_stage.get(stage) or {})
+        if not weights:
+            df.loc[rows.index, "efficiency_score__status"] = "unavailable"
+            df.loc[rows.index, "efficiency_score__method"] = f"no weights for stage {stage}"
+            continue
+        used = efficiency_inputs(rows, weights)
+        df.loc[rows.index, "efficiency_score"] = efficiency_score(rows, weights)
+        df.loc[rows.index, "efficiency_score__metrics"] = used
+        df.loc[rows.index, "efficiency_score__status"] = [
+            combine_status([row.get(companion(m, "status")) for m in names.split(";")],
+                           [row.get(m) for m in names.split(";")]) if names else "unavailable"
+            for names, (_, row) in zip(used, rows.iterrows())
+        ]
+        df.loc[rows.index, "efficiency_score__method"] = "weighted_harmonic_mean(" + ",".join(
+            f"{m}:{w:g}" for m, w in weights.items()) + ")"
     df = pd.concat([df, ranks(df, metrics, groups)], axis=1)
     with atomic_file(out_csv) as handle:
         df.to_csv(handle, index=False)
