@@ -147,3 +147,15 @@ def test_quantised_loading_holds_quantised_weights(tokenizer, tmp_path):
             out = quantised(input_ids=ids).logits.float()
         rel = (out - ref).norm() / ref.norm()
         assert rel < tol, (quantised.dtype, rel)
+
+
+def test_overflowed_results_are_unavailable_not_numbers():
+    from effllm.inference.evaluate import finite_metric
+    from effllm.training.pretrain import safe_exp
+
+    assert safe_exp(800.0) == math.inf and math.isnan(safe_exp(float("nan")))
+    for bad in (float("nan"), math.inf):
+        metric = finite_metric(bad, "1", "exp_mean_nll_corpus_test", "100 tokens")
+        assert metric.status == "unavailable" and metric.value is None
+        assert "overflow" in metric.note
+    assert finite_metric(3.0, "1", "m").status == "measured"

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from effllm.records import Metric
+from effllm.training.pretrain import safe_exp
 from effllm.training.sft import collate, encode_example
 
 
@@ -76,6 +77,18 @@ def exact_match_rate(model, tokenizer, problems: list[dict], max_new_tokens: int
     return hits / len(scored), len(scored)
 
 
+def finite_metric(value: float, unit: str, method: str, note: str | None = None) -> Metric:
+    """A measured value, or ``unavailable`` saying why when the computation overflowed.
+
+    Low precisions can overflow (fp16's largest value is 65504): a NaN or infinite loss is a real
+    finding about that precision, recorded with its reason, never a crash and never a number.
+    """
+    if math.isfinite(value):
+        return Metric.measured(value, unit, method, note)
+    return Metric.unavailable(unit, method, f"non-finite result ({value}): the model's logits "
+                              f"overflowed at this precision; {note or ''}".rstrip("; "))
+
+
 def reasoning_metrics(model, tokenizer, problems: list[dict], max_length: int,
                       max_new_tokens: int, budget_key: str, desc: str) -> dict[str, Metric]:
     """Quality on held-out reasoning problems, as Metrics: completion perplexity, token accuracy,
@@ -84,9 +97,9 @@ def reasoning_metrics(model, tokenizer, problems: list[dict], max_length: int,
     em = exact_match_rate(model, tokenizer, problems, max_new_tokens, budget_key, desc)
     n = f"{len(problems)} held-out problems"
     out = {
-        "completion_perplexity": Metric.measured(math.exp(scores["loss"]), "1",
-                                                 "exp_mean_nll_completions",
-                                                 f"{scores['tokens']} completion tokens, {n}"),
+        "completion_perplexity": finite_metric(safe_exp(scores["loss"]), "1",
+                                               "exp_mean_nll_completions",
+                                               f"{scores['tokens']} completion tokens, {n}"),
         "token_accuracy": Metric.measured(scores["token_accuracy"], "fraction",
                                           "teacher_forced_argmax_completions", n),
     }

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import effllm.models  # noqa: F401 - registers our config with the Auto classes
-from effllm.inference.evaluate import reasoning_metrics
+from effllm.inference.evaluate import finite_metric, reasoning_metrics
 from effllm.measure import Timer, Window, latency_summary
 from effllm.records import Metric, RunRecord, now_iso
 from effllm.training.loop import seed_everything
@@ -162,8 +162,8 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_tokens_dir: s
     })
 
     ppl, scored = perplexity(model, test_tokens, ev["eval_max_length"], ev["ppl_tokens"])
-    metrics["perplexity"] = Metric.measured(ppl, "1", "exp_mean_nll_corpus_test",
-                                            f"{scored} scored tokens")
+    metrics["perplexity"] = finite_metric(ppl, "1", "exp_mean_nll_corpus_test",
+                                          f"{scored} scored tokens")
     metrics.update(reasoning_metrics(model, tokenizer, problems, ev["eval_max_length"],
                                      ev["eval_max_new_tokens"], "inference.eval_max_new_tokens",
                                      desc=f"exact match {spec['run_id']}"))

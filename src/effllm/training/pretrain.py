@@ -47,7 +47,12 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_s
         nll += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
         count += ids[:, 1:].numel()
-    return math.exp(nll / count), count
+    return safe_exp(nll / count), count
+
+
+def safe_exp(x: float) -> float:
+    """exp that gives inf instead of raising for a huge (or NaN stays NaN) mean NLL."""
+    return math.exp(x) if x < 709 or math.isnan(x) else math.inf
 
 
 def build_model(model_settings: dict, tokenizer) -> DecoderForCausalLM:
