@@ -25,6 +25,7 @@ rule all:
         all_records(),
         "results/tables/runs.csv",
         "results/tables/normalised.csv",
+        TABLES,
         FIGURES,
 
 
@@ -32,6 +33,12 @@ rule records:
     """Every run of the grid, without analysis."""
     input:
         all_records(),
+
+
+rule tables:
+    """Every paper table (CSV, Markdown, LaTeX)."""
+    input:
+        TABLES,
 
 
 rule figures:

@@ -74,10 +74,11 @@ def record_paths(tmp_path):
 def test_runs_table_columns_and_unavailable(record_paths, tmp_path):
     df = runs_table(record_paths)
     assert len(df) == 4
-    assert list(df.columns[:12]) == [
-        "run_id", "stage", "technique", "label", "group", "upstream", "model_size", "seed",
-        "config_hash", "git_commit", "start_time", "end_time",
+    assert list(df.columns[:13]) == [
+        "run_id", "stage", "block", "technique", "label", "group", "upstream", "model_size",
+        "seed", "config_hash", "git_commit", "start_time", "end_time",
     ]
+    assert set(df["block"]) == {"pretrain", "inference"}  # no memberships given: the stage
     row = df.set_index("run_id").loc["pretrain/gqa-tiny"]
     assert row["perplexity"] == 30.0 and row["perplexity__status"] == "measured"
     assert row["amu__unit"] == "GB" and row["amu__method"] == "sampler"
@@ -92,6 +93,43 @@ def test_runs_table_columns_and_unavailable(record_paths, tmp_path):
     assert back["aec"].isna().all() and (back["aec__status"] == "unavailable").all()
     assert pd.read_parquet(out_pq).shape == df.shape
     assert sorted(p.name for p in out_csv.parent.iterdir()) == ["runs.csv", "runs.parquet"]
+
+
+def test_runs_table_gives_a_shared_run_one_row_per_membership(record_paths):
+    places = {"pretrain/gqa-tiny": [
+        {"block": "attention", "group": "attention-tiny", "technique": "gqa", "label": "GQA"},
+        {"block": "position", "group": "position-tiny", "technique": "rope", "label": "RoPE"},
+    ]}
+    df = runs_table(record_paths, places)
+    rows = df[df["run_id"] == "pretrain/gqa-tiny"].set_index("block")
+    assert len(df) == 5 and list(rows.index) == ["attention", "position"]
+    assert rows.loc["position", "label"] == "RoPE" and rows.loc["position", "perplexity"] == 30.0
+    assert rows.loc["attention", "group"] == "attention-tiny"
+
+
+def test_block_table_averages_seeds_with_spread(tmp_path):
+    from effllm.analysis.paper_tables import block_table
+    from effllm.analysis.tables import to_markdown
+
+    df = pd.DataFrame({
+        "block": ["attention"] * 4 + ["moe"], "group": ["attention-tiny"] * 4 + ["moe-tiny"],
+        "label": ["MHA", "MHA", "MQA", "MQA", "Dense"], "model_size": ["tiny"] * 5,
+        "seed": [0, 1, 0, 1, 0], "perplexity": [10.0, 12.0, 11.0, np.nan, 9.0],
+        "perplexity__status": ["measured", "measured", "measured", "unavailable", "measured"],
+        "aec": [np.nan] * 5, "aec__status": ["unavailable"] * 5,
+    })
+    table = block_table(df, "attention", ["perplexity", "aec", "amu"])
+    assert list(table["variant"]) == ["MHA", "MQA"] and list(table["seeds"]) == [2, 2]
+    mha, mqa = table.iloc[0], table.iloc[1]
+    assert mha["perplexity"] == 11.0 and mha["perplexity__std"] == pytest.approx(2 ** 0.5)
+    assert mqa["perplexity"] == 11.0 and pd.isna(mqa["perplexity__std"])  # one seed had a value
+    assert mqa["perplexity__status"] == "unavailable"  # weakest status of the averaged seeds
+    assert mha["aec__status"] == "unavailable" and pd.isna(mha["aec"])
+    assert mha["amu__status"] == "unavailable"  # not in the table at all
+    md = to_markdown(table)
+    assert "11.0 \u00b1 1.41" in md and "n/a" in md
+    with pytest.raises(ValueError, match="'position'"):
+        block_table(df, "position", ["perplexity"])
 
 
 # --- compression ----------------------------------------------------------------------------------

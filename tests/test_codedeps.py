@@ -40,3 +40,17 @@ def test_follows_a_new_import(tmp_path):
     (pkg / "d.py").write_text("y = 2\n")
     found = {str(Path(p).relative_to(pkg)) for p in module_files("effllm.a", root=pkg)}
     assert found == {"__init__.py", "a.py", "sub/__init__.py", "sub/b.py", "c.py"}
+
+
+def test_excluded_modules_are_not_entered_but_shared_imports_stay(tmp_path):
+    pkg = tmp_path / "effllm"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    import effllm.nsa\n    import effllm.b\n")
+    (pkg / "nsa.py").write_text("import effllm.only_nsa\nimport effllm.c\n")
+    (pkg / "b.py").write_text("import effllm.c\n")
+    for name in ("only_nsa", "c"):
+        (pkg / f"{name}.py").write_text("")
+    found = {str(Path(p).relative_to(pkg))
+             for p in module_files("effllm.a", root=pkg, exclude=["effllm.nsa"])}
+    assert found == {"__init__.py", "a.py", "b.py", "c.py"}

@@ -27,13 +27,32 @@ def test_shipped_configs_are_valid(repo_root, schema, name):
 
 @pytest.mark.parametrize("mutate, key", [
     (lambda c: c["pretrain"].__setitem__("steps", -5), "pretrain.steps"),
-    (lambda c: c["pretrain"].__setitem__("attention", ["gqa", "flash"]), "pretrain.attention.1"),
+    (lambda c: c["pretrain"]["blocks"]["attention"]["variants"][1].__setitem__(
+        "attention", "flash"), "pretrain.blocks.attention.variants.1.attention"),
+    (lambda c: c["pretrain"]["blocks"]["position"]["variants"].append(
+        {"name": "xpos", "position_encoding": "xpos"}),
+     "pretrain.blocks.position.variants.6.position_encoding"),
+    (lambda c: c["pretrain"]["blocks"]["moe"]["variants"][0].__setitem__("experts", 8),
+     "pretrain.blocks.moe.variants.0"),
+    (lambda c: c["pretrain"]["blocks"]["moe"]["variants"][2]["moe"].__setitem__("top_k", 9),
+     "pretrain.blocks.moe.variants.moe-8x-third.moe.top_k"),
+    (lambda c: c["pretrain"]["blocks"]["attention"]["variants"].append(
+        {"name": "nsa-alibi", "attention": "nsa", "position_encoding": "alibi"}),
+     "pretrain.blocks.attention.variants.nsa-alibi.position_encoding"),
+    (lambda c: c["pretrain"]["blocks"]["position"]["variants"].append(
+        {"name": "mha", "attention": "mha", "position_encoding": "none"}),
+     "pretrain.blocks.position.variants.mha"),
+    (lambda c: c["pretrain"]["blocks"]["moe"]["variants"][1].__setitem__("size", "huge"),
+     "pretrain.blocks.moe.variants.dense-2x.size"),
+    (lambda c: c["finetune"].__setitem__("bases", ["mamba-small"]), "finetune.bases.0"),
     (lambda c: c["finetune"].__setitem__("methods", ["qlora9"]), "finetune.methods.0"),
     (lambda c: c["inference"].__setitem__("precisions", ["int3"]), "inference.precisions.0"),
     (lambda c: c["sizes"]["tiny"].__setitem__("num_heads", 5), "sizes.tiny.hidden_size"),
-    (lambda c: c["pretrain"].__setitem__("kv_heads", 3), "pretrain.kv_heads"),
-    (lambda c: c["pretrain"].__setitem__("sizes", ["huge"]), "pretrain.sizes.0"),
-    (lambda c: c["finetune"].__setitem__("bases", ["mqa-tiny"]), "finetune.bases.0"),
+    (lambda c: c["pretrain"]["model"].__setitem__("kv_heads", 3),
+     "pretrain.blocks.attention.variants.gqa.kv_heads"),
+    (lambda c: c["pretrain"]["blocks"]["attention"].__setitem__("sizes", ["huge"]),
+     "pretrain.blocks.attention.sizes"),
+    (lambda c: c["finetune"].__setitem__("bases", ["mqa-huge"]), "finetune.bases.0"),
     (lambda c: c["pretrain"].__setitem__("warmup_steps", 10_000), "pretrain.warmup_steps"),
     (lambda c: c.__setitem__("colour", "blue"), "<config>"),
     (lambda c: c["data"]["corpus"].__setitem__("source", "wikipedia"), "data.corpus.source"),
@@ -79,3 +98,35 @@ def test_uncached_hf_data_set_is_refused_up_front(config, schema, tmp_path):
     bad["data"]["corpus"]["hf"]["cache_dir"] = str(tmp_path)  # an empty hub cache
     with pytest.raises(ConfigError, match="data.corpus.hf.repo_id.*fineweb-edu.*hf download"):
         check_config(bad, schema)
+
+
+def test_shared_runs_are_trained_once_and_keep_every_place(config, schema):
+    """GQA at the middle size is also RoPE (position block) and Dense (MoE block), GQA tiny is
+    the Transformer of the attention-free block: one run each with several memberships, and a
+    membership is not a param."""
+    config = check_config(config, schema)
+    runs = expand_runs(config)["pretrain"]
+    gqa = runs["gqa-small-s0"]
+    assert [(m.block, m.label) for m in gqa.memberships] == [
+        ("attention", "GQA"), ("position", "RoPE"), ("moe", "Dense")]
+    assert [m.label for m in runs["gqa-tiny-s0"].memberships] == ["GQA", "Transformer"]
+    assert "rope-small-s0" not in runs and "dense-small-s0" not in runs
+    dropped = copy.deepcopy(config)
+    dropped["pretrain"]["blocks"]["moe"] = None  # a block removed: the shared run is unchanged
+    assert expand_runs(dropped)["pretrain"]["gqa-small-s0"].spec() == gqa.spec()
+    assert not any(r.name.startswith("moe-") for r in expand_runs(dropped)["pretrain"].values())
+
+
+def test_variants_resolve_to_their_models(config, schema):
+    runs = expand_runs(check_config(config, schema))["pretrain"]
+    model = lambda name: runs[name].settings["model"]  # noqa: E731
+    assert model("mqa-tiny-s0")["num_key_value_heads"] == 1
+    assert model("mha-small-s0")["num_key_value_heads"] == 4
+    assert model("nsa-small-s0")["nsa_window"] == config["pretrain"]["model"]["nsa"]["window"]
+    assert model("alibi-small-s0")["position_encoding"] == "alibi"
+    moe = model("moe-8x-third-small-s0")
+    assert moe["num_experts"] == 8 and moe["moe_intermediate_size"] == 128  # 384 / 3
+    assert model("moe-8x-small-s0")["moe_intermediate_size"] == 384
+    assert runs["dense-2x-small-s0"].size == "medium" if "dense-2x-small-s0" in runs else True
+    assert model("mamba-tiny-s0")["family"] == "mamba"
+    assert "attention" not in model("mamba-tiny-s0")

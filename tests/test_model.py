@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from effllm.models import DecoderConfig, DecoderForCausalLM
+from invariants import assert_cached_equals_uncached, assert_left_padding_is_invisible
 
 
 def tiny(kv_heads=2, **kw):
@@ -47,7 +48,7 @@ def test_loss_is_next_token_cross_entropy_ignoring_masked_labels():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_attention_equals_explicit_softmax_reference(variant):
-    from effllm.models.decoder import apply_rope, rope_cos_sin
+    from effllm.models.layers import AttentionInputs, apply_rope, rope_cos_sin
 
     model = tiny(VARIANTS[variant])
     attn = model.model.layers[0].self_attn
@@ -55,7 +56,9 @@ def test_attention_equals_explicit_softmax_reference(variant):
     x = torch.randn(b, t, 32)
     pos = torch.arange(t)[None].expand(b, t)
     cos, sin = rope_cos_sin(pos, d, 10000.0, x.dtype)
-    got = attn(x, (cos, sin), None, None)
+    inputs = AttentionInputs(position_ids=pos, past=0, rope=(cos, sin), mask=None, bias=None,
+                             attention_mask=None)
+    got = attn(x, inputs, None)
 
     q = attn.q_proj(x).view(b, t, h, d).transpose(1, 2)
     k = attn.k_proj(x).view(b, t, kv, d).transpose(1, 2)
@@ -84,30 +87,12 @@ def test_no_position_attends_to_the_future(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_decoding_equals_uncached_logits(variant):
-    model = tiny(VARIANTS[variant])
-    ids = torch.randint(2, 97, (2, 14))
-    with torch.no_grad():
-        full = model(input_ids=ids, use_cache=False).logits
-        out = model(input_ids=ids[:, :5], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for i in range(5, 14):
-            out = model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    assert_cached_equals_uncached(tiny(VARIANTS[variant]), torch.randint(2, 97, (2, 14)))
 
 
-def test_generate_left_padded_batch_matches_single_prompts():
-    model = tiny()
-    a, b = torch.randint(2, 97, (1, 7)), torch.randint(2, 97, (1, 4))
-    batch = torch.cat([a, torch.cat([torch.ones(1, 3, dtype=torch.long), b], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :3] = 0
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=1, eos_token_id=None)
-    together = model.generate(input_ids=batch, attention_mask=mask, **kw)
-    alone_a = model.generate(input_ids=a, **kw)
-    alone_b = model.generate(input_ids=b, **kw)
-    assert torch.equal(together[0, 7:], alone_a[0, 7:])
-    assert torch.equal(together[1, 7:], alone_b[0, 4:])
+@pytest.mark.parametrize("pe", ["rope", "alibi", "relative", "learned", "sinusoidal"])
+def test_generate_left_padded_batch_matches_single_prompts(pe):
+    assert_left_padding_is_invisible(tiny(position_encoding=pe))
 
 
 def test_save_load_round_trip_safetensors(tmp_path):
@@ -155,3 +140,61 @@ def test_lora_leaves_base_weights_bit_identical():
     assert changed_adapters > 0
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero; training moved it
+
+
+PES = ["rope", "sinusoidal", "learned", "relative", "alibi", "none"]
+
+
+@pytest.mark.parametrize("pe", PES)
+def test_cached_decoding_equals_uncached_for_every_position_encoding(pe):
+    model = tiny(position_encoding=pe)
+    if pe == "relative":  # T5 bias starts random; make sure it is not ~0
+        torch.nn.init.normal_(model.model.relative_bias.weight, std=1.0)
+    assert_cached_equals_uncached(model, torch.randint(2, 97, (2, 14)))
+
+
+@pytest.mark.parametrize("pe", PES)
+def test_each_position_encoding_is_wired_in(pe):
+    """The toolkit's PE module was never called (protocol §9.4): here each one changes the output,
+    and only 'none' leaves a model blind to order beyond causality."""
+    base = tiny(position_encoding="none")
+    model = tiny(position_encoding=pe)
+    model.load_state_dict(base.state_dict(), strict=False)  # same weights, different PE
+    if pe == "relative":
+        torch.nn.init.normal_(model.model.relative_bias.weight, std=1.0)
+    if pe == "learned":
+        torch.nn.init.normal_(model.model.embed_positions.weight, std=1.0)
+    ids = torch.randint(2, 97, (1, 10))
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, base(input_ids=ids).logits
+    assert torch.allclose(a, b) == (pe == "none")
+
+
+def test_alibi_bias_matches_explicit_reference():
+    from effllm.models.decoder import alibi_slopes
+
+    slopes = alibi_slopes(8)
+    torch.testing.assert_close(slopes, torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    assert len(alibi_slopes(6)) == 6 and alibi_slopes(6)[0] == 2 ** -2  # interleaved form
+    model = tiny(position_encoding="alibi")
+    bias = model.model._score_bias(5, 0, torch.float32, "cpu")
+    heads = alibi_slopes(4)
+    for i in range(5):
+        for j in range(i + 1):
+            torch.testing.assert_close(bias[0, :, i, j], -heads * (i - j))
+
+
+def test_relative_buckets_are_exact_then_logarithmic():
+    from effllm.models.decoder import relative_bucket
+
+    d = torch.arange(0, 200)
+    b = relative_bucket(d, 32, 128)
+    assert torch.equal(b[:16], torch.arange(16))  # exact for small distances
+    assert bool((b[1:] >= b[:-1]).all()) and int(b.max()) == 31  # monotone, capped
+    assert int(b[100]) == 30 and bool((b[128:] == 31).all())  # log-spaced, then saturated
+
+
+def test_learned_positions_refuse_beyond_their_table():
+    model = tiny(position_encoding="learned", max_position_embeddings=8)
+    with pytest.raises(ValueError, match="learned positions"):
+        model(input_ids=torch.randint(2, 97, (1, 9)))

@@ -13,7 +13,8 @@ from effllm.inference.evaluate import completion_scores, exact_match_rate, reaso
 from effllm.measure import Window
 from effllm.models import DecoderConfig, DecoderForCausalLM
 from effllm.training.loop import StepLog, step_metrics
-from effllm.training.pretrain import kv_cache_bytes_per_token, perplexity
+from effllm.measure.cache import cache_bytes_per_token
+from effllm.training.pretrain import perplexity
 
 PROBLEMS = [
     {"prompt": "Q: 12+7=?\nA:", "completion": " 2+7=9; 1+0=1\n#### 19", "answer": "19"},
@@ -104,7 +105,7 @@ def test_kv_cache_bytes_per_token_is_the_formula(tokenizer, kv):
     model = model_for(tokenizer, kv=kv)
     ids = torch.randint(2, len(tokenizer), (1, 10))
     # K and V, 2 layers, kv heads x head dim 16, fp32
-    assert kv_cache_bytes_per_token(model, ids) == 2 * 2 * kv * 16 * 4
+    assert cache_bytes_per_token(model, ids) == 2 * 2 * kv * 16 * 4
 
 
 def test_fixed_length_generation_timing(tokenizer):

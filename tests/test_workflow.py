@@ -16,8 +16,9 @@ from effllm.records import validate_record
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+FIGURE_RULES = {"inference_radar", "attention_radar", "position_bars", "moe_bubbles"}
 STAGE_RULES = {"prepare_corpus", "train_tokenizer", "prepare_reasoning", "pretrain", "finetune",
-               "inference", "aggregate", "normalise", "inference_radar", "attention_radar", "all"}
+               "inference", "aggregate", "normalise", "paper_table", "all"} | FIGURE_RULES
 
 
 def workdir(tmp_path: Path, config: dict | None = None) -> Path:
@@ -53,10 +54,11 @@ def test_dry_run_holds_every_stage(tmp_path, configfile):
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout + result.stderr)
     assert STAGE_RULES <= set(counts), counts
+    from effllm.sweep import expand_runs
+
     config = yaml.safe_load((ROOT / configfile).read_text())
-    n_pre = len(config["seeds"]) * len(config["pretrain"]["sizes"]) * len(
-        config["pretrain"]["attention"])
-    assert counts["pretrain"] == n_pre
+    assert counts["pretrain"] == len(expand_runs(config)["pretrain"])
+    assert counts["paper_table"] == 4
     assert counts["inference"] == counts["finetune"] * len(config["inference"]["precisions"])
 
 
@@ -147,11 +149,24 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         assert "al" in data["metrics"]
     for card in ("corpus", "tokens", "reasoning"):
         assert json.loads((cwd / f"results/data/{card}/card.json").read_text())
-    for name in ("inference_radar", "fig3a_attention_radar"):
+    for name in ("inference_radar", "fig3a_attention_radar", "fig3b_position_bars",
+                 "fig3c_moe_bubbles"):
         for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
             fig = cwd / f"paper_figures/{name}.{ext}"
             assert fig.read_bytes()[:4] == magic and fig.stat().st_size > 5000
     assert (cwd / "results/tables/normalised.csv").stat().st_size > 0
+    for table in ("table3_attention", "table4_position", "table5_moe", "table6_attention_free"):
+        for ext in ("csv", "md", "tex"):
+            assert (cwd / f"results/tables/{table}.{ext}").stat().st_size > 100
+    pre = {p.parts[-2]: json.loads(p.read_text()) for p in cwd.glob("results/pretrain/*/record.json")}
+    assert pre["moe-8x-tiny-s0"]["metrics"]["params_active"]["value"] < pre["moe-8x-tiny-s0"][
+        "metrics"]["params_total"]["value"]
+    for name in ("mamba-tiny-s0", "rwkv-tiny-s0"):
+        assert pre[name]["metrics"]["kv_cache_bytes_per_token"]["value"] == 0  # constant state
+    kv = {n: pre[f"{n}-tiny-s0"]["metrics"]["kv_cache_bytes_per_token"]["value"]
+          for n in ("mha", "mqa", "gqa", "mla")}
+    assert kv["mla"] < kv["mqa"] < kv["gqa"] < kv["mha"]
+    assert not list(cwd.glob("results/checkpoints/pretrain/*/checkpoint.pt"))  # cleared
 
     # Nothing left to do; the report bundles every figure.
     again = run("all", "-n", "--configfile", "config/smoke.yaml")
@@ -161,15 +176,16 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert (cwd / "report.html").stat().st_size > 100_000
 
     # Exact partial reruns: edit one library file, dry-run, compare the job set; then revert.
-    figures = {"attention_radar", "inference_radar", "all"}
-    after_model = {"pretrain", "finetune", "inference", "aggregate", "normalise"} | figures
+    figures = FIGURE_RULES | {"all"}
+    tables = {"paper_table"}
+    analysis = {"aggregate", "normalise"} | tables | figures
+    after_model = {"pretrain", "finetune", "inference"} | analysis
     everything = {"prepare_corpus", "train_tokenizer", "prepare_reasoning"} | after_model
     for edited, expected in (("plots/style.py", figures),
-                             ("analysis/normalise.py", {"normalise"} | figures),
-                             ("inference/run.py", {"inference", "aggregate", "normalise"}
-                              | figures),
-                             ("training/finetune.py", {"finetune", "inference", "aggregate",
-                                                       "normalise"} | figures),
+                             ("analysis/normalise.py", {"normalise"} | tables | figures),
+                             ("inference/run.py", {"inference"} | analysis),
+                             ("training/finetune.py", {"finetune", "inference"} | analysis),
+                             ("models/nsa.py", {"pretrain"} | analysis),
                              ("models/decoder.py", after_model),
                              ("data/corpus.py", everything - {"prepare_reasoning"}),
                              ("data/splits.py", everything)):
@@ -177,7 +193,10 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         original = path.read_text()
         path.write_text(original + "\n# an edit\n")
         dry = run("all", "-n", "--configfile", "config/smoke.yaml")
-        assert set(job_counts(dry.stdout + dry.stderr)) == expected, edited
+        counts = job_counts(dry.stdout + dry.stderr)
+        assert set(counts) == expected, edited
+        if edited == "models/nsa.py":  # only the NSA model retrains, nothing downstream of others
+            assert counts["pretrain"] == 1, counts
         path.write_text(original)
     same = run("all", "-n", "--configfile", "config/smoke.yaml")
     assert "Nothing to be done" in same.stdout + same.stderr  # reverted content: no rerun

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Iterable
 
 ROOT = Path(__file__).resolve().parent
 PACKAGE = ROOT.name
@@ -35,12 +36,19 @@ def _imports(path: Path) -> set[str]:
     return {name for name in found if name == PACKAGE or name.startswith(PACKAGE + ".")}
 
 
-def module_files(*modules: str, root: Path = ROOT) -> list[str]:
-    """Sorted paths of every package file that importing ``modules`` executes or reads."""
+def module_files(*modules: str, root: Path = ROOT, exclude: Iterable[str] = ()) -> list[str]:
+    """Sorted paths of every package file that importing ``modules`` executes or reads.
+
+    Modules in ``exclude`` are not entered (a lazy import the run never takes); files they
+    import still count when another path reaches them.
+    """
     seen: set[Path] = set()
+    skip = set(exclude)
     stack = list(modules)
     while stack:
         module = stack.pop()
+        if module in skip:
+            continue
         parts = module.split(".")
         # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
         stack += [".".join(parts[:i]) for i in range(1, len(parts))]

@@ -52,29 +52,29 @@ def check_semantics(config: dict) -> None:
                 f"num_heads {size['num_heads']}"
             )
     pre = config["pretrain"]
-    for i, size in enumerate(pre["sizes"]):
-        if size not in config["sizes"]:
-            raise ConfigError(f"config key 'pretrain.sizes.{i}': unknown size {size!r}; "
-                              f"defined sizes: {sorted(config['sizes'])}")
-        heads = config["sizes"][size]["num_heads"]
-        if "gqa" in pre["attention"] and heads % pre["kv_heads"]:
-            raise ConfigError(f"config key 'pretrain.kv_heads': {pre['kv_heads']} does not divide "
-                              f"num_heads {heads} of size {size!r}")
-        head_dim = config["sizes"][size]["hidden_size"] // heads
-        if head_dim % 2:
-            raise ConfigError(f"config key 'sizes.{size}': head dim {head_dim} must be even "
-                              "for RoPE")
+    _check_pretrain_variants(config)
     if pre["warmup_steps"] >= pre["steps"]:
         raise ConfigError(f"config key 'pretrain.warmup_steps': {pre['warmup_steps']} must be "
                           f"below pretrain.steps {pre['steps']}")
     if pre["steps"] <= config["measure"]["warmup_steps"]:
         raise ConfigError(f"config key 'measure.warmup_steps': {config['measure']['warmup_steps']}"
                           f" leaves no timed step of pretrain.steps {pre['steps']}")
-    known = {f"{a}-{s}" for a in pre["attention"] for s in pre["sizes"]}
+    from effllm.sweep import expand_runs
+
+    try:
+        known = {run.name.rsplit("-s", 1)[0]: run
+                 for run in expand_runs({**config, "finetune": {**config["finetune"], "bases": []}}
+                                        )["pretrain"].values()}
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     for i, base in enumerate(config["finetune"]["bases"]):
         if base not in known:
             raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is not a pretraining "
                               f"run; choose from {sorted(known)}")
+        if known[base].settings["model"]["family"] != "decoder":
+            raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is a "
+                              f"{known[base].settings['model']['family']} baseline; fine-tuning "
+                              "takes decoder models")
     from effllm.training.methods import ADAPTER_METHODS
 
     ft = config["finetune"]
@@ -87,7 +87,7 @@ def check_semantics(config: dict) -> None:
                                   f"{method!r} are missing")
         if method == "freeze":
             for base in ft["bases"]:
-                layers = config["sizes"][base.split("-", 1)[1]]["num_layers"]
+                layers = known[base].settings["model"]["num_hidden_layers"]
                 if ft["freeze"]["layers"] >= layers:
                     raise ConfigError(f"config key 'finetune.freeze.layers': "
                                       f"{ft['freeze']['layers']} leaves no layer of {base!r} "
@@ -127,6 +127,40 @@ def check_semantics(config: dict) -> None:
     for precision in config["inference"]["precisions"]:
         if precision in ("int4", "int8") and precision not in config["inference"]:
             config["inference"][precision] = {}
+
+
+def _check_pretrain_variants(config: dict) -> None:
+    """Every block's sizes exist, and every variant makes a model our constructors accept."""
+    from effllm.sweep import pretrain_variants, variant_model
+
+    sizes = config["sizes"]
+    for block, name, size, variant in pretrain_variants(config):
+        key = f"pretrain.blocks.{block}"
+        for which, s in (("sizes", size), (f"variants.{name}.size", variant.get("size", size))):
+            if s not in sizes:
+                raise ConfigError(f"config key '{key}.{which}': unknown size {s!r}; defined "
+                                  f"sizes: {sorted(sizes)}")
+        m = variant_model(config, variant)
+        shape = sizes[variant.get("size", size)]
+        key = f"{key}.variants.{name}"
+        heads = shape["num_heads"]
+        if m["family"] != "decoder":
+            continue
+        if m["attention"] in ("gqa", "nsa") and heads % m["kv_heads"]:
+            raise ConfigError(f"config key '{key}.kv_heads': {m['kv_heads']} does not divide "
+                              f"num_heads {heads} of size {size!r}")
+        head_dim = shape["hidden_size"] // heads
+        if m["position_encoding"] == "rope" and head_dim % 2 and m["attention"] != "mla":
+            raise ConfigError(f"config key 'sizes.{size}': head dim {head_dim} must be even "
+                              "for RoPE")
+        if m["attention"] == "nsa" and m["position_encoding"] in ("relative", "alibi"):
+            raise ConfigError(f"config key '{key}.position_encoding': NSA does not take the "
+                              f"score bias of {m['position_encoding']!r}; use rope, sinusoidal, "
+                              "learned or none")
+        moe = m["moe"]
+        if moe["num_experts"] and moe["top_k"] > moe["num_experts"]:
+            raise ConfigError(f"config key '{key}.moe.top_k': {moe['top_k']} is more than "
+                              f"num_experts {moe['num_experts']}")
 
 
 def check_sources(config: dict) -> None:

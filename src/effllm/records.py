@@ -68,6 +68,9 @@ METRICS: dict[str, MetricInfo] = {
     "al_cv": MetricInfo("1", False, "AL CV", "coefficient of variation of repeated latencies"),
     "prefill_latency": MetricInfo("s", False, "TTFT", "time to first token per request"),
     "decode_latency": MetricInfo("s/token", False, "TPOT", "time per output token after the first"),
+    "decode_latency_long": MetricInfo(
+        "s/token", False, "TPOT long", "time per output token after a long prefilled context"
+    ),
     # throughput
     "tt": MetricInfo("tokens/param/s", True, "TT", "training tokens per parameter per second"),
     "st": MetricInfo("samples/param/s", True, "ST", "training samples per parameter per second"),

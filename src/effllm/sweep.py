@@ -3,21 +3,46 @@
 Snakemake's rules, the tests and the analysis all take the grid from :func:`expand_runs`; nothing
 else builds run ids. A run's ``settings`` hold everything its job needs, so a change to a setting
 changes that run's params (and reruns it) and nothing else.
+
+Pretraining is organised in *blocks* (the paper's comparisons: attention, positional encoding,
+MoE vs dense, attention-free), each a set of variants × sizes. A variant overrides the model
+defaults (``pretrain.model``). Two variants that resolve to the same model and training settings
+(GQA in the attention block is RoPE in the position block and Dense in the MoE block) are one
+run, trained once; the run keeps one :class:`Membership` per place it appears. Memberships are
+not part of a job's params, so adding a block never retrains a run that already exists.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 from typing import Any
 
 from effllm.training.methods import ADAPTER_METHODS, LABELS as METHOD_LABELS
 
 LABELS = {
-    "mha": "MHA", "mqa": "MQA", "gqa": "GQA",
+    "mha": "MHA", "mqa": "MQA", "gqa": "GQA", "mla": "MLA", "nsa": "NSA",
+    "rope": "RoPE", "sinusoidal": "Absolute", "learned": "Learnable Absolute", "relative": "Relative",
+    "alibi": "ALiBi", "none": "None",
+    "dense": "Dense", "transformer": "Transformer", "mamba": "Mamba", "rwkv": "RWKV",
+    "pythia": "Pythia",
     **METHOD_LABELS,
     "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int8": "int8", "int4": "int4",
 }
 BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4}
+TRAIN_KEYS = ("seq_len", "batch_size", "steps", "lr", "min_lr_ratio", "warmup_steps",
+              "weight_decay", "grad_clip", "eval_tokens", "checkpoint_every")
+
+
+@dataclasses.dataclass(frozen=True)
+class Membership:
+    """One place a run appears: its comparison group, and its name and label there."""
+
+    block: str  # attention | position | moe | attention_free | finetune | inference | …
+    group: str  # normalisation and rank group, e.g. "attention-small"
+    technique: str
+    label: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +52,10 @@ class Run:
     technique: str
     size: str
     seed: int
-    group: str  # comparison group for normalisation and ranks
+    group: str  # comparison group (of the first membership) for normalisation and ranks
     upstream: str | None  # run id of the model this run starts from
     settings: dict[str, Any]
+    memberships: tuple[Membership, ...] = ()
 
     @property
     def run_id(self) -> str:
@@ -37,10 +63,12 @@ class Run:
 
     @property
     def label(self) -> str:
+        if self.memberships:
+            return self.memberships[0].label
         return LABELS.get(self.technique, self.technique)
 
     def spec(self) -> dict[str, Any]:
-        """What the job receives (JSON-able)."""
+        """What the job receives (JSON-able). Memberships stay out: see the module docstring."""
         return {
             "run_id": self.run_id, "stage": self.stage, "technique": self.technique,
             "label": self.label, "size": self.size, "seed": self.seed, "group": self.group,
@@ -48,44 +76,126 @@ class Run:
         }
 
 
-def model_shape(config: dict, size: str, attention: str) -> dict[str, Any]:
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
+def variant_model(config: dict, variant: dict) -> dict:
+    """Resolved model defaults for one variant (``pretrain.model`` overridden by the variant)."""
+    return _merge(config["pretrain"]["model"], {k: v for k, v in variant.items()
+                                                if k not in ("name", "size", "label")})
+
+
+def model_shape(config: dict, size: str, variant: dict) -> dict[str, Any]:
+    """Constructor settings of one pretraining model: a size's shape plus the variant's parts."""
     from_size = config["sizes"][size]
+    m = variant_model(config, variant)
     heads = from_size["num_heads"]
-    kv = {"mha": heads, "mqa": 1, "gqa": config["pretrain"]["kv_heads"]}[attention]
-    return {
+    shape = {
+        "family": m["family"],
         "hidden_size": from_size["hidden_size"],
         "num_hidden_layers": from_size["num_layers"],
         "num_attention_heads": heads,
-        "num_key_value_heads": kv,
         "intermediate_size": from_size["intermediate_size"],
         "max_position_embeddings": max(config["pretrain"]["seq_len"],
                                        config["finetune"]["max_length"],
                                        config["inference"]["eval_max_length"],
                                        config["inference"]["prompt_tokens"]
                                        + config["inference"]["new_tokens"]),
-        "rope_theta": config["pretrain"]["rope_theta"],
-        "attention": attention,
-        "position_encoding": config["pretrain"]["position_encoding"],
     }
+    if m["family"] != "decoder":
+        return shape
+    attention = m["attention"]
+    shape.update({
+        "num_key_value_heads": {"mha": heads, "mqa": 1, "mla": heads}.get(attention,
+                                                                           m["kv_heads"]),
+        "rope_theta": m["rope_theta"],
+        "attention": attention,
+        "position_encoding": m["position_encoding"],
+    })
+    if m["position_encoding"] == "relative":
+        shape.update(relative_num_buckets=m["relative"]["num_buckets"],
+                     relative_max_distance=m["relative"]["max_distance"])
+    if attention == "mla":
+        shape.update({k: v for k, v in m["mla"].items() if v is not None})
+    if attention == "nsa":
+        shape.update({f"nsa_{k}": v for k, v in m["nsa"].items()})
+    moe = m["moe"]
+    if moe["num_experts"]:
+        width = from_size["intermediate_size"] * moe["expert_fraction"]
+        shape.update(num_experts=moe["num_experts"], num_experts_per_tok=moe["top_k"],
+                     moe_intermediate_size=max(32, round(width / 32) * 32),
+                     router_aux_loss_coef=moe["aux_loss_coef"])
+    return shape
+
+
+# Library modules only some models use: a run's code inputs leave out the ones its model does not
+# use, so editing nsa.py reruns only NSA runs and what depends on them (common.smk).
+VARIANT_MODULES = {
+    "effllm.models.mla": lambda m: m.get("attention") == "mla",
+    "effllm.models.nsa": lambda m: m.get("attention") == "nsa",
+    "effllm.models.moe": lambda m: bool(m.get("num_experts")),
+    "effllm.models.baselines": lambda m: m.get("family", "decoder") != "decoder",
+}
+
+
+def unused_modules(runs: dict[str, dict[str, "Run"]], run: "Run") -> list[str]:
+    """The variant modules the model behind ``run`` (its root pretraining run) does not use."""
+    while run.upstream is not None:
+        stage, name = run.upstream.split("/", 1)
+        run = runs[stage][name]
+    model = run.settings["model"]
+    return sorted(m for m, used in VARIANT_MODULES.items() if not used(model))
+
+
+def pretrain_variants(config: dict):
+    """(block, variant name, size, variant settings) in config order; null blocks skipped."""
+    for block, spec in config["pretrain"]["blocks"].items():
+        if spec is None:
+            continue
+        for size in spec["sizes"]:
+            for variant in spec["variants"]:
+                yield block, variant["name"], size, variant
+
+
+def _membership(block: str, group: str, technique: str, label: str | None = None) -> Membership:
+    return Membership(block, group, technique, label or LABELS.get(technique, technique))
+
+
+def _add_pretrain_runs(config: dict, seed: int, runs: dict[str, Run]) -> None:
+    pre = config["pretrain"]
+    train = {k: pre[k] for k in TRAIN_KEYS}
+    by_settings: dict[str, str] = {}
+    for block, variant_name, size, variant in pretrain_variants(config):
+        model_size = variant.get("size", size)
+        settings = {"model": model_shape(config, model_size, variant), "train": train,
+                    "long_context": pre.get("long_context"), "measure": config["measure"]}
+        member = _membership(block, f"{block}-{size}", variant_name, variant.get("label"))
+        key = json.dumps(settings, sort_keys=True)
+        if key in by_settings:  # the same model trained the same way: one run, one more place
+            run = runs[by_settings[key]]
+            runs[run.name] = dataclasses.replace(run, memberships=run.memberships + (member,))
+            continue
+        name = f"{variant_name}-{size}-s{seed}"
+        if name in runs:
+            raise ValueError(
+                f"config key 'pretrain.blocks.{block}.variants.{variant_name}': run name "
+                f"{name!r} is already used by a different model; rename the variant")
+        by_settings[key] = name
+        runs[name] = Run("pretrain", name, variant_name, model_size, seed, group=member.group,
+                         upstream=None, settings=settings, memberships=(member,))
 
 
 def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
     """Every run of the grid, by stage and name, in a deterministic order."""
-    pre, ft, inf = config["pretrain"], config["finetune"], config["inference"]
-    train_keys = ("seq_len", "batch_size", "steps", "lr", "min_lr_ratio", "warmup_steps",
-                  "weight_decay", "grad_clip", "eval_tokens")
+    ft, inf = config["finetune"], config["inference"]
     runs: dict[str, dict[str, Run]] = {"pretrain": {}, "finetune": {}, "inference": {}}
     for seed in config["seeds"]:
-        for size in pre["sizes"]:
-            for attention in pre["attention"]:
-                name = f"{attention}-{size}-s{seed}"
-                runs["pretrain"][name] = Run(
-                    "pretrain", name, attention, size, seed, group=f"attention-{size}",
-                    upstream=None,
-                    settings={"model": model_shape(config, size, attention),
-                              "train": {k: pre[k] for k in train_keys},
-                              "measure": config["measure"]},
-                )
+        _add_pretrain_runs(config, seed, runs["pretrain"])
         for base in ft["bases"]:
             upstream = runs["pretrain"][f"{base}-s{seed}"]
             for method in ft["methods"]:
@@ -99,6 +209,7 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
                     settings={"method": {"name": method, **shared, **ft.get(method, {})},
                               "train": train,
                               "measure": config["measure"]},
+                    memberships=(_membership("finetune", base, method),),
                 )
         served = [r for stage in inf["sources"] for r in runs[stage].values() if r.seed == seed]
         for source in served:
@@ -114,5 +225,12 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
                     settings={"precision": precision, "bits": BITS[precision], "quant": quant,
                               "eval": {k: inf[k] for k in eval_keys},
                               "measure": config["measure"]},
+                    memberships=(_membership("inference", source.run_id, precision),),
                 )
     return runs
+
+
+def memberships(runs: dict[str, dict[str, Run]]) -> dict[str, list[dict[str, str]]]:
+    """run id → every place it appears (JSON-able), for the aggregation of records."""
+    return {run.run_id: [dataclasses.asdict(m) for m in run.memberships]
+            for stage in runs.values() for run in stage.values()}

@@ -7,6 +7,9 @@ rule aggregate:
         code=code("effllm.analysis.aggregate"),
     output:
         csv="results/tables/runs.csv",
+    params:
+        # Which comparison groups each run belongs to (not part of any training job's params).
+        memberships=json.dumps(memberships(RUNS), sort_keys=True),
     log:
         "logs/analysis/aggregate.log",
     localrule: True
@@ -27,3 +30,17 @@ rule normalise:
     localrule: True
     script:
         "../scripts/normalise.py"
+
+
+rule paper_table:
+    """One of the paper's tables (seeds averaged, mean ± std) as CSV, Markdown and LaTeX."""
+    input:
+        normalised="results/tables/normalised.csv",
+        code=code("effllm.analysis.paper_tables"),
+    output:
+        multiext("results/tables/{table}", ".csv", ".md", ".tex"),
+    log:
+        "logs/analysis/{table}.log",
+    localrule: True
+    script:
+        "../scripts/paper_table.py"

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from effllm.codedeps import module_files
 from effllm.config import ConfigError, check_config
-from effllm.sweep import expand_runs
+from effllm.sweep import expand_runs, memberships, unused_modules
 
 BASE = Path(workflow.basedir)
 
@@ -31,6 +31,17 @@ def code(*modules):
     so that editing one reruns exactly the jobs that use it: Snakemake does not track modules a
     script imports. tests/test_workflow.py checks the job sets."""
     return module_files(*modules, root=BASE / "src/effllm")
+
+
+def run_code(stage, *modules):
+    """Input function: :func:`code` of ``modules``, without entering the variant modules (MLA,
+    NSA, MoE, baselines) that this run's model does not use."""
+
+    def files(wildcards):
+        skip = unused_modules(RUNS, RUNS[stage][wildcards.run])
+        return module_files(*modules, root=BASE / "src/effllm", exclude=skip)
+
+    return files
 
 
 def run_spec(stage):
@@ -57,8 +68,36 @@ def all_records():
     return [path for stage in RUNS for path in records(stage)]
 
 
+def blocks():
+    """Pretraining blocks in the config (each has its figure and table only when present)."""
+    return {name for name, block in config["pretrain"]["blocks"].items() if block}
+
+
+FIGURE_BLOCKS = {  # figure → the block it draws
+    "fig3a_attention_radar": "attention",
+    "fig3b_position_bars": "position",
+    "fig3c_moe_bubbles": "moe",
+    "inference_radar": "inference",
+}
 FIGURES = [
     f"paper_figures/{name}.{ext}"
-    for name in ("fig3a_attention_radar", "inference_radar")
+    for name, block in FIGURE_BLOCKS.items()
+    if block in blocks() or block == "inference"
     for ext in ("pdf", "png")
 ]
+TABLE_BLOCKS = {
+    "table3_attention": "attention",
+    "table4_position": "position",
+    "table5_moe": "moe",
+    "table6_attention_free": "attention_free",
+}
+TABLES = [
+    f"results/tables/{name}.{ext}"
+    for name, block in TABLE_BLOCKS.items()
+    if block in blocks()
+    for ext in ("csv", "md", "tex")
+]
+
+
+wildcard_constraints:
+    table="|".join(TABLE_BLOCKS),

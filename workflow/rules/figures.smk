@@ -14,7 +14,7 @@ rule attention_radar:
         ),
         png="paper_figures/fig3a_attention_radar.png",
     params:
-        stage="pretrain",
+        block="attention",
         metrics=["perplexity", "amu", "al", "tt", "aec"],
     log:
         "logs/figures/attention_radar.log",
@@ -35,10 +35,55 @@ rule inference_radar:
         ),
         png="paper_figures/inference_radar.png",
     params:
-        stage="inference",
+        block="inference",
         metrics=["performance", "amu", "al", "it", "aec", "mcr_nominal"],
     log:
         "logs/figures/inference_radar.log",
     localrule: True
     script:
         "../scripts/figure_radar.py"
+
+
+rule position_bars:
+    """Figure 3b: normalised metrics per positional encoding, raw perplexity as a line."""
+    input:
+        normalised="results/tables/normalised.csv",
+        code=code("effllm.plots.bars"),
+    output:
+        pdf=report(
+            "paper_figures/fig3b_position_bars.pdf",
+            caption="../report/position_bars.rst",
+            category="Pretraining",
+        ),
+        png="paper_figures/fig3b_position_bars.png",
+    params:
+        block="position",
+        metrics=["perplexity", "amu", "al", "tt", "aec"],
+        line="perplexity",
+    log:
+        "logs/figures/position_bars.log",
+    localrule: True
+    script:
+        "../scripts/figure_bars.py"
+
+
+rule moe_bubbles:
+    """Figure 3c: dense vs MoE as bubbles (area = normalised value)."""
+    input:
+        normalised="results/tables/normalised.csv",
+        code=code("effllm.plots.bubble"),
+    output:
+        pdf=report(
+            "paper_figures/fig3c_moe_bubbles.pdf",
+            caption="../report/moe_bubbles.rst",
+            category="Pretraining",
+        ),
+        png="paper_figures/fig3c_moe_bubbles.png",
+    params:
+        block="moe",
+        metrics=["aec", "tt", "al", "amu", "perplexity"],
+    log:
+        "logs/figures/moe_bubbles.log",
+    localrule: True
+    script:
+        "../scripts/figure_bubble.py"

@@ -5,7 +5,7 @@ rule finetune:
     input:
         base=upstream_model("finetune"),
         reasoning="results/data/reasoning",
-        code=code("effllm.training.finetune"),
+        code=run_code("finetune", "effllm.training.finetune"),
     output:
         model=directory("results/finetune/{run}/model"),
         record="results/finetune/{run}/record.json",

@@ -6,7 +6,7 @@ rule inference:
         model=upstream_model("inference"),
         tokens="results/data/tokens",
         reasoning="results/data/reasoning",
-        code=code("effllm.inference.run"),
+        code=run_code("inference", "effllm.inference.run"),
     output:
         record="results/inference/{run}/record.json",
     params:

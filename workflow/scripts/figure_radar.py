@@ -6,5 +6,5 @@ sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 from effllm.plots.radar import draw_radar_figure  # noqa: E402
 
 sm = snakemake  # noqa: F821
-draw_radar_figure(sm.input.normalised, sm.output.pdf, sm.output.png, sm.params.stage,
+draw_radar_figure(sm.input.normalised, sm.output.pdf, sm.output.png, sm.params.block,
                   sm.params.metrics)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,7 @@ from effllm.records import METRICS, iter_records
 log = logging.getLogger(__name__)
 
 ID_COLUMNS = (
-    "run_id", "stage", "technique", "label", "group", "upstream", "model_size", "seed",
+    "run_id", "stage", "block", "technique", "label", "group", "upstream", "model_size", "seed",
     "config_hash", "git_commit", "start_time", "end_time",
 )
 COMPANIONS = ("unit", "status", "method")
@@ -44,26 +44,26 @@ def metric_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if companion(c, "status") in df.columns]
 
 
-def runs_table(record_paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
-    """One row per run record (validated on load), identity columns first, then each metric."""
+def runs_table(record_paths: Iterable[str | os.PathLike],
+               memberships: Mapping[str, list[Mapping[str, str]]] | None = None) -> pd.DataFrame:
+    """One row per run and comparison group it belongs to (records validated on load), identity
+    columns first, then each metric.
+
+    ``memberships`` (from :func:`effllm.sweep.memberships`) lists the groups a run appears in:
+    a pretraining run shared by several blocks (GQA is also "RoPE" and "Dense") gets one row
+    per block, each with that block's group and label. Without it, one row per record.
+    """
     rows = []
     for rec in iter_records(record_paths):
         for key in ("group", "label"):
             if not isinstance(rec.params.get(key), str):
                 raise ValueError(f"record {rec.run_id}: params[{key!r}] must be a string")
-        row = {
-            "run_id": rec.run_id, "stage": rec.stage, "technique": rec.technique,
-            "label": rec.params["label"], "group": rec.params["group"],
-            "upstream": rec.params.get("upstream"), "model_size": rec.model_size, "seed": rec.seed,
-            "config_hash": rec.config_hash, "git_commit": rec.provenance.get("git_commit"),
-            "start_time": rec.provenance.get("start_time"),
-            "end_time": rec.provenance.get("end_time"),
-        }
-        for name, metric in rec.metrics.items():
-            row[name] = np.nan if metric.value is None else float(metric.value)
-            for what in COMPANIONS:
-                row[companion(name, what)] = getattr(metric, what)
-        rows.append(row)
+        places = (memberships or {}).get(rec.run_id) or [
+            {"block": rec.stage, "group": rec.params["group"], "technique": rec.technique,
+             "label": rec.params["label"]}]
+        for place in places:
+            rows.append(_row(rec, place))
+    names = sorted({c for r in rows for c in r if c not in ID_COLUMNS and "__" not in c})
     names = sorted({c for r in rows for c in r if c not in ID_COLUMNS and "__" not in c})
     columns = list(ID_COLUMNS) + [
         col for m in names for col in (m, *(companion(m, w) for w in COMPANIONS))
@@ -74,6 +74,22 @@ def runs_table(record_paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     if not df.empty:
         df = df.sort_values(["stage", "group", "run_id"], kind="stable", ignore_index=True)
     return df
+
+
+def _row(rec, place: Mapping[str, str]) -> dict:
+    row = {
+        "run_id": rec.run_id, "stage": rec.stage, "block": place["block"],
+        "technique": place["technique"], "label": place["label"], "group": place["group"],
+        "upstream": rec.params.get("upstream"), "model_size": rec.model_size, "seed": rec.seed,
+        "config_hash": rec.config_hash, "git_commit": rec.provenance.get("git_commit"),
+        "start_time": rec.provenance.get("start_time"),
+        "end_time": rec.provenance.get("end_time"),
+    }
+    for name, metric in rec.metrics.items():
+        row[name] = np.nan if metric.value is None else float(metric.value)
+        for what in COMPANIONS:
+            row[companion(name, what)] = getattr(metric, what)
+    return row
 
 
 def combine_status(statuses: Iterable[object], values: Iterable[float]) -> str:
@@ -157,9 +173,10 @@ def write_runs_table(
     record_paths: Iterable[str | os.PathLike],
     out_csv: str | os.PathLike,
     out_parquet: str | os.PathLike | None = None,
+    memberships: Mapping[str, list[Mapping[str, str]]] | None = None,
 ) -> pd.DataFrame:
     """Build the runs table and write it as CSV (and Parquet), each file atomically."""
-    df = runs_table(record_paths)
+    df = runs_table(record_paths, memberships)
     with atomic_file(out_csv) as handle:
         df.to_csv(handle, index=False)
     if out_parquet is not None:

@@ -11,6 +11,7 @@ import numbers
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from effllm.analysis.aggregate import COMPANIONS, companion
@@ -19,11 +20,12 @@ from effllm.records import METRICS
 
 MISSING = "n/a"
 ESTIMATED = "\u2020"  # dagger
-_HIDDEN = tuple(f"__{c}" for c in COMPANIONS)
+_HIDDEN = tuple(f"__{c}" for c in COMPANIONS) + ("__std",)
+PLUS_MINUS = "\u00b1"
 _LATEX_SPECIALS = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    "\u2020": r"$^{\dagger}$", "\u2191": r"$\uparrow$", "\u2193": r"$\downarrow$",
+    "\u2020": r"$^{\dagger}$", "\u00b1": r"$\pm$", "\u2191": r"$\uparrow$", "\u2193": r"$\downarrow$",
 }
 
 
@@ -69,10 +71,15 @@ def display_grid(df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[boo
     """Headers, formatted rows and which columns are numeric; companion columns are hidden."""
     shown = [c for c in df.columns if not str(c).endswith(_HIDDEN)]
     status = {c: df[companion(c, "status")] if companion(c, "status") in df else None for c in shown}
-    rows = [
-        [format_cell(df.at[i, c], None if status[c] is None else status[c].at[i]) for c in shown]
-        for i in df.index
-    ]
+
+    def cell(i, c):
+        text = format_cell(df.at[i, c], None if status[c] is None else status[c].at[i])
+        std = df.at[i, companion(c, "std")] if companion(c, "std") in df else np.nan
+        if text != MISSING and pd.notna(std):  # seeds averaged: mean ± standard deviation
+            text += f" {PLUS_MINUS} {format_number(std)}"
+        return text
+
+    rows = [[cell(i, c) for c in shown] for i in df.index]
     numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in shown]
     return [header(c) for c in shown], rows, numeric
 

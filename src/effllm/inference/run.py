@@ -42,6 +42,10 @@ def quantisable_skips(model_dir: str | os.PathLike, align: int) -> list[str]:
 
 def load_model(model_dir: str | os.PathLike, precision: str, quant: dict):
     """The model at ``precision``; returns (model, notes about what was kept unquantised)."""
+    from transformers import AutoConfig
+
+    if AutoConfig.from_pretrained(model_dir).model_type in ("mamba", "rwkv"):
+        import effllm.models.baselines  # noqa: F401 - fixes transformers' Mamba/RWKV defects
     if precision in DTYPES:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision]), None
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -53,13 +57,13 @@ def load_model(model_dir: str | os.PathLike, precision: str, quant: dict):
             load_in_4bit=True, bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
             bnb_4bit_use_double_quant=quant.get("double_quant", True),
             bnb_4bit_compute_dtype=DTYPES[quant.get("compute_dtype", "bf16")],
-            llm_int8_skip_modules=["lm_head", *skips],
+            llm_int8_skip_modules=["lm_head", "router", *skips],  # MoE routing stays exact
         )
     elif precision == "int8":
         skips = []
         bnb = BitsAndBytesConfig(load_in_8bit=True,
                                  llm_int8_threshold=quant.get("threshold", 6.0),
-                                 llm_int8_skip_modules=["lm_head"])
+                                 llm_int8_skip_modules=["lm_head", "router"])
     else:
         raise ValueError(f"precision {precision!r} is not supported")
     # Unquantised parts (embeddings, head, norms) in the compute dtype, as the bf16 run holds them.

@@ -1,10 +1,17 @@
-"""The baseline decoder: grouped-query attention, RoPE, SwiGLU, RMSNorm.
+"""The decoder family: one Qwen2.5/Llama-style decoder with switchable parts.
 
-A Hugging Face ``PreTrainedModel`` with its own config class, registered with the Auto classes, so
-``save_pretrained`` (safetensors), ``AutoModelForCausalLM.from_pretrained``, ``generate``, peft and
-bitsandbytes all work on it. MHA and MQA are the same module with ``num_key_value_heads`` equal to
-``num_attention_heads`` or 1. Module names follow Llama (``q_proj`` … ``down_proj``) so that peft's
-and bitsandbytes' defaults apply unchanged.
+* attention: ``mha`` / ``mqa`` / ``gqa`` (one module, ``num_key_value_heads`` = heads / 1 / n),
+  ``mla`` (multi-head latent attention, :mod:`effllm.models.mla`) or ``nsa`` (native sparse
+  attention, :mod:`effllm.models.nsa`);
+* position encoding: ``rope``, ``sinusoidal`` (fixed absolute), ``learned`` (learnable absolute),
+  ``relative`` (T5-style bucketed learned bias, shared by all layers), ``alibi`` or ``none``;
+* feed-forward: SwiGLU, or a top-k routed mixture of SwiGLU experts (:mod:`effllm.models.moe`)
+  when ``num_experts > 0``.
+
+A Hugging Face ``PreTrainedModel`` with its own config class, registered with the Auto classes,
+so ``save_pretrained`` (safetensors), ``from_pretrained``, ``generate``, peft and bitsandbytes all
+work on it. Module names follow Llama (``q_proj`` … ``down_proj``) so that peft's and
+bitsandbytes' defaults apply unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +29,20 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from effllm.models.layers import (  # noqa: F401  (apply_rope, rope_cos_sin re-exported)
+    AttentionInputs,
+    RMSNorm,
+    apply_rope,
+    causal_mask,
+    rope_cos_sin,
+    sinusoidal_table,
+)
+
+ATTENTIONS = ("mha", "mqa", "gqa", "mla", "nsa")
+POSITION_ENCODINGS = ("rope", "sinusoidal", "learned", "relative", "alibi", "none")
+BIAS_ENCODINGS = ("relative", "alibi")  # added to the attention scores
 
 
 class DecoderConfig(PretrainedConfig):
@@ -45,20 +65,49 @@ class DecoderConfig(PretrainedConfig):
         use_cache: bool = True,
         attention: str = "gqa",
         position_encoding: str = "rope",
+        # relative (T5) bias
+        relative_num_buckets: int = 32,
+        relative_max_distance: int = 128,
+        # MLA (DeepSeek-V2): None = derived from the head dim, see mla_dims
+        kv_lora_rank: int | None = None,
+        q_lora_rank: int | None = None,
+        qk_rope_head_dim: int | None = None,
+        qk_nope_head_dim: int | None = None,
+        v_head_dim: int | None = None,
+        # NSA (Yuan et al. 2025, arXiv 2502.11089)
+        nsa_compress_block: int = 32,
+        nsa_compress_stride: int = 16,
+        nsa_select_block: int = 32,
+        nsa_num_selected: int = 4,
+        nsa_window: int = 64,
+        # MoE: 0 experts = dense SwiGLU
+        num_experts: int = 0,
+        num_experts_per_tok: int = 2,
+        moe_intermediate_size: int | None = None,
+        router_aux_loss_coef: float = 0.01,
         **kwargs,
     ):
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention {attention!r} is not one of {ATTENTIONS}")
+        if position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(f"position_encoding {position_encoding!r} is not one of "
+                             f"{POSITION_ENCODINGS}")
         if hidden_size % num_attention_heads:
             raise ValueError(
                 f"hidden_size {hidden_size} is not divisible by num_attention_heads "
                 f"{num_attention_heads}"
             )
-        if num_attention_heads % num_key_value_heads:
+        if attention != "mla" and num_attention_heads % num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {num_attention_heads} is not divisible by "
                 f"num_key_value_heads {num_key_value_heads}"
             )
-        if position_encoding != "rope":
-            raise ValueError(f"position_encoding {position_encoding!r} is not implemented")
+        if attention == "nsa" and position_encoding in BIAS_ENCODINGS:
+            raise ValueError(f"attention 'nsa' does not take the score bias of position_encoding "
+                             f"{position_encoding!r}; use rope, sinusoidal, learned or none")
+        if num_experts and not 0 < num_experts_per_tok <= num_experts:
+            raise ValueError(f"num_experts_per_tok {num_experts_per_tok} must be in 1 … "
+                             f"num_experts {num_experts}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -72,41 +121,37 @@ class DecoderConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.attention = attention
         self.position_encoding = position_encoding
+        self.relative_num_buckets = relative_num_buckets
+        self.relative_max_distance = relative_max_distance
+        head_dim = hidden_size // num_attention_heads
+        # DeepSeek-V2's proportions: nope = v = head dim, rope = head dim / 2; latent = hidden / 8
+        # (the EfficientLLM toolkit's stated intention).
+        self.kv_lora_rank = kv_lora_rank or max(8, hidden_size // 8)
+        self.q_lora_rank = q_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim or max(2, head_dim // 4 * 2)  # even for RoPE
+        if attention == "mla" and position_encoding == "rope" and self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim {self.qk_rope_head_dim} must be even for RoPE")
+        self.qk_nope_head_dim = qk_nope_head_dim or head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.nsa_compress_block = nsa_compress_block
+        self.nsa_compress_stride = nsa_compress_stride
+        self.nsa_select_block = nsa_select_block
+        self.nsa_num_selected = nsa_num_selected
+        self.nsa_window = nsa_window
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size or intermediate_size
+        self.router_aux_loss_coef = router_aux_loss_coef
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for stability at low precision, as Llama does.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables for the given positions, computed on the fly (no buffers to load or lose)."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
-    )
-    freqs = position_ids.float()[..., None] * inv_freq  # [B, T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    @property
+    def rope_dim(self) -> int:
+        """Width of the rotary tables: MLA rotates only its decoupled key/query part."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
 
 class Attention(nn.Module):
@@ -124,47 +169,96 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
-    def forward(self, x, rope, mask, cache):
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if inputs.rope is not None:
+            q, k = apply_rope(q, *inputs.rope), apply_rope(k, *inputs.rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-            enable_gqa=self.n_kv != self.n_heads,
-        )
+        attn_mask, is_causal = inputs.sdpa_mask(t)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward."""
 
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        d, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(d, f, bias=False)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def make_attention(config: DecoderConfig, layer_idx: int) -> nn.Module:
+    if config.attention == "mla":
+        from effllm.models.mla import MultiHeadLatentAttention
+
+        return MultiHeadLatentAttention(config, layer_idx)
+    if config.attention == "nsa":
+        from effllm.models.nsa import NativeSparseAttention
+
+        return NativeSparseAttention(config, layer_idx)
+    return Attention(config, layer_idx)
+
+
+def make_ffn(config: DecoderConfig) -> nn.Module:
+    if config.num_experts:
+        from effllm.models.moe import MoE
+
+        return MoE(config)
+    return MLP(config.hidden_size, config.intermediate_size)
 
 
 class Block(nn.Module):
     def __init__(self, config: DecoderConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = make_attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = make_ffn(config)
 
-    def forward(self, x, rope, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, inputs: AttentionInputs, cache):
+        """Returns (hidden, router auxiliary loss or None)."""
+        x = x + self.self_attn(self.input_layernorm(x), inputs, cache)
+        h = self.mlp(self.post_attention_layernorm(x))
+        aux = None
+        if isinstance(h, tuple):  # MoE: (output, load-balancing loss)
+            h, aux = h
+        return x + h, aux
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al. 2022): a geometric sequence, interleaved for non-powers of 2."""
+
+    def powers(n):
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return torch.tensor(powers(n_heads))
+    closest = 2 ** math.floor(math.log2(n_heads))
+    extra = powers(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(powers(closest) + extra)
+
+
+def relative_bucket(distance: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's causal bucketing of ``distance`` = query index - key index (≥ 0 where visible):
+    exact buckets for small distances, logarithmic ones up to ``max_distance``."""
+    n = distance.clamp(min=0)
+    exact = num_buckets // 2
+    log_bucket = exact + (
+        torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+        * (num_buckets - exact)
+    ).long()
+    return torch.where(n < exact, n, log_bucket.clamp(max=num_buckets - 1))
 
 
 class DecoderPreTrainedModel(PreTrainedModel):
@@ -188,22 +282,30 @@ class DecoderPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
+        elif hasattr(module, "reset_parameters_") and callable(module.reset_parameters_):
+            module.reset_parameters_(std)  # variant-specific parameters (e.g. NSA gates)
 
 
 class DecoderModel(DecoderPreTrainedModel):
     def __init__(self, config: DecoderConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position_encoding == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        if config.position_encoding == "relative":
+            self.relative_bias = nn.Embedding(config.relative_num_buckets,
+                                              config.num_attention_heads)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        for layer in self.layers:
-            layer.self_attn.o_proj._is_residual_out = True
-            layer.mlp.down_proj._is_residual_out = True
+        for name, module in self.named_modules():
+            if name.endswith(("o_proj", "down_proj")):
+                module._is_residual_out = True
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=None):
         b, t = input_ids.shape
+        config = self.config
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -214,26 +316,64 @@ class DecoderModel(DecoderPreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + t, device=input_ids.device)[None]
             position_ids = position_ids.expand(b, t)
-        mask = self._build_mask(attention_mask, b, t, past, input_ids.device)
         x = self.embed_tokens(input_ids)
-        # One cos/sin table per forward, shared by every layer.
-        rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        pe = config.position_encoding
+        if pe == "learned":
+            if int(position_ids.max()) >= config.max_position_embeddings:
+                raise ValueError(f"position {int(position_ids.max())} is beyond the "
+                                 f"{config.max_position_embeddings} learned positions")
+            x = x + self.embed_positions(position_ids)
+        elif pe == "sinusoidal":
+            table = sinusoidal_table(int(position_ids.max()) + 1, config.hidden_size)
+            x = x + table.to(x.device, x.dtype)[position_ids]
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        inputs = AttentionInputs(
+            position_ids=position_ids, past=past,
+            # One cos/sin table per forward, shared by every layer.
+            rope=rope_cos_sin(position_ids, config.rope_dim, config.rope_theta, x.dtype)
+            if pe == "rope" else None,
+            # NSA gathers its own keys and never reads a dense [B, 1, T, S] mask.
+            mask=None if config.attention == "nsa"
+            else self._build_mask(attention_mask, b, t, past, input_ids.device),
+            bias=self._score_bias(t, past, x.dtype, input_ids.device),
+            attention_mask=attention_mask[:, -(past + t):] if padded else None,
+        )
+        aux_losses = []
         for layer in self.layers:
-            x = layer(x, rope, mask, past_key_values)
-        return self.norm(x), past_key_values
+            x, aux = layer(x, inputs, past_key_values)
+            if aux is not None:
+                aux_losses.append(aux)
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
+        return self.norm(x), past_key_values, aux_loss
+
+    def _score_bias(self, t, past, dtype, device):
+        """[1, H, T, S] additive bias of the relative encodings, from index differences.
+
+        Left padding shifts query and key indices alike, so distances need no padding correction.
+        """
+        pe = self.config.position_encoding
+        if pe not in BIAS_ENCODINGS:
+            return None
+        q_idx = torch.arange(past, past + t, device=device)[:, None]
+        distance = q_idx - torch.arange(past + t, device=device)[None, :]  # [T, S]
+        if pe == "alibi":
+            slopes = alibi_slopes(self.config.num_attention_heads).to(device)
+            bias = -slopes[:, None, None] * distance.clamp(min=0)
+        else:
+            buckets = relative_bucket(distance, self.config.relative_num_buckets,
+                                      self.config.relative_max_distance)
+            bias = self.relative_bias(buckets).permute(2, 0, 1)
+        return bias[None].to(dtype)
 
     @staticmethod
     def _build_mask(attention_mask, b, t, past, device):
-        """Boolean [B, 1, T, S] mask, or None when plain causal SDPA is exact."""
+        """Boolean [B, 1, T, S] mask, or None when plain causal attention is exact."""
         padded = attention_mask is not None and not bool(attention_mask.all())
         if not padded and (past == 0 or t == 1):
             return None  # no padding: causal (or a single query that sees everything)
-        s = past + t
-        q_pos = torch.arange(past, s, device=device)[:, None]
-        k_pos = torch.arange(s, device=device)[None, :]
-        mask = (k_pos <= q_pos)[None, None].expand(b, 1, t, s)
+        mask = causal_mask(t, past, device).expand(b, 1, t, past + t)
         if padded:
-            mask = mask & attention_mask[:, None, None, -s:].bool()
+            mask = mask & attention_mask[:, None, None, -(past + t):].bool()
             # A fully padded query row would give NaN; let it see everything (its output is unused).
             empty = ~mask.any(-1, keepdim=True)
             mask = mask | empty
@@ -266,8 +406,8 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.training:
             use_cache = False
-        hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values,
-                                   use_cache)
+        hidden, cache, aux_loss = self.model(input_ids, attention_mask, position_ids,
+                                             past_key_values, use_cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -277,9 +417,11 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                    shifted.reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+            if aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
+                                         past_key_values=cache)
 
 
 AutoConfig.register(DecoderConfig.model_type, DecoderConfig)
 AutoModelForCausalLM.register(DecoderConfig, DecoderForCausalLM)
-

@@ -15,7 +15,7 @@ import pandas as pd
 
 from effllm.analysis.aggregate import companion, read_table
 from effllm.plots import style
-from effllm.plots.style import plt
+from effllm.plots.style import plt, select_block
 
 R_TICKS = (0.25, 0.5, 0.75, 1.0)
 CAPTION = "min-max normalised within group{floor}; higher is better"
@@ -68,16 +68,13 @@ def draw_radar_figure(
     normalised_csv: str | os.PathLike,
     out_pdf: str | os.PathLike,
     out_png: str | os.PathLike,
-    stage: str,
+    block: str,
     metrics: Sequence[str],
     title: str | None = None,
     series_col: str = "label",
 ) -> None:
-    """One radar per comparison group of ``stage`` (seeds averaged per series), shared legend."""
-    df = read_table(normalised_csv)
-    df = df[df["stage"] == stage]
-    if df.empty:
-        raise ValueError(f"no rows for stage {stage!r} in {normalised_csv}: nothing to draw")
+    """One radar per comparison group of ``block`` (seeds averaged per series), shared legend."""
+    df = select_block(read_table(normalised_csv), block, normalised_csv)
     norm_cols = [companion(m, "norm") for m in metrics if companion(m, "norm") in df]
     groups = list(dict.fromkeys(df["group"]))
     ncols = min(len(groups), 3)
@@ -96,11 +93,11 @@ def draw_radar_figure(
         legend.update({line.get_label(): line for line in ax.get_lines()})
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
-    floor = df["norm_floor"].dropna().unique() if "norm_floor" in df else []
-    caption = CAPTION.format(floor=f", floor {floor[0]:g}" if len(floor) == 1 else "")
+    floor = style.norm_floor(df)
+    caption = CAPTION.format(floor=f", floor {floor:g}" if floor is not None else "")
     # The caption is the legend's title: one bottom artist, so constrained layout cannot overlap them.
     fig.legend(legend.values(), legend.keys(), loc="outside lower center",
                ncol=min(len(legend), 6), title=caption,
                title_fontproperties={"style": "italic", "size": "small"})
-    fig.suptitle(title or f"{stage}: normalised metrics", fontweight="bold")
+    fig.suptitle(title or f"{block}: normalised metrics", fontweight="bold")
     style.save_figure(fig, out_pdf, out_png)

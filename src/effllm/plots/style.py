@@ -55,9 +55,10 @@ TECHNIQUE_COLOURS = {
     "MHA": _GREY, "MQA": _ORANGE, "GQA": _BLUE, "MLA": _GREEN, "NSA": _VERMILION,
     # positional encoding
     "RoPE": _BLUE, "Absolute": _ORANGE, "Learnable Absolute": _GREEN, "Relate": _PURPLE,
-    "None": _GREY,
+    "Relative": _PURPLE, "ALiBi": _SKY, "None": _GREY,
     # architectures
-    "Dense": _BLUE, "MoE": _VERMILION, "Transformer": _BLUE, "Mamba": _VERMILION,
+    "Dense": _BLUE, "Dense 2x": _SKY, "MoE": _VERMILION, "MoE S/3x8": _ORANGE,
+    "MoE Sx8": _VERMILION, "Transformer": _BLUE, "Mamba": _VERMILION,
     "Pythia": _GREEN, "RWKV": _PURPLE,
     # fine-tuning
     "LoRA": _BLUE, "LoRA+": _SKY, "RSLoRA": _GREEN, "DoRA": _ORANGE, "PiSSA": _PURPLE,
@@ -94,6 +95,22 @@ def metric_label(name: str) -> str:
 def metric_axis_label(name: str) -> str:
     """Axis label of a normalised metric, e.g. "AMU↑" (normalised values are higher-is-better)."""
     return f"{metric_label(name)}\u2191"
+
+
+def select_block(df, block: str, source: object = "table"):
+    """Rows of one block (``attention``, ``position``, ``moe``, ``inference`` …); a table without
+    a ``block`` column (older records) falls back to the stage. Empty → a clear error."""
+    column = "block" if "block" in df else "stage"
+    rows = df[df[column] == block]
+    if rows.empty:
+        raise ValueError(f"no rows for block {block!r} in {source}: nothing to draw")
+    return rows
+
+
+def norm_floor(df) -> float | None:
+    """The normalisation floor the table was made with (None if absent or mixed)."""
+    floors = df["norm_floor"].dropna().unique() if "norm_floor" in df else []
+    return float(floors[0]) if len(floors) == 1 else None
 
 
 def save_figure(fig, out_pdf: str | os.PathLike, out_png: str | os.PathLike, dpi: int = 200) -> None:

@@ -8,7 +8,10 @@ mask (never seq_len × batch guessed), samples counted from the batch.
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -50,22 +53,82 @@ def adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
 
 
 class StepLog:
-    """Per-step loss, time and counts of one training run."""
+    """Per-step loss, time and counts of one training run (``starts``: the step each process
+    began at; more than one after a resume, and each start's first steps run cold)."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.seconds: list[float] = []
         self.tokens: list[int] = []
         self.samples: list[int] = []
+        self.starts: list[int] = [0]
+
+    def state(self) -> dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_state(cls, state: dict) -> "StepLog":
+        log = cls()
+        vars(log).update({k: list(v) for k, v in state.items()})
+        return log
+
+
+class Checkpoint:
+    """Resumable training state, kept outside a job's declared outputs (Snakemake deletes those
+    before a job starts). A checkpoint whose fingerprint (the run's settings) differs is ignored.
+    """
+
+    def __init__(self, directory: str | os.PathLike, every: int, fingerprint: str):
+        self.path = Path(directory) / "checkpoint.pt"
+        self.every = every
+        self.fingerprint = fingerprint
+
+    def load(self, model, optimizer, scheduler) -> StepLog:
+        if not self.path.is_file():
+            return StepLog()
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state["fingerprint"] != self.fingerprint:
+            return StepLog()
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        log = StepLog.from_state(state["log"])
+        log.starts.append(len(log.losses))
+        return log
+
+    def maybe_save(self, model, optimizer, scheduler, log: StepLog, steps: int) -> None:
+        done = len(log.losses)
+        if not self.every or done % self.every or done >= steps:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"fingerprint": self.fingerprint, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "log": log.state()}, tmp)
+        os.replace(tmp, self.path)  # a kill mid-write leaves the previous checkpoint intact
+
+    def clear(self) -> None:
+        shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+def step_batches(make_batch: Callable[[np.random.Generator], dict], seed: int, start: int = 0
+                 ) -> Iterator[dict]:
+    """Batch ``i`` drawn from its own generator seeded by (seed, i): a resumed run sees exactly
+    the batches an uninterrupted one would."""
+    step = start
+    while True:
+        yield make_batch(np.random.default_rng([seed, step]))
+        step += 1
 
 
 def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad_clip: float,
-          window: Window, desc: str) -> StepLog:
-    """Run ``steps`` optimiser steps inside ``window``; return the step log."""
-    log = StepLog()
+          window: Window, desc: str, log: StepLog | None = None,
+          checkpoint: Checkpoint | None = None) -> StepLog:
+    """Run optimiser steps up to ``steps`` (continuing ``log`` when resuming) inside ``window``."""
+    log = log or StepLog()
     model.train()
     with window:
-        for _ in tqdm(range(steps), desc=desc, mininterval=2.0):
+        for _ in tqdm(range(len(log.losses), steps), desc=desc, mininterval=2.0):
             batch = next(batches)
             with Timer() as timer:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -84,17 +147,24 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
             log.seconds.append(timer.seconds)
             log.tokens.append(int(batch["attention_mask"].sum()))
             log.samples.append(int(batch["input_ids"].shape[0]))
+            if checkpoint is not None:
+                checkpoint.maybe_save(model, optimizer, scheduler, log, steps)
     return log
 
 
 def step_metrics(log: StepLog, warmup: int, params_total: int, timer_method: str
                  ) -> dict[str, Metric]:
     """AL, throughput (TT/ST and plain rates) and final loss from the timed steps."""
-    timed = slice(warmup, None)
-    seconds, tokens, samples = log.seconds[timed], log.tokens[timed], log.samples[timed]
+    cold = {i for start in log.starts for i in range(start, start + warmup)}
+    timed = [i for i in range(len(log.seconds)) if i not in cold]
+    seconds = [log.seconds[i] for i in timed]
+    tokens = [log.tokens[i] for i in timed]
+    samples = [log.samples[i] for i in timed]
     stats = latency_summary(seconds)
     total = sum(seconds)
     note = f"{stats['count']} timed steps after {warmup} warm-up; cv {stats['cv']:.3f}"
+    if len(log.starts) > 1:
+        note += f"; resumed at step(s) {log.starts[1:]}, warm-up excluded after each"
     tail = log.losses[-max(1, len(log.losses) // 10):]
     return {
         "al": Metric.measured(stats["mean"], "s", timer_method, note),
@@ -130,9 +200,3 @@ def count_params(model) -> tuple[int, int]:
         trainable += p.numel() if p.requires_grad else 0
     return total, trainable
 
-
-def batch_iterator(make_batch: Callable[[np.random.Generator], dict], seed: int
-                   ) -> Iterator[dict]:
-    rng = np.random.default_rng(seed)
-    while True:
-        yield make_batch(rng)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -14,8 +16,8 @@ from effllm.measure import Timer, Window, count_flops
 from effllm.models import DecoderConfig, DecoderForCausalLM
 from effllm.records import Metric, RunRecord, now_iso
 from effllm.training.loop import (
-    adamw, batch_iterator, cosine_schedule, count_params, mfu_metric, seed_everything,
-    step_metrics, train,
+    Checkpoint, StepLog, adamw, cosine_schedule, count_params, mfu_metric, seed_everything,
+    step_batches, step_metrics, train,
 )
 
 
@@ -55,20 +57,29 @@ def safe_exp(x: float) -> float:
     return math.exp(x) if x < 709 or math.isnan(x) else math.inf
 
 
-def build_model(model_settings: dict, tokenizer) -> DecoderForCausalLM:
-    config = DecoderConfig(
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **model_settings,
-    )
-    return DecoderForCausalLM(config)
+def build_model(model_settings: dict, tokenizer):
+    """Our decoder (any attention, position encoding, MoE), or a transformers baseline family."""
+    settings = dict(model_settings)
+    family = settings.pop("family", "decoder")
+    ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    if family != "decoder":
+        from effllm.models.baselines import build_baseline
+
+        return build_baseline(family, settings, vocab_size=len(tokenizer), **ids)
+    return DecoderForCausalLM(DecoderConfig(vocab_size=len(tokenizer), **ids, **settings))
 
 
 def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.PathLike,
-                 record_out: str | os.PathLike) -> RunRecord:
+                 record_out: str | os.PathLike,
+                 checkpoint_dir: str | os.PathLike | None = None) -> RunRecord:
+    """Train one model of the sweep from scratch, measure it, save model and record.
+
+    With ``checkpoint_dir`` (outside the declared outputs) the run saves its state every
+    ``train.checkpoint_every`` steps and a restarted job resumes from there.
+    """
     from effllm.data.tokenizer import load_tokenizer
+    from effllm.measure.cache import cache_bytes_per_token
 
     start = now_iso()
     settings, train_cfg = spec["settings"], spec["settings"]["train"]
@@ -80,11 +91,17 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
     val_tokens = np.load(data_dir / "validation.npy")
 
     model = build_model(settings["model"], tokenizer)
+    check_variant(model, settings["model"])
     params_total, _ = count_params(model)
+    params_active = params_total
+    if settings["model"].get("num_experts"):
+        from effllm.models.moe import moe_param_counts
+
+        _, params_active = moe_param_counts(model)
     make_batch = window_batch(train_tokens, train_cfg["batch_size"], train_cfg["seq_len"])
 
     # FLOPs of one training step, counted in a separate pass (the counter is slow).
-    probe = make_batch(np.random.default_rng(spec["seed"] + 1))
+    probe = make_batch(np.random.default_rng([spec["seed"], 2**31]))  # not a training step
     flops = count_flops(lambda: model(**probe).loss.backward())
     model.zero_grad(set_to_none=True)
     flops_per_token = flops / int(probe["attention_mask"].sum())
@@ -92,28 +109,45 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
     optimizer = adamw(model, train_cfg["lr"], train_cfg["weight_decay"])
     scheduler = cosine_schedule(optimizer, train_cfg["warmup_steps"], train_cfg["steps"],
                                 train_cfg["min_lr_ratio"])
+    checkpoint = None
+    if checkpoint_dir and train_cfg.get("checkpoint_every"):
+        fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+        checkpoint = Checkpoint(checkpoint_dir, train_cfg["checkpoint_every"], fingerprint)
+    log = checkpoint.load(model, optimizer, scheduler) if checkpoint else StepLog()
     window = Window(measure["sample_interval_s"])
-    log = train(model, batch_iterator(make_batch, spec["seed"]), train_cfg["steps"], optimizer,
-                scheduler, train_cfg["grad_clip"], window, desc=f"pretrain {spec['run_id']}")
+    log = train(model, step_batches(make_batch, spec["seed"], len(log.losses)),
+                train_cfg["steps"], optimizer, scheduler, train_cfg["grad_clip"], window,
+                desc=f"pretrain {spec['run_id']}", log=log, checkpoint=checkpoint)
 
     ppl, scored = perplexity(model, val_tokens, train_cfg["seq_len"], train_cfg["eval_tokens"])
     metrics = step_metrics(log, measure["warmup_steps"], params_total, Timer.method)
     metrics.update(window.metrics())
+    if len(log.starts) > 1:
+        for name in ("amu", "memory_peak", "aec", "energy", "pcu"):
+            if name in metrics and metrics[name].status != "unavailable":
+                metrics[name].note = ((metrics[name].note or "") + "; window covers the steps "
+                                      f"after the resume at step {log.starts[-1]}").lstrip("; ")
     metrics["perplexity"] = Metric.measured(ppl, "1", "exp_mean_nll_validation",
                                             f"{scored} scored tokens, seq_len "
                                             f"{train_cfg['seq_len']}")
     metrics["flops_per_token"] = Metric.measured(flops_per_token, "FLOP/token",
-                                                 "flop_counter_fwd_bwd")
+                                                 "flop_counter_fwd_bwd", flop_note(settings))
+    n_active = params_active - embedding_params(model)
     metrics["flops_per_token_6n"] = Metric.estimated(
-        6 * non_embedding_params(model), "FLOP/token", "analytic_6N",
-        "6 x non-embedding parameters, attention FLOPs not included")
+        6 * n_active, "FLOP/token", "analytic_6N",
+        "6 x active non-embedding parameters, attention FLOPs not included")
     metrics["params_total"] = Metric.measured(params_total, "params", "count_unique_parameters")
-    metrics["params_active"] = Metric.measured(params_total, "params", "dense: all parameters")
+    metrics["params_active"] = Metric.measured(
+        params_active, "params", "total - unrouted experts" if params_active != params_total
+        else "dense: all parameters")
     metrics["mfu"] = mfu_metric(flops_per_token, metrics["tokens_per_s"].value,
                                 measure.get("peak_flops"))
     metrics["kv_cache_bytes_per_token"] = Metric.measured(
-        kv_cache_bytes_per_token(model, probe["input_ids"][:1]), "B/token",
-        "dynamic_cache_tensor_bytes", f"model dtype {model.dtype}")
+        cache_bytes_per_token(model, probe["input_ids"][:1]), "B/token",
+        "cache_tensor_bytes_growth", f"model dtype {model.dtype}; growth of every tensor the "
+        "decoding cache holds, per token (0 = constant-size state)")
+    metrics["decode_latency_long"] = long_context_decode(model, val_tokens,
+                                                         settings.get("long_context"))
 
     with atomic_dir(model_out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -123,19 +157,74 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
         series={"train_loss": log.losses, "step_seconds": log.seconds},
     )
     record.save(record_out)
+    if checkpoint:
+        checkpoint.clear()
     return record
 
 
-def non_embedding_params(model) -> int:
-    embed = model.get_input_embeddings().weight
-    return sum(p.numel() for p in model.parameters() if p is not embed)
+def check_variant(model, model_settings: dict) -> None:
+    """Assert the requested variant is really in the model (the paper's toolkit trained plain
+    attention under every label and a dense model as 'MoE': protocol §9.1, §9.5)."""
+    family = model_settings.get("family", "decoder")
+    if family != "decoder":
+        from effllm.models.baselines import FAMILIES
+
+        expected = {"mamba": "Mamba", "rwkv": "Rwkv", "gpt_neox": "GPTNeoX"}[family]
+        if family not in FAMILIES or not type(model).__name__.startswith(expected):
+            raise AssertionError(f"built {type(model).__name__} for family {family!r}")
+        return
+    attn = model.model.layers[0].self_attn
+    expected = {"mla": "MultiHeadLatentAttention", "nsa": "NativeSparseAttention"}.get(
+        model_settings["attention"], "Attention")
+    if type(attn).__name__ != expected:
+        raise AssertionError(f"attention {model_settings['attention']!r} built "
+                             f"{type(attn).__name__}")
+    if expected == "Attention" and attn.n_kv != model_settings["num_key_value_heads"]:
+        raise AssertionError(f"{attn.n_kv} KV heads, expected "
+                             f"{model_settings['num_key_value_heads']}")
+    experts = model_settings.get("num_experts", 0)
+    mlp = model.model.layers[0].mlp
+    if experts and len(getattr(mlp, "experts", ())) != experts:
+        raise AssertionError(f"expected an MoE layer with {experts} experts, got "
+                             f"{type(mlp).__name__}")
+
+
+def flop_note(settings: dict) -> str:
+    family = settings["model"].get("family", "decoder")
+    if family in ("mamba", "rwkv"):
+        return ("matmul and convolution FLOPs of one fwd+bwd step; the recurrent scan's "
+                "elementwise work is not counted")
+    return "one fwd+bwd step, counted per non-padding token"
+
+
+def embedding_params(model) -> int:
+    return model.get_input_embeddings().weight.numel()
 
 
 @torch.no_grad()
-def kv_cache_bytes_per_token(model, input_ids: torch.Tensor) -> float:
-    """Bytes the KV cache actually holds per token after a cached forward pass."""
+def long_context_decode(model, tokens: np.ndarray, cfg: dict | None) -> Metric:
+    """Time per generated token after a long prefilled context (beyond the paper): where
+    sparse attention and small caches pay off. Fixed length, greedy, EOS disabled."""
+    if not cfg or not cfg.get("tokens"):
+        return Metric.unavailable("s/token", "none", "pretrain.long_context.tokens not set")
+    context, new = cfg["tokens"], cfg["new_tokens"]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if getattr(model.config, "position_encoding", None) == "learned" and context + new > limit:
+        return Metric.unavailable("s/token", "none", f"learned positions end at {limit}; a "
+                                  f"{context}-token context cannot be encoded")
     model.eval()
-    cache = model(input_ids=input_ids, use_cache=True).past_key_values
-    total = sum(t.numel() * t.element_size()
-                for layer in cache.layers for t in (layer.keys, layer.values))
-    return total / input_ids.shape[1]
+    ids = torch.from_numpy(np.resize(tokens, context).astype(np.int64))[None]
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=model.config.pad_token_id,
+              attention_mask=torch.ones_like(ids))
+    model.generate(ids[:, :64], max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+    per_token = []
+    for _ in range(cfg["repeats"]):
+        with Timer() as prefill:
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        with Timer() as full:
+            model.generate(ids, max_new_tokens=new + 1, min_new_tokens=new + 1, **kw)
+        per_token.append(max(full.seconds - prefill.seconds, 0.0) / new)
+    per_token.sort()
+    return Metric.measured(per_token[len(per_token) // 2], "s/token", Timer.method + "_generate",
+                           f"median of {cfg['repeats']}: (generate {new + 1} - generate 1) / "
+                           f"{new} after a {context}-token context")

@@ -1,0 +1,31 @@
+"""Invariants every decoder variant must keep, shared by the model tests."""
+
+import torch
+
+
+@torch.no_grad()
+def assert_cached_equals_uncached(model, ids: torch.Tensor, prefill: int = 5,
+                                  rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Prefill, then one token at a time with the cache: the logits of a full forward."""
+    full = model(input_ids=ids, use_cache=False).logits
+    out = model(input_ids=ids[:, :prefill], use_cache=True)
+    steps, cache = [out.logits], out.past_key_values
+    for i in range(prefill, ids.shape[1]):
+        out = model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+        cache = out.past_key_values
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=rtol, atol=atol)
+
+
+def assert_left_padding_is_invisible(model, vocab: int = 97, new_tokens: int = 6) -> None:
+    """A left-padded batch generates exactly what each prompt generates alone (pad id 1)."""
+    a, b = torch.randint(2, vocab, (1, 7)), torch.randint(2, vocab, (1, 4))
+    batch = torch.cat([a, torch.cat([torch.ones(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=1, eos_token_id=None)
+    together = model.generate(input_ids=batch, attention_mask=mask, **kw)
+    alone_a = model.generate(input_ids=a, **kw)
+    alone_b = model.generate(input_ids=b, **kw)
+    assert torch.equal(together[0, 7:], alone_a[0, 7:])
+    assert torch.equal(together[1, 7:], alone_b[0, 4:])
