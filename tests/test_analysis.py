@@ -123,7 +123,8 @@ def test_block_table_averages_seeds_with_spread(tmp_path):
     mha, mqa = table.iloc[0], table.iloc[1]
     assert mha["perplexity"] == 11.0 and mha["perplexity__std"] == pytest.approx(2 ** 0.5)
     assert mqa["perplexity"] == 11.0 and pd.isna(mqa["perplexity__std"])  # one seed had a value
-    assert mqa["perplexity__status"] == "unavailable"  # weakest status of the averaged seeds
+    assert mqa["perplexity__status"] == "measured" and mqa["perplexity__n"] == 1
+    assert mha["perplexity__n"] == 2 and mha["aec__n"] == 0
     assert mha["aec__status"] == "unavailable" and pd.isna(mha["aec"])
     assert mha["amu__status"] == "unavailable"  # not in the table at all
     md = to_markdown(table)

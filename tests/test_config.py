@@ -44,7 +44,17 @@ def test_shipped_configs_are_valid(repo_root, schema, name):
      "pretrain.blocks.position.variants.mha"),
     (lambda c: c["pretrain"]["blocks"]["moe"]["variants"][1].__setitem__("size", "huge"),
      "pretrain.blocks.moe.variants.dense-2x.size"),
-    (lambda c: c["finetune"].__setitem__("bases", ["mamba-small"]), "finetune.bases.0"),
+    (lambda c: c["finetune"].__setitem__("bases", ["mamba-tiny"]), "finetune.bases.0"),
+    (lambda c: c["finetune"].__setitem__("bases", ["nsa-small"]), "finetune.bases.0"),
+    (lambda c: c["inference"].__setitem__("sources", ["pretrain"]), "inference.sources"),
+    (lambda c: c["pretrain"]["blocks"]["attention_free"]["variants"][1].__setitem__(
+        "attention", "mla"), "pretrain.blocks.attention_free.variants.mamba.attention"),
+    (lambda c: c["pretrain"]["model"]["relative"].__setitem__("max_distance", 16),
+     "pretrain.model.relative.max_distance"),
+    (lambda c: c["pretrain"]["model"]["nsa"].__setitem__("compress_stride", 32),
+     "pretrain.blocks.attention.variants.nsa.nsa.compress_stride"),
+    (lambda c: c["finetune"].__setitem__("max_length", 4096),
+     "pretrain.model.max_position_embeddings"),
     (lambda c: c["finetune"].__setitem__("methods", ["qlora9"]), "finetune.methods.0"),
     (lambda c: c["inference"].__setitem__("precisions", ["int3"]), "inference.precisions.0"),
     (lambda c: c["sizes"]["tiny"].__setitem__("num_heads", 5), "sizes.tiny.hidden_size"),
@@ -127,6 +137,39 @@ def test_variants_resolve_to_their_models(config, schema):
     moe = model("moe-8x-third-small-s0")
     assert moe["num_experts"] == 8 and moe["moe_intermediate_size"] == 128  # 384 / 3
     assert model("moe-8x-small-s0")["moe_intermediate_size"] == 384
-    assert runs["dense-2x-small-s0"].size == "medium" if "dense-2x-small-s0" in runs else True
+    dense2x = [(m.group, m.label) for m in runs["gqa-medium-s0"].memberships]
+    assert dense2x == [("attention-medium", "GQA"), ("moe-small", "Dense 2x")]  # merged, medium
     assert model("mamba-tiny-s0")["family"] == "mamba"
     assert "attention" not in model("mamba-tiny-s0")
+
+
+def test_paper_scale_config_merges_and_expands(repo_root, schema):
+    """config/paper.yaml is merged onto the default (Snakemake's rule) and gives the paper's grid."""
+    from snakemake.utils import update_config
+
+    from effllm.config import check_semantics, validate_schema
+
+    config = load_yaml(repo_root / "config/config.yaml")
+    update_config(config, load_yaml(repo_root / "config/paper.yaml"))
+    validate_schema(config, schema)
+    check_semantics(config)  # the hub cache check is left to the cluster
+    runs = expand_runs(config)["pretrain"]
+    model = runs["gqa-1.5b-s0"].settings["model"]
+    assert (model["hidden_size"], model["num_hidden_layers"], model["num_key_value_heads"]) == (
+        1536, 28, 2)
+    assert ("moe-1.5b", "Dense 3B") in [(m.group, m.label) for m in runs["gqa-3b-s0"].memberships]
+    assert "gqa-3b-s0" in runs and "mamba-3b-s0" in runs and "alibi-1.5b-s0" not in runs
+    assert len(runs) == 4 * 3 + 4 + 2 + 3 * 3  # attention, position, MoE, attention-free
+
+
+def test_downstream_and_display_settings_never_change_pretraining_params(config, schema):
+    """A pretraining job's params hold only what its training uses: an inference length, a
+    display label or the order of memberships must not retrain 28 models."""
+    base = expand_runs(check_config(copy.deepcopy(config), schema))["pretrain"]
+    changed = copy.deepcopy(config)
+    changed["inference"]["new_tokens"] = 128
+    changed["finetune"]["max_length"] = 200
+    changed["pretrain"]["blocks"]["moe"]["variants"][3]["label"] = "Mixture Sx8"
+    runs = expand_runs(check_config(changed, schema))["pretrain"]
+    assert {n: r.spec() for n, r in runs.items()} == {n: r.spec() for n, r in base.items()}
+    assert runs["moe-8x-small-s0"].label == "Mixture Sx8"  # the display label did change

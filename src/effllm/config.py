@@ -75,6 +75,27 @@ def check_semantics(config: dict) -> None:
             raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is a "
                               f"{known[base].settings['model']['family']} baseline; fine-tuning "
                               "takes decoder models")
+        if known[base].settings["model"]["attention"] == "nsa":
+            raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is an NSA model; "
+                              "exact match decodes left-padded batches, which NSA refuses")
+    if "pretrain" in config["inference"]["sources"]:
+        for run in known.values():
+            model = run.settings["model"]
+            if model.get("attention") == "nsa" or model["family"] == "rwkv":
+                raise ConfigError(
+                    f"config key 'inference.sources': serving pretraining runs includes "
+                    f"{run.name.rsplit('-s', 1)[0]!r}, which cannot decode the left-padded "
+                    "batches of the exact-match evaluation (NSA refuses them, RWKV lets the "
+                    "padding into its state)")
+    limit = pre["model"]["max_position_embeddings"]
+    inf = config["inference"]
+    for what, length in (("pretrain.seq_len", pre["seq_len"]),
+                         ("finetune.max_length", config["finetune"]["max_length"]),
+                         ("inference.eval_max_length", inf["eval_max_length"]),
+                         ("inference.prompt_tokens", inf["prompt_tokens"] + inf["new_tokens"])):
+        if length > limit:
+            raise ConfigError(f"config key 'pretrain.model.max_position_embeddings': {limit} "
+                              f"positions cannot hold {what} ({length} tokens)")
     from effllm.training.methods import ADAPTER_METHODS
 
     ft = config["finetune"]
@@ -129,6 +150,10 @@ def check_semantics(config: dict) -> None:
             config["inference"][precision] = {}
 
 
+DECODER_ONLY = ("attention", "kv_heads", "position_encoding", "rope_theta", "relative", "mla",
+                "nsa", "moe")
+
+
 def _check_pretrain_variants(config: dict) -> None:
     """Every block's sizes exist, and every variant makes a model our constructors accept."""
     from effllm.sweep import pretrain_variants, variant_model
@@ -145,7 +170,22 @@ def _check_pretrain_variants(config: dict) -> None:
         key = f"{key}.variants.{name}"
         heads = shape["num_heads"]
         if m["family"] != "decoder":
+            # A decoder-only key on a baseline would be ignored and mislabel the run.
+            for part in DECODER_ONLY:
+                if part in variant:
+                    raise ConfigError(f"config key '{key}.{part}': family {m['family']!r} has no "
+                                      f"{part}; it applies to family 'decoder' only")
             continue
+        rel = m["relative"]
+        if m["position_encoding"] == "relative" and rel["max_distance"] <= rel["num_buckets"] // 2:
+            raise ConfigError(f"config key 'pretrain.model.relative.max_distance': "
+                              f"{rel['max_distance']} must exceed half of num_buckets "
+                              f"{rel['num_buckets']} (the exact buckets)")
+        nsa = m["nsa"]
+        if m["attention"] == "nsa" and nsa["compress_stride"] > nsa["compress_block"]:
+            raise ConfigError(f"config key '{key}.nsa.compress_stride': "
+                              f"{nsa['compress_stride']} is larger than compress_block "
+                              f"{nsa['compress_block']} (tokens between blocks would be lost)")
         if m["attention"] in ("gqa", "nsa") and heads % m["kv_heads"]:
             raise ConfigError(f"config key '{key}.kv_heads': {m['kv_heads']} does not divide "
                               f"num_heads {heads} of size {size!r}")

@@ -9,7 +9,9 @@ MoE vs dense, attention-free), each a set of variants × sizes. A variant overri
 defaults (``pretrain.model``). Two variants that resolve to the same model and training settings
 (GQA in the attention block is RoPE in the position block and Dense in the MoE block) are one
 run, trained once; the run keeps one :class:`Membership` per place it appears. Memberships are
-not part of a job's params, so adding a block never retrains a run that already exists.
+not part of a job's params, so adding a block or changing a label never retrains a run. A
+shared run is named after the first block (in config order) that has it: removing or reordering
+that block renames the run, and a renamed run is trained again.
 """
 
 from __future__ import annotations
@@ -68,10 +70,12 @@ class Run:
         return LABELS.get(self.technique, self.technique)
 
     def spec(self) -> dict[str, Any]:
-        """What the job receives (JSON-able). Memberships stay out: see the module docstring."""
+        """What the job receives (JSON-able). Memberships (display labels, the other blocks a
+        run is in) stay out, so that changing them never retrains: see the module docstring."""
         return {
             "run_id": self.run_id, "stage": self.stage, "technique": self.technique,
-            "label": self.label, "size": self.size, "seed": self.seed, "group": self.group,
+            "label": LABELS.get(self.technique, self.technique), "size": self.size,
+            "seed": self.seed, "group": self.group,
             "upstream": self.upstream, "settings": self.settings,
         }
 
@@ -101,11 +105,9 @@ def model_shape(config: dict, size: str, variant: dict) -> dict[str, Any]:
         "num_hidden_layers": from_size["num_layers"],
         "num_attention_heads": heads,
         "intermediate_size": from_size["intermediate_size"],
-        "max_position_embeddings": max(config["pretrain"]["seq_len"],
-                                       config["finetune"]["max_length"],
-                                       config["inference"]["eval_max_length"],
-                                       config["inference"]["prompt_tokens"]
-                                       + config["inference"]["new_tokens"]),
+        # Explicit, not derived from downstream lengths: a fine-tuning or inference setting must
+        # not retrain every model (config.check_semantics checks that those lengths fit).
+        "max_position_embeddings": m["max_position_embeddings"],
     }
     if m["family"] != "decoder":
         return shape
@@ -168,7 +170,7 @@ def _membership(block: str, group: str, technique: str, label: str | None = None
 
 def _add_pretrain_runs(config: dict, seed: int, runs: dict[str, Run]) -> None:
     pre = config["pretrain"]
-    train = {k: pre[k] for k in TRAIN_KEYS}
+    train = {k: pre.get(k, 0) for k in TRAIN_KEYS}  # checkpoint_every is optional
     by_settings: dict[str, str] = {}
     for block, variant_name, size, variant in pretrain_variants(config):
         model_size = variant.get("size", size)
@@ -180,7 +182,7 @@ def _add_pretrain_runs(config: dict, seed: int, runs: dict[str, Run]) -> None:
             run = runs[by_settings[key]]
             runs[run.name] = dataclasses.replace(run, memberships=run.memberships + (member,))
             continue
-        name = f"{variant_name}-{size}-s{seed}"
+        name = f"{variant_name}-{model_size}-s{seed}"  # the size it trains at
         if name in runs:
             raise ValueError(
                 f"config key 'pretrain.blocks.{block}.variants.{variant_name}': run name "

@@ -64,7 +64,6 @@ def runs_table(record_paths: Iterable[str | os.PathLike],
         for place in places:
             rows.append(_row(rec, place))
     names = sorted({c for r in rows for c in r if c not in ID_COLUMNS and "__" not in c})
-    names = sorted({c for r in rows for c in r if c not in ID_COLUMNS and "__" not in c})
     columns = list(ID_COLUMNS) + [
         col for m in names for col in (m, *(companion(m, w) for w in COMPANIONS))
     ]

@@ -29,8 +29,9 @@ TABLES: dict[str, tuple[str, list[str]]] = {
 def block_table(df: pd.DataFrame, block: str, metrics: Sequence[str]) -> pd.DataFrame:
     """Rows of ``block`` averaged over seeds per (group, label), in first-appearance order.
 
-    Per metric: ``m`` (mean over seeds with a value), ``m__std`` (sample standard deviation;
-    NaN for one seed) and ``m__status`` (the weakest status of the averaged values).
+    Per metric: ``m`` (mean over the seeds with a value), ``m__std`` (sample standard
+    deviation; NaN for fewer than two values), ``m__n`` (how many seeds had a value) and
+    ``m__status`` (the weakest status of the averaged values; unavailable when none).
     """
     rows = df[df["block"] == block]
     if rows.empty:
@@ -42,15 +43,17 @@ def block_table(df: pd.DataFrame, block: str, metrics: Sequence[str]) -> pd.Data
                "seeds": int(members["seed"].nunique())}
         for m in metrics:
             if m not in members:
-                row[m], row[companion(m, "std")], row[companion(m, "status")] = (
-                    np.nan, np.nan, "unavailable")
+                row[m], row[companion(m, "std")], row[companion(m, "n")] = np.nan, np.nan, 0
+                row[companion(m, "status")] = "unavailable"
                 continue
             values = members[m].astype(float)
             statuses = members.get(companion(m, "status"), pd.Series("", index=members.index))
-            row[m] = values.mean()  # NaN when no seed has a value
-            row[companion(m, "std")] = values.std(ddof=1) if values.notna().sum() > 1 else np.nan
-            row[companion(m, "status")] = combine_status(
-                statuses, [v if np.isfinite(v) else None for v in values])
+            has = values.notna()
+            row[m] = values.mean()  # over the seeds with a value; NaN when none has one
+            row[companion(m, "std")] = values.std(ddof=1) if has.sum() > 1 else np.nan
+            row[companion(m, "n")] = int(has.sum())
+            row[companion(m, "status")] = (combine_status(statuses[has], values[has])
+                                           if has.any() else "unavailable")
         out.append(row)
     return pd.DataFrame(out)
 

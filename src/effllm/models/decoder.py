@@ -105,6 +105,9 @@ class DecoderConfig(PretrainedConfig):
         if attention == "nsa" and position_encoding in BIAS_ENCODINGS:
             raise ValueError(f"attention 'nsa' does not take the score bias of position_encoding "
                              f"{position_encoding!r}; use rope, sinusoidal, learned or none")
+        if position_encoding == "relative" and relative_max_distance <= relative_num_buckets // 2:
+            raise ValueError(f"relative_max_distance {relative_max_distance} must exceed half of "
+                             f"relative_num_buckets {relative_num_buckets}")
         if num_experts and not 0 < num_experts_per_tok <= num_experts:
             raise ValueError(f"num_experts_per_tok {num_experts_per_tok} must be in 1 … "
                              f"num_experts {num_experts}")
@@ -258,7 +261,7 @@ def relative_bucket(distance: torch.Tensor, num_buckets: int, max_distance: int)
         torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
         * (num_buckets - exact)
     ).long()
-    return torch.where(n < exact, n, log_bucket.clamp(max=num_buckets - 1))
+    return torch.where(n < exact, n, log_bucket.clamp(min=exact, max=num_buckets - 1))
 
 
 class DecoderPreTrainedModel(PreTrainedModel):
