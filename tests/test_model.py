@@ -198,3 +198,24 @@ def test_learned_positions_refuse_beyond_their_table():
     model = tiny(position_encoding="learned", max_position_embeddings=8)
     with pytest.raises(ValueError, match="learned positions"):
         model(input_ids=torch.randint(2, 97, (1, 9)))
+
+
+def test_sinusoidal_encoding_is_the_transformer_papers():
+    """Embeddings scaled by sqrt(d), plus sin on even and cos on odd channels (Vaswani et al.)."""
+    from effllm.models.layers import sinusoidal_table
+
+    table = sinusoidal_table(5, 8)
+    pos, i = 3, 1  # channel pair 1: frequency 10000^(-2/8)
+    torch.testing.assert_close(table[pos, 2 * i], torch.tensor(math.sin(pos / 10000 ** (2 / 8))))
+    torch.testing.assert_close(table[pos, 2 * i + 1],
+                               torch.tensor(math.cos(pos / 10000 ** (2 / 8))))
+    model = tiny(position_encoding="sinusoidal")
+    ids = torch.randint(2, 97, (1, 5))
+    captured = {}
+    hook = model.model.layers[0].input_layernorm.register_forward_hook(
+        lambda mod, args, out: captured.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    hook.remove()
+    expected = model.model.embed_tokens(ids) * math.sqrt(32) + sinusoidal_table(5, 32)[None]
+    torch.testing.assert_close(captured["x"], expected)

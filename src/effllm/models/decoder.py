@@ -327,8 +327,10 @@ class DecoderModel(DecoderPreTrainedModel):
                                  f"{config.max_position_embeddings} learned positions")
             x = x + self.embed_positions(position_ids)
         elif pe == "sinusoidal":
+            # Vaswani et al. (2017, §3.4) scale the embeddings by sqrt(d) before adding the
+            # unit-amplitude table; unscaled (std 0.02) they would drown in it.
             table = sinusoidal_table(int(position_ids.max()) + 1, config.hidden_size)
-            x = x + table.to(x.device, x.dtype)[position_ids]
+            x = x * math.sqrt(config.hidden_size) + table.to(x.device, x.dtype)[position_ids]
         padded = attention_mask is not None and not bool(attention_mask.all())
         inputs = AttentionInputs(
             position_ids=position_ids, past=past,
