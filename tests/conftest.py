@@ -16,3 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def stdlib_tokens(tmp_path_factory) -> Path:
+    """A prepared corpus and a trained tokenizer from stdlib docstrings (no install needed):
+    the folder the pipeline's ``train_tokenizer`` rule writes."""
+    from effllm.data.corpus import prepare_corpus
+    from effllm.data.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("stdlib")
+    corpus = {"source": "stdlib_docstrings", "stdlib_docstrings": {"max_documents": 80}}
+    split = {"unit": "document", "validation_fraction": 0.1, "test_fraction": 0.1}
+    prepare_corpus(corpus, split, 0, root / "corpus")
+    build_tokenizer(root / "corpus", {"vocab_size": 400, "min_frequency": 2}, root / "tokens")
+    return root / "tokens"

@@ -17,6 +17,17 @@ def assert_cached_equals_uncached(model, ids: torch.Tensor, prefill: int = 5,
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=rtol, atol=atol)
 
 
+@torch.no_grad()
+def assert_causal(model, length: int = 12, at: int = 7, vocab: int = 97) -> None:
+    """Changing token ``at`` changes no logit before it, and some logit from it on."""
+    ids = torch.randint(2, vocab, (1, length))
+    changed = ids.clone()
+    changed[0, at] = (ids[0, at] + 5) % (vocab - 2) + 2
+    a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
+    torch.testing.assert_close(a[:, :at], b[:, :at])
+    assert not torch.allclose(a[:, at:], b[:, at:])
+
+
 def assert_left_padding_is_invisible(model, vocab: int = 97, new_tokens: int = 6) -> None:
     """A left-padded batch generates exactly what each prompt generates alone (pad id 1)."""
     a, b = torch.randint(2, vocab, (1, 7)), torch.randint(2, vocab, (1, 4))

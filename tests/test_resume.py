@@ -10,8 +10,6 @@ import time
 
 import pytest
 
-from effllm.data.corpus import prepare_corpus
-from effllm.data.tokenizer import build_tokenizer
 
 SPEC = {
     "run_id": "pretrain/gqa-tiny-s0", "stage": "pretrain", "technique": "gqa", "label": "GQA",
@@ -44,16 +42,6 @@ run_pretrain(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] + "/
 """
 
 
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    corpus = {"source": "stdlib_docstrings", "stdlib_docstrings": {"max_documents": 80}}
-    split = {"unit": "document", "validation_fraction": 0.1, "test_fraction": 0.1}
-    prepare_corpus(corpus, split, 0, root / "corpus")
-    build_tokenizer(root / "corpus", {"vocab_size": 300, "min_frequency": 2}, root / "tokens")
-    return root / "tokens"
-
-
 def start(tokens, out, delay):
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -68,7 +56,8 @@ def final(out):
 
 
 @pytest.mark.slow
-def test_sigkilled_pretraining_resumes_to_the_same_final_loss(tokens, tmp_path):
+def test_sigkilled_pretraining_resumes_to_the_same_final_loss(stdlib_tokens, tmp_path):
+    tokens = stdlib_tokens
     plain = start(tokens, tmp_path / "plain", 0.0)
     assert plain.wait(timeout=300) == 0, plain.stderr.read()
     expected, _ = final(tmp_path / "plain")

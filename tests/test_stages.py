@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from effllm.data.corpus import prepare_corpus
-from effllm.data.tokenizer import build_tokenizer, load_tokenizer
+from effllm.data.tokenizer import load_tokenizer
 from effllm.inference.evaluate import completion_scores, exact_match_rate, reasoning_metrics
 from effllm.measure import Window
 from effllm.models import DecoderConfig, DecoderForCausalLM
@@ -24,13 +23,8 @@ PROBLEMS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    corpus = {"source": "stdlib_docstrings", "stdlib_docstrings": {"max_documents": 60}}
-    split = {"unit": "document", "validation_fraction": 0.1, "test_fraction": 0.1}
-    prepare_corpus(corpus, split, 0, root / "corpus")
-    build_tokenizer(root / "corpus", {"vocab_size": 400, "min_frequency": 2}, root / "tokens")
-    return load_tokenizer(root / "tokens" / "tokenizer")
+def tokenizer(stdlib_tokens):
+    return load_tokenizer(stdlib_tokens / "tokenizer")
 
 
 def model_for(tokenizer, hidden=64, kv=2, ffn=128):

@@ -8,6 +8,7 @@ with ``ast`` (lazy imports inside functions included), so the list follows the c
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 from typing import Iterable
 
@@ -26,6 +27,13 @@ def _file(module: str, root: Path) -> Path | None:
 
 
 def _imports(path: Path) -> set[str]:
+    # Every rule's input function asks for overlapping files: parse each file once per version.
+    stat = path.stat()
+    return _parsed_imports(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed_imports(path: Path, mtime_ns: int, size: int) -> frozenset[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -33,7 +41,8 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return {name for name in found if name == PACKAGE or name.startswith(PACKAGE + ".")}
+    return frozenset(name for name in found
+                     if name == PACKAGE or name.startswith(PACKAGE + "."))
 
 
 def module_files(*modules: str, root: Path = ROOT, exclude: Iterable[str] = ()) -> list[str]:

@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from effllm.models.layers import (  # noqa: F401  (apply_rope, rope_cos_sin re-exported)
+from effllm.models.layers import (
     AttentionInputs,
     RMSNorm,
     apply_rope,
