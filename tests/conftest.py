@@ -18,6 +18,19 @@ def repo_root() -> Path:
     return ROOT
 
 
+@pytest.fixture
+def config(repo_root) -> dict:
+    """The default config, freshly read (tests may mutate it)."""
+    from effllm.config import load_yaml
+
+    return load_yaml(repo_root / "config/config.yaml")
+
+
+@pytest.fixture
+def schema(repo_root) -> Path:
+    return repo_root / "workflow/schemas/config.schema.yaml"
+
+
 @pytest.fixture(scope="session")
 def stdlib_tokens(tmp_path_factory) -> Path:
     """A prepared corpus and a trained tokenizer from stdlib docstrings (no install needed):

@@ -1,4 +1,5 @@
-"""Invariants every decoder variant must keep, shared by the model tests."""
+"""Invariants shared by the tests: what every decoder variant must keep, and what a drawn
+figure must be."""
 
 import torch
 
@@ -40,3 +41,15 @@ def assert_left_padding_is_invisible(model, vocab: int = 97, new_tokens: int = 6
     alone_b = model.generate(input_ids=b, **kw)
     assert torch.equal(together[0, 7:], alone_a[0, 7:])
     assert torch.equal(together[1, 7:], alone_b[0, 4:])
+
+
+def assert_real_figure(pdf, png, min_width: int) -> None:
+    """A PDF and a PNG with content (not blank, not all white), and no temporary files left."""
+    import matplotlib.image as mpimg
+
+    assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 5000
+    img = mpimg.imread(png)
+    assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] >= min_width
+    rgb = img[..., :3]
+    assert rgb.std() > 0.05 and (rgb < 0.9).any()
+    assert sorted(p.name for p in pdf.parent.iterdir()) == sorted([pdf.name, png.name])

@@ -8,16 +8,6 @@ from effllm.config import ConfigError, check_config, load_yaml
 from effllm.sweep import expand_runs
 
 
-@pytest.fixture
-def config(repo_root):
-    return load_yaml(repo_root / "config/config.yaml")
-
-
-@pytest.fixture
-def schema(repo_root):
-    return repo_root / "workflow/schemas/config.schema.yaml"
-
-
 @pytest.mark.parametrize("name", ["config.yaml", "smoke.yaml"])
 def test_shipped_configs_are_valid(repo_root, schema, name):
     config = check_config(load_yaml(repo_root / "config" / name), schema)

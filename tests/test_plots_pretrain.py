@@ -3,7 +3,6 @@ marked "n/a", never drawn as 0-height bars or 0-size bubbles."""
 
 from __future__ import annotations
 
-import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +10,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.container import ErrorbarContainer
 
 from effllm.analysis.aggregate import read_table
+from invariants import assert_real_figure
 from effllm.plots import style
 from effllm.plots.bars import bars_with_line, draw_bars_with_line, variant_summary
 from effllm.plots.bubble import bubble_grid, draw_bubbles
@@ -68,25 +68,16 @@ def _group(path, block):
     return df[df["block"] == block]
 
 
-def _assert_real_figure(pdf, png, min_width):
-    assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 5000
-    img = mpimg.imread(png)
-    assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] >= min_width
-    rgb = img[..., :3]
-    assert rgb.std() > 0.05 and (rgb < 0.9).any()  # not blank, not all white
-    assert sorted(p.name for p in pdf.parent.iterdir()) == sorted([pdf.name, png.name])  # no temps
-
-
 def test_draw_bars_with_line_writes_real_files(normalised_csv, tmp_path):
     pdf, png = tmp_path / "fig" / "bars.pdf", tmp_path / "fig" / "bars.png"
     draw_bars_with_line(normalised_csv, pdf, png, "position", BAR_METRICS, title="PE")
-    _assert_real_figure(pdf, png, min_width=600)
+    assert_real_figure(pdf, png, min_width=600)
 
 
 def test_draw_bubbles_writes_real_files(normalised_csv, tmp_path):
     pdf, png = tmp_path / "fig" / "bubbles.pdf", tmp_path / "fig" / "bubbles.png"
     draw_bubbles(normalised_csv, pdf, png, "moe", BUBBLE_METRICS)
-    _assert_real_figure(pdf, png, min_width=600)
+    assert_real_figure(pdf, png, min_width=600)
 
 
 @pytest.mark.parametrize("draw, metrics", [(draw_bars_with_line, BAR_METRICS),

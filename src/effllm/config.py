@@ -67,10 +67,18 @@ def check_semantics(config: dict) -> None:
                                         )["pretrain"].values()}
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    hub = config.get("hub_models") or {}
+    for name in hub:
+        if name in known:
+            raise ConfigError(f"config key 'hub_models.{name}': the name is also a pretraining "
+                              "run; rename the hub model")
     for i, base in enumerate(config["finetune"]["bases"]):
+        if base in hub:
+            continue  # its shape is known only once it is read from the cache (run time)
         if base not in known:
-            raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is not a pretraining "
-                              f"run; choose from {sorted(known)}")
+            raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is neither a "
+                              f"pretraining run ({sorted(known)}) nor one of hub_models "
+                              f"({sorted(hub)})")
         if known[base].settings["model"]["family"] != "decoder":
             raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is a "
                               f"{known[base].settings['model']['family']} baseline; fine-tuning "
@@ -107,12 +115,22 @@ def check_semantics(config: dict) -> None:
                 raise ConfigError(f"config key 'finetune.{block}': settings for method "
                                   f"{method!r} are missing")
         if method == "freeze":
-            for base in ft["bases"]:
+            for base in (b for b in ft["bases"] if b in known):
                 layers = known[base].settings["model"]["num_hidden_layers"]
                 if ft["freeze"]["layers"] >= layers:
                     raise ConfigError(f"config key 'finetune.freeze.layers': "
                                       f"{ft['freeze']['layers']} leaves no layer of {base!r} "
                                       f"({layers} layers) to train")
+    if ft.get("quantized_base") and "base_quant" not in ft:
+        raise ConfigError("config key 'finetune.base_quant': needed when quantized_base is true")
+    if ft.get("quantized_base") and "pissa" in ft["methods"]:
+        raise ConfigError("config key 'finetune.quantized_base': PiSSA moves the principal "
+                          "components out of the base, and the 4-bit residual cannot be merged "
+                          "back exactly; run PiSSA without quantized_base (drop it from methods)")
+    unused = set(ft.get("lr_by_method", {})) - set(ft["methods"])
+    if unused:
+        raise ConfigError(f"config key 'finetune.lr_by_method': {sorted(unused)} not in "
+                          "finetune.methods")
     syn = config["data"]["reasoning"].get("synthetic")
     if config["data"]["reasoning"]["source"] == "synthetic":
         if not syn:
@@ -206,7 +224,7 @@ def _check_pretrain_variants(config: dict) -> None:
 def check_sources(config: dict) -> None:
     """Hugging Face data sets must already be in the local cache: say so before any job runs."""
     from effllm.data import DataSourceError
-    from effllm.data.hub import cached_dataset
+    from effllm.data.hub import cached_dataset, cached_model
 
     for name in ("corpus", "reasoning"):
         block = config["data"][name]
@@ -217,6 +235,18 @@ def check_sources(config: dict) -> None:
             cached_dataset(hf["repo_id"], hf["files"], hf.get("cache_dir"))
         except DataSourceError as err:
             raise ConfigError(f"config key 'data.{name}.hf.repo_id': {err}") from None
+    hub = config.get("hub_models") or {}
+    for name in used_hub_models(config):
+        try:
+            cached_model(hub[name]["repo_id"], hub[name].get("revision"))
+        except DataSourceError as err:
+            raise ConfigError(f"config key 'hub_models.{name}.repo_id': {err}") from None
+
+
+def used_hub_models(config: dict) -> list[str]:
+    """Hub models some stage reads (a listed but unused one need not be cached)."""
+    hub = config.get("hub_models") or {}
+    return [name for name in hub if name in config["finetune"]["bases"]]
 
 
 def check_config(config: dict, schema_path: str | os.PathLike) -> dict:

@@ -172,12 +172,16 @@ class RunRecord:
 
     @classmethod
     def for_run(cls, spec: dict[str, Any], start_time: str, metrics: dict[str, Metric],
-                series: dict[str, list[float]]) -> "RunRecord":
-        """The record of a sweep run (``effllm.sweep.Run.spec()``) that started at ``start_time``."""
+                series: dict[str, list[float]], execution: dict | None = None) -> "RunRecord":
+        """The record of a sweep run (``effllm.sweep.Run.spec()``) that started at
+        ``start_time``; ``execution`` (backend, device, precision actually used) goes into the
+        provenance."""
         return cls(
             run_id=spec["run_id"], stage=spec["stage"], technique=spec["technique"],
             model_size=spec["size"], seed=spec["seed"], config_hash=config_hash(spec),
-            params=spec, provenance=provenance(start_time), metrics=metrics, series=series,
+            params=spec, metrics=metrics, series=series,
+            provenance=provenance(start_time, extra={"execution": execution} if execution
+                                  else None),
         )
 
     @classmethod

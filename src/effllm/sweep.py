@@ -149,6 +149,8 @@ def unused_modules(runs: dict[str, dict[str, "Run"]], run: "Run") -> list[str]:
     """The variant modules the model behind ``run`` (its root pretraining run) does not use."""
     while run.upstream is not None:
         stage, name = run.upstream.split("/", 1)
+        if stage == "hub":  # a transformers model class: none of our variant modules
+            return sorted(VARIANT_MODULES)
         run = runs[stage][name]
     model = run.settings["model"]
     return sorted(m for m, used in VARIANT_MODULES.items() if not used(model))
@@ -192,24 +194,43 @@ def _add_pretrain_runs(config: dict, seed: int, runs: dict[str, Run]) -> None:
                          upstream=None, settings=settings, memberships=(member,))
 
 
+# Fine-tuning keys that are method settings (or the grid), not shared training settings.
+FINETUNE_METHOD_KEYS = ("bases", "methods", "lr_by_method", "quantized_base", "base_quant")
+
+
+def finetune_method(ft: dict, method: str) -> dict:
+    """One method's settings: the shared adapter block, the method's own block and, for adapter
+    methods on a 4-bit base (QLoRA), the base quantisation. Freeze and Full never see the
+    adapter or QLoRA keys, so toggling those does not retrain them."""
+    settings = {"name": method}
+    if method in ADAPTER_METHODS:
+        settings.update(ft["lora"])
+        settings["quantized_base"] = ft["base_quant"] if ft.get("quantized_base") else None
+    settings.update(ft.get(method, {}))
+    return settings
+
+
 def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
     """Every run of the grid, by stage and name, in a deterministic order."""
     ft, inf = config["finetune"], config["inference"]
     runs: dict[str, dict[str, Run]] = {"pretrain": {}, "finetune": {}, "inference": {}}
+    finetune_train = {k: v for k, v in ft.items()
+                      if k not in FINETUNE_METHOD_KEYS and not isinstance(v, dict)}
     for seed in config["seeds"]:
         _add_pretrain_runs(config, seed, runs["pretrain"])
         for base in ft["bases"]:
-            upstream = runs["pretrain"][f"{base}-s{seed}"]
+            if base in config.get("hub_models", {}):  # a Hugging Face model from the local cache
+                upstream_id, size = f"hub/{base}", base
+            else:
+                upstream = runs["pretrain"][f"{base}-s{seed}"]
+                upstream_id, size = upstream.run_id, upstream.size
             for method in ft["methods"]:
                 name = f"{method}-{base}-s{seed}"
-                train = {k: v for k, v in ft.items()
-                         if k not in ("bases", "methods") and not isinstance(v, dict)}
-                shared = ft["lora"] if method in ADAPTER_METHODS else {}
                 runs["finetune"][name] = Run(
-                    "finetune", name, method, upstream.size, seed, group=base,
-                    upstream=upstream.run_id,
-                    settings={"method": {"name": method, **shared, **ft.get(method, {})},
-                              "train": train,
+                    "finetune", name, method, size, seed, group=base, upstream=upstream_id,
+                    settings={"method": finetune_method(ft, method),
+                              "train": {**finetune_train, "lr": ft.get("lr_by_method", {}).get(
+                                  method, ft["lr"])},
                               "measure": config["measure"]},
                     memberships=(_membership("finetune", base, method),),
                 )

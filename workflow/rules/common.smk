@@ -77,12 +77,14 @@ FIGURE_BLOCKS = {  # figure → the block it draws
     "fig3a_attention_radar": "attention",
     "fig3b_position_bars": "position",
     "fig3c_moe_bubbles": "moe",
+    "fig4a_finetune_mirrored": "finetune",
+    "fig4b_finetune_area": "finetune",
     "inference_radar": "inference",
 }
 FIGURES = [
     f"paper_figures/{name}.{ext}"
     for name, block in FIGURE_BLOCKS.items()
-    if block in blocks() or block == "inference"
+    if block in blocks() or block in ("finetune", "inference")
     for ext in ("pdf", "png")
 ]
 TABLE_BLOCKS = {
@@ -90,11 +92,12 @@ TABLE_BLOCKS = {
     "table4_position": "position",
     "table5_moe": "moe",
     "table6_attention_free": "attention_free",
+    "table7_finetune": "finetune",
 }
 TABLES = [
     f"results/tables/{name}.{ext}"
     for name, block in TABLE_BLOCKS.items()
-    if block in blocks()
+    if block in blocks() or block == "finetune"
     for ext in ("csv", "md", "tex")
 ]
 

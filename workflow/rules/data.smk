@@ -1,4 +1,5 @@
-# Stage 1: corpus, tokenizer and the fine-tuning (reasoning) set, each with a JSON card.
+# Stage 1: corpus, tokenizer and the fine-tuning (reasoning) set, each with a JSON card, and
+# Hugging Face models linked from the local cache.
 
 
 rule prepare_corpus:
@@ -42,3 +43,19 @@ rule prepare_reasoning:
         "logs/data/prepare_reasoning.log",
     script:
         "../scripts/prepare_reasoning.py"
+
+
+rule hub_model:
+    """A Hugging Face model from the local cache, as links (weights are not copied)."""
+    input:
+        code=code("effllm.data.hub"),
+    output:
+        directory("results/hub/{model}/model"),
+    params:
+        repo_id=lambda wc: config["hub_models"][wc.model]["repo_id"],
+        revision=lambda wc: config["hub_models"][wc.model].get("revision"),
+    log:
+        "logs/data/hub_{model}.log",
+    localrule: True
+    script:
+        "../scripts/hub_model.py"

@@ -87,3 +87,51 @@ rule moe_bubbles:
     localrule: True
     script:
         "../scripts/figure_bubble.py"
+
+
+rule finetune_mirrored:
+    """Figure 4a: per base model and method, Efficiency Score up, loss down."""
+    input:
+        normalised="results/tables/normalised.csv",
+        code=code("effllm.plots.finetune"),
+    output:
+        pdf=report(
+            "paper_figures/fig4a_finetune_mirrored.pdf",
+            caption="../report/finetune_mirrored.rst",
+            category="Fine-tuning",
+        ),
+        png="paper_figures/fig4a_finetune_mirrored.png",
+    params:
+        kind="mirrored",
+        loss="val_loss",
+        methods=config["finetune"]["methods"],
+        sizes=list(config["sizes"]),
+    log:
+        "logs/figures/finetune_mirrored.log",
+    localrule: True
+    script:
+        "../scripts/figure_finetune.py"
+
+
+rule finetune_area:
+    """Figure 4b: Efficiency Score (area) and loss (line) across base-model sizes."""
+    input:
+        normalised="results/tables/normalised.csv",
+        code=code("effllm.plots.finetune"),
+    output:
+        pdf=report(
+            "paper_figures/fig4b_finetune_area.pdf",
+            caption="../report/finetune_area.rst",
+            category="Fine-tuning",
+        ),
+        png="paper_figures/fig4b_finetune_area.png",
+    params:
+        kind="area",
+        loss="val_loss",
+        methods=config["finetune"]["methods"],
+        sizes=list(config["sizes"]),
+    log:
+        "logs/figures/finetune_area.log",
+    localrule: True
+    script:
+        "../scripts/figure_finetune.py"

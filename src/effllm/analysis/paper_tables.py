@@ -23,6 +23,11 @@ TABLES: dict[str, tuple[str, list[str]]] = {
     "table4_position": ("position", _PRETRAIN),
     "table5_moe": ("moe", ["params_total", "params_active", *_PRETRAIN[1:]]),
     "table6_attention_free": ("attention_free", _PRETRAIN),
+    # Fine-tuning (the paper's tables 7-8: loss, AMU, PCU, AL, ST, AEC), plus what makes the
+    # methods comparable: trainable parameters, held-out loss and accuracy, MFU, plain rates.
+    "table7_finetune": ("finetune", ["params_trainable", "loss", "val_loss", "exact_match",
+                                     "amu", "pcu", "mfu", "al", "st", "samples_per_s", "aec",
+                                     "efficiency_score"]),
 }
 
 

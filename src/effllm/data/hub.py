@@ -1,4 +1,5 @@
-"""Read data sets from the local Hugging Face cache only: nothing is downloaded at run time."""
+"""Read data sets and models from the local Hugging Face cache only: nothing is downloaded at
+run time."""
 
 from __future__ import annotations
 
@@ -38,14 +39,61 @@ def _as_list(patterns: str | list[str]) -> list[str]:
     return [patterns] if isinstance(patterns, str) else list(patterns)
 
 
-def _fetch_hint(repo_id: str, patterns: list[str], cache_dir: str) -> str:
+def _fetch_hint(repo_id: str, patterns: list[str], cache_dir: str,
+                repo_type: str = "dataset") -> str:
     includes = " ".join(f"--include '{pattern}'" for pattern in patterns)
     return (
-        f"The pipeline reads Hugging Face data only from the local cache ({cache_dir}). On a "
-        f"connected machine run `hf download {repo_id} --repo-type dataset {includes}` with "
-        "HF_HUB_CACHE set to that cache (or copy the downloaded cache here), or choose a local "
-        "source in the config."
+        f"The pipeline reads Hugging Face {repo_type}s only from the local cache ({cache_dir}). "
+        f"On a connected machine run `hf download {repo_id} --repo-type {repo_type} {includes}` "
+        "with HF_HUB_CACHE set to that cache (or copy the downloaded cache here), or choose a "
+        "local source in the config."
     )
+
+
+# What a model needs to load without remote code: config, safetensors weights, tokenizer files.
+MODEL_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+
+def cached_model(repo_id: str, revision: str | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached snapshot directory of a model, checked to load offline, from safetensors, with
+    transformers' own classes; DataSourceError with fetch instructions otherwise."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = str(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE)
+    hint = _fetch_hint(repo_id, MODEL_PATTERNS, cache, "model")
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache,
+                                          allow_patterns=MODEL_PATTERNS, local_files_only=True))
+    except LocalEntryNotFoundError as error:
+        raise DataSourceError(f"Model {repo_id!r} is not in the local Hugging Face cache: "
+                              f"{error} {hint}") from error
+    config = snapshot / "config.json"
+    if not config.is_file():
+        raise DataSourceError(f"The cached snapshot of {repo_id!r} ({snapshot}) has no "
+                              f"config.json. {hint}")
+    if not any(snapshot.glob("*.safetensors")):
+        raise DataSourceError(f"The cached snapshot of {repo_id!r} ({snapshot}) has no "
+                              f".safetensors weights; the pipeline loads safetensors only. {hint}")
+    if "auto_map" in json.loads(config.read_text()):
+        raise DataSourceError(f"Model {repo_id!r} needs its own remote code (auto_map in "
+                              "config.json); the pipeline runs with trust_remote_code off")
+    return snapshot
+
+
+def link_model(snapshot: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    """Fill ``out_dir`` with symlinks to a snapshot's files (no copy of the weights)."""
+    snapshot, out_dir = Path(snapshot), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for path in sorted(snapshot.rglob("*")):
+        if path.is_file():
+            target = out_dir / path.relative_to(snapshot)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path.resolve())
+            names.append(path.relative_to(snapshot).as_posix())
+    return names
 
 
 def cached_dataset(
@@ -143,3 +191,17 @@ def iter_records(
             count += 1
             if limit is not None and count >= limit:
                 return
+
+
+def prepare_hub_model(repo_id: str, revision: str | None, out_dir: str | os.PathLike) -> dict:
+    """``out_dir``: links to the cached snapshot plus ``hub_card.json`` (repo, commit, files)."""
+    from effllm.io import atomic_dir, write_json
+
+    snapshot = cached_model(repo_id, revision)
+    with atomic_dir(out_dir) as tmp:
+        files = link_model(snapshot, tmp)
+        card = {"repo_id": repo_id, "revision": snapshot.name, "snapshot": str(snapshot),
+                "files": [{"path": name, "bytes": (snapshot / name).stat().st_size}
+                          for name in files]}
+        write_json(Path(tmp) / "hub_card.json", card)
+    return card

@@ -8,7 +8,6 @@ both a minimum count and a minimum time are reached; prefill = generate of one t
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 import warnings
@@ -21,63 +20,61 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 import effllm.models  # noqa: F401 - registers our config with the Auto classes
 from effllm.inference.evaluate import finite_metric, reasoning_metrics
 from effllm.measure import Timer, Window, latency_summary
+from effllm.models.quantize import DTYPES, load_quantised, model_config
 from effllm.records import Metric, RunRecord, now_iso
 from effllm.training.loop import seed_everything
 from effllm.training.pretrain import perplexity
 from effllm.data.splits import read_split
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# bitsandbytes' CPU 4-bit eval path asserts out_features % 32 == 0 (measurement.md §10).
-INT4_ALIGN = 32
-
-
-def quantisable_skips(model_dir: str | os.PathLike, align: int) -> list[str]:
-    """Linear layers whose width the 4-bit kernels cannot take; they stay in high precision."""
-    with torch.device("meta"):
-        config = effllm.models.DecoderConfig.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_config(config)
-    return sorted(name.split(".")[-1] for name, mod in model.named_modules()
-                  if isinstance(mod, torch.nn.Linear) and mod.out_features % align)
-
 
 def load_model(model_dir: str | os.PathLike, precision: str, quant: dict):
     """The model at ``precision``; returns (model, notes about what was kept unquantised)."""
-    from transformers import AutoConfig
-
-    if AutoConfig.from_pretrained(model_dir).model_type in ("mamba", "rwkv"):
-        import effllm.models.baselines  # noqa: F401 - fixes transformers' Mamba/RWKV defects
+    model_config(model_dir)  # imports our Mamba/RWKV fixes before the weights load
     if precision in DTYPES:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision]), None
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from transformers import BitsAndBytesConfig
-
-    if precision == "int4":
-        skips = quantisable_skips(model_dir, INT4_ALIGN)
-        bnb = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
-            bnb_4bit_use_double_quant=quant.get("double_quant", True),
-            bnb_4bit_compute_dtype=DTYPES[quant.get("compute_dtype", "bf16")],
-            llm_int8_skip_modules=["lm_head", "router", *skips],  # MoE routing stays exact
-        )
-    elif precision == "int8":
-        skips = []
-        bnb = BitsAndBytesConfig(load_in_8bit=True,
-                                 llm_int8_threshold=quant.get("threshold", 6.0),
-                                 llm_int8_skip_modules=["lm_head", "router"])
-    else:
-        raise ValueError(f"precision {precision!r} is not supported")
     # Unquantised parts (embeddings, head, norms) in the compute dtype, as the bf16 run holds them.
     dtype = DTYPES[quant.get("compute_dtype", "bf16")] if precision == "int4" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=dtype,
-                                                 device_map="cpu" if not torch.cuda.is_available()
-                                                 else "auto")
-    note = f"kept unquantised (width not a multiple of {INT4_ALIGN}): {skips}" if skips else None
-    return model, note
+    return load_quantised(model_dir, precision, quant, dtype)
+
+
+def _quantisation_state(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Tensors bitsandbytes keeps beside a layer's weight: the 4-bit ``quant_state`` (absmax,
+    codebook, offset, and double quant's nested ``state2``) and LLM.int8's ``CB``/``SCB``, which
+    sit on the weight after loading and move to ``module.state`` on the first forward."""
+    weight = getattr(module, "weight", None)
+    holders, state = [weight], getattr(weight, "quant_state", None)
+    while state is not None:
+        holders.append(state)
+        state = getattr(state, "state2", None)
+    if hasattr(getattr(module, "state", None), "SCB"):  # bitsandbytes' MatmulLtState
+        holders.append(module.state)
+    return [v for h in holders if h is not None for v in vars(h).values()
+            if isinstance(v, torch.Tensor)]
+
+
+def _distinct_bytes(tensors, seen: set) -> int:
+    """Bytes of the tensors not in ``seen`` (then added): shared or tied memory counts once."""
+    total = 0
+    for t in tensors:
+        key = (t.data_ptr(), t.nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += t.nbytes
+    return total
+
+
+def linear_weight_bytes(model) -> dict[str, int]:
+    """Bytes each linear layer's weight holds now (bias excluded): packed 4-bit or int8 data plus
+    its quantisation state, or a plain weight's nbytes."""
+    return {name: _distinct_bytes([mod.weight, *_quantisation_state(mod)], set())
+            for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
 
 
 def weight_bytes(model) -> int:
-    """Bytes of parameters and buffers as held in memory (packed bytes for 4-bit weights)."""
-    return int(model.get_memory_footprint())
+    """Bytes held by all parameters and buffers plus bitsandbytes' quantisation state; tied once."""
+    seen: set = set()
+    return sum(_distinct_bytes([*mod.parameters(recurse=False), *mod.buffers(recurse=False),
+                                *_quantisation_state(mod)], seen) for mod in model.modules())
 
 
 def time_generation(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: int,
@@ -159,7 +156,7 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_tokens_dir: s
                                           Timer.method, "(e2e - prefill) / (new_tokens - 1)"),
         "it": Metric.measured(generated * e2e["count"] / e2e["total"], "tokens/s", Timer.method,
                               note),
-        "weight_bytes": Metric.measured(weight_bytes(model), "B", "get_memory_footprint",
+        "weight_bytes": Metric.measured(weight_bytes(model), "B", "tensor_bytes_with_quant_state",
                                         quant_note),
         "bits_nominal": Metric.measured(settings["bits"], "bits", "nominal_bits"),
         "load_memory_peak": load_window.metrics()["memory_peak"],

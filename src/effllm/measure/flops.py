@@ -1,13 +1,17 @@
-"""FLOP counting with torch's FlopCounterMode, with the CPU attention gap closed.
+"""FLOP counting with torch's FlopCounterMode, with two silent gaps closed.
 
 On CPU, ``F.scaled_dot_product_attention`` dispatches to
 ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward), which FlopCounterMode does
 not know and silently counts as 0 (measurement.md §7). We map those ops to torch's own SDPA
-formulas. Counting runs Python per op: do it in a separate pass, never inside a timed loop.
+formulas. bitsandbytes' 4-bit matmuls (QLoRA's forward) are custom ops, also counted as 0; we
+count them as the dense matmul they compute. Counting runs Python per op: do it in a separate
+pass, never inside a timed loop.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Callable
 
 import torch
@@ -29,14 +33,28 @@ def _cpu_sdpa_backward(grad_out, query, key, value, *args, **kwargs) -> int:
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
+def _matmul_4bit(a_shape, b_shape, shape_b, *args, **kwargs) -> int:
+    # A [..., K] times the dequantised weight [N, K] (shape_b) transposed.
+    return 2 * math.prod(a_shape[:-1]) * shape_b[0] * shape_b[1]
+
+
 CPU_MAPPING = {
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
 }
 
 
+def _mapping() -> dict:
+    """CPU_MAPPING plus bitsandbytes' 4-bit ops once bitsandbytes is loaded (its ops exist only
+    after import, and importing it here would slow every count)."""
+    if "bitsandbytes" not in sys.modules:
+        return CPU_MAPPING
+    ops = torch.ops.bitsandbytes
+    return {**CPU_MAPPING, ops.gemm_4bit: _matmul_4bit, ops.gemv_4bit: _matmul_4bit}
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """Total FLOPs of running ``fn()`` once (forward and whatever backward it calls)."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_MAPPING) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_mapping()) as counter:
         fn()
     return int(counter.get_total_flops())

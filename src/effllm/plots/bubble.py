@@ -42,22 +42,13 @@ SMALL = 0.3  # below this value the number goes beside the bubble, not on it
 SIZE_KEY = (0.25, 0.5, 1.0)
 
 
-def _si(n: float) -> str:
-    """A parameter count as 12.3M / 1.50B."""
-    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            v = n / div
-            return f"{v:.3g}{suffix}"
-    return f"{n:.0f}"
-
-
 def params_caption(row: pd.Series) -> str:
     """The text under a column: total and active parameters, each when the table has it."""
     lines = []
     for col, word in (("params_total", "total"), ("params_active", "active")):
         value = row.get(col, np.nan)
         if value is not None and math.isfinite(value):
-            lines.append(f"{_si(value)} {word}")
+            lines.append(f"{style.si_count(value)} {word}")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 
 import matplotlib
@@ -84,6 +85,16 @@ def technique_colour(label: str) -> str | tuple:
         return _BY_KEY[key]
     digest = hashlib.sha256(key.encode()).digest()  # not hash(): that changes per process
     return _FALLBACK[digest[0] % len(_FALLBACK)]
+
+
+def si_count(n: float) -> str:
+    """A count such as a parameter number as 12.3M / 1.50B; empty when not finite."""
+    if not math.isfinite(n):
+        return ""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}"
+    return f"{n:.0f}"
 
 
 def metric_label(name: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import effllm.models  # noqa: F401 - registers our config with the Auto classes
 from effllm.inference.evaluate import completion_scores, reasoning_metrics
@@ -44,7 +44,12 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     measure = settings["measure"]
     seed_everything(spec["seed"], measure["threads"])
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if tokenizer.pad_token_id is None:  # hub models (Llama) often have none; padding is masked
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer of {base_dir} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    method = settings["method"]
+    model, base_note = methods.load_base(base_dir, method)
     train_set = read_split(reasoning_dir, "train")[: train_cfg["max_samples"]]
     val_set = read_split(reasoning_dir, "validation")
     test_set = read_split(reasoning_dir, "test")[: train_cfg["eval_problems"]]
@@ -61,7 +66,7 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     if steps <= warmup_steps:
         raise ValueError(f"{steps} fine-tuning steps leave none after {warmup_steps} warm-up")
 
-    model, optimizer = methods.prepare(model, settings["method"], train_cfg["lr"])
+    model, optimizer = methods.prepare(model, method, train_cfg["lr"])
     params_total, params_trainable = count_params(model)
     batches = epoch_batches(examples, batch_size, tokenizer.pad_token_id, spec["seed"])
 
@@ -94,13 +99,26 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
                                 measure.get("peak_flops"))
 
     with atomic_dir(model_out) as tmp:
-        if settings["method"]["name"] in methods.ADAPTER_METHODS:
+        if method["name"] in methods.ADAPTER_METHODS:
             model.save_pretrained(Path(tmp) / "adapter", safe_serialization=True)
-        methods.merged(model).save_pretrained(tmp, safe_serialization=True)
+        methods.merged(model, base_dir).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+    quant = method.get("quantized_base")
+    execution = {
+        # How the method ran. Full is plain single-process fine-tuning here; the paper's
+        # Full* used DeepSpeed ZeRO-3 with offload on 8 GPUs (protocol §4).
+        "backend": "single-process",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "base_precision": f"{quant['quant_type']} (bitsandbytes 4-bit"
+                          f"{', double quant' if quant['double_quant'] else ''})"
+                          if quant else "fp32",
+        "lr": train_cfg["lr"],
+        "notes": [n for n in (base_note,) if n],
+    }
     record = RunRecord.for_run(
         spec, start, metrics,
         series={"train_loss": log.losses, "step_seconds": log.seconds},
+        execution=execution,
     )
     record.save(record_out)
     return record

@@ -196,7 +196,9 @@ def count_params(model) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        state = getattr(p, "quant_state", None)  # bitsandbytes 4-bit: two weights per byte
+        n = state.shape.numel() if state is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
     return total, trainable
 

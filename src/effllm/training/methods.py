@@ -42,6 +42,28 @@ def _freeze_first_layers(model, n_layers: int):
     return model
 
 
+def load_base(model_dir, method: dict):
+    """The model a method starts from: fp32, or for QLoRA (an adapter method with
+    ``quantized_base``) NF4/FP4 linears frozen in bitsandbytes 4-bit, prepared for k-bit
+    training (norms and head in fp32, input gradients on). Returns (model, notes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import effllm.models  # noqa: F401 - registers our config with the Auto classes
+
+    quant = method.get("quantized_base")
+    if not quant:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), None
+    from peft import prepare_model_for_kbit_training
+
+    from effllm.models.quantize import load_quantised
+
+    model, note = load_quantised(model_dir, "int4", quant, dtype=torch.float32)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.train()  # never evaluate a 4-bit model before training it (measurement.md §10)
+    return model, note
+
+
 def prepare(model, method: dict, lr: float, weight_decay: float = 0.0):
     """Wrap ``model`` for ``method``; return (trainable model, optimiser)."""
     import torch
@@ -66,6 +88,27 @@ def prepare(model, method: dict, lr: float, weight_decay: float = 0.0):
     return model, adamw(model, lr, weight_decay)
 
 
-def merged(model):
-    """A plain model with the adapter folded in (or the model itself for Freeze and Full)."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+def merged(model, base_dir=None):
+    """A plain model with the adapter folded in (or the model itself for Freeze and Full).
+
+    A QLoRA adapter is folded into a fresh fp32 copy of the base from ``base_dir`` (the usual
+    QLoRA practice: merging into 4-bit weights would re-quantise them); it was trained against
+    the 4-bit base, so the merged model differs from the trained one by the base's quantisation
+    error."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    if not getattr(model, "is_loaded_in_4bit", False) and not getattr(
+            model.get_base_model(), "is_loaded_in_4bit", False):
+        return model.merge_and_unload()
+    import tempfile
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if base_dir is None:
+        raise ValueError("merging a QLoRA adapter needs the base model's directory")
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        return PeftModel.from_pretrained(base, tmp).merge_and_unload()

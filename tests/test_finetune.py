@@ -1,0 +1,346 @@
+"""The fine-tuning stage beyond the methods' own maths: Hugging Face bases read from a local
+cache (with clear errors), the sweep's per-method settings, QLoRA on a 4-bit base, the FLOPs an
+adapter method really spends, and one whole run on a hub model.
+
+The "hub" here is a cache folder laid out as huggingface_hub lays it out
+(``models--org--name/snapshots/<commit>``, ``refs/main``) holding a tiny transformers Llama and
+the stdlib tokenizer: the same reading path as a cluster's cache, without a network.
+"""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from effllm.config import ConfigError, check_config, load_yaml
+from effllm.data import DataSourceError
+from effllm.data.hub import cached_model, prepare_hub_model
+from effllm.data.tokenizer import load_tokenizer
+from effllm.measure import count_flops
+from effllm.sweep import expand_runs
+from effllm.training import methods
+from effllm.training.loop import count_params
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+REPO = "tiny-org/tiny-llama"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NF4 = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "fp32"}
+
+
+def llama(vocab: int, tokenizer=None) -> LlamaForCausalLM:
+    """A tiny Llama whose linear widths suit the CPU 4-bit kernels (multiples of 64)."""
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id) if tokenizer else {}
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, **ids))
+
+
+def fake_cache(root: Path, stdlib_tokens: Path, repo: str = REPO, *, weights=True,
+               config_extra: dict | None = None) -> Path:
+    """A Hugging Face hub cache at ``root`` holding ``repo`` at COMMIT; returns the snapshot."""
+    tokenizer = load_tokenizer(stdlib_tokens / "tokenizer")
+    snapshot = root / f"models--{repo.replace('/', '--')}" / "snapshots" / COMMIT
+    model = llama(len(tokenizer), tokenizer)
+    model.save_pretrained(snapshot, safe_serialization=True)
+    tokenizer.save_pretrained(snapshot)
+    if not weights:
+        for path in snapshot.glob("*.safetensors"):
+            path.unlink()
+    if config_extra:
+        config = json.loads((snapshot / "config.json").read_text())
+        (snapshot / "config.json").write_text(json.dumps({**config, **config_extra}))
+    refs = snapshot.parents[1] / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    (refs / "main").write_text(COMMIT)
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, stdlib_tokens) -> Path:
+    """A cache with one good model; tests point huggingface_hub at it with ``use_cache``."""
+    root = tmp_path_factory.mktemp("hub")
+    fake_cache(root, stdlib_tokens)
+    return root
+
+
+@pytest.fixture
+def use_cache(monkeypatch):
+    """Point huggingface_hub's default cache (read once at import) at a folder."""
+    from huggingface_hub import constants
+
+    return lambda root: monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+
+
+# ------------------------------------------------------------------------------- the local cache
+
+def test_cached_model_finds_the_snapshot(hub):
+    snapshot = cached_model(REPO, cache_dir=hub)
+    assert snapshot.name == COMMIT and (snapshot / "config.json").is_file()
+    assert cached_model(REPO, revision=COMMIT, cache_dir=hub) == snapshot
+
+
+def test_missing_model_error_says_how_to_fetch_it(tmp_path):
+    with pytest.raises(DataSourceError, match=r"not in the local Hugging Face cache.*hf download "
+                                              r"other/model"):
+        cached_model("other/model", cache_dir=tmp_path)
+
+
+def test_model_without_safetensors_is_refused(tmp_path, stdlib_tokens):
+    fake_cache(tmp_path, stdlib_tokens, weights=False)
+    with pytest.raises(DataSourceError, match="no .safetensors weights"):
+        cached_model(REPO, cache_dir=tmp_path)
+
+
+def test_model_needing_remote_code_is_refused(tmp_path, stdlib_tokens):
+    fake_cache(tmp_path, stdlib_tokens, config_extra={"auto_map": {"AutoModel": "x.Y"}})
+    with pytest.raises(DataSourceError, match="remote code"):
+        cached_model(REPO, cache_dir=tmp_path)
+
+
+def test_prepared_hub_model_links_the_snapshot_and_loads(hub, use_cache, tmp_path):
+    use_cache(hub)
+    card = prepare_hub_model(REPO, None, tmp_path / "model")
+    out = tmp_path / "model"
+    assert card["revision"] == COMMIT
+    assert {f["path"] for f in card["files"]} >= {"config.json", "model.safetensors",
+                                                  "tokenizer.json"}
+    assert (out / "model.safetensors").is_symlink()  # the weights are not copied
+    assert json.loads((out / "hub_card.json").read_text())["repo_id"] == REPO
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model) is LlamaForCausalLM
+
+
+# ------------------------------------------------------------------------ config and the sweep
+
+def with_hub(config: dict, bases=("gqa-small", "tiny-llama")) -> dict:
+    config = copy.deepcopy(config)
+    config["hub_models"] = {"tiny-llama": {"repo_id": REPO}}
+    config["finetune"]["bases"] = list(bases)
+    return config
+
+
+def test_hub_base_becomes_a_hub_upstream(config, schema, hub, use_cache):
+    use_cache(hub)
+    runs = expand_runs(check_config(with_hub(config), schema))["finetune"]
+    lora = runs["lora-tiny-llama-s0"]
+    assert lora.upstream == "hub/tiny-llama" and lora.size == "tiny-llama"
+    assert runs["lora-gqa-small-s0"].upstream == "pretrain/gqa-small-s0"
+
+
+def test_uncached_hub_base_is_refused_up_front(config, schema, use_cache, tmp_path):
+    use_cache(tmp_path)  # an empty cache
+    with pytest.raises(ConfigError, match=r"'hub_models.tiny-llama.repo_id'.*hf download"):
+        check_config(with_hub(config), schema)
+    check_config(with_hub(config, bases=["gqa-small"]), schema)  # listed but unused: fine
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: c["finetune"].__setitem__("bases", ["llama-7b"]), "finetune.bases.0"),
+    (lambda c: c["hub_models"].__setitem__("gqa-small", {"repo_id": "a/b"}),
+     "hub_models.gqa-small"),
+    (lambda c: c["finetune"].__setitem__("quantized_base", True), "finetune.base_quant"),
+    (lambda c: c["finetune"].update(quantized_base=True, base_quant=NF4),
+     "finetune.quantized_base': PiSSA"),  # PiSSA is among the methods
+    (lambda c: c["finetune"].__setitem__("lr_by_method", {"qlora": 1e-3}),
+     "finetune.lr_by_method': 'qlora"),
+    (lambda c: c["finetune"].update(methods=["lora"], lr_by_method={"full": 1e-3}),
+     "finetune.lr_by_method': .*full.* not in finetune.methods"),
+    (lambda c: c["finetune"].update(base_quant={**NF4, "quant_type": "int3"}),
+     "finetune.base_quant.quant_type"),
+])
+def test_bad_finetune_config_names_the_key(config, schema, hub, use_cache, mutate, key):
+    use_cache(hub)
+    bad = with_hub(config)
+    mutate(bad)
+    with pytest.raises(ConfigError, match=f"'{key}"):
+        check_config(bad, schema)
+
+
+def test_lr_by_method_and_quantized_base_touch_only_their_methods(config, schema):
+    plain = expand_runs(check_config(copy.deepcopy(config), schema))["finetune"]
+    changed = copy.deepcopy(config)
+    changed["finetune"]["methods"] = [m for m in config["finetune"]["methods"] if m != "pissa"]
+    changed["finetune"].update(quantized_base=True, base_quant=NF4,
+                               lr_by_method={"lora_plus": 1e-4})
+    qlora = expand_runs(check_config(changed, schema))["finetune"]
+    for name, run in qlora.items():
+        method = run.technique
+        assert run.settings["train"]["lr"] == (1e-4 if method == "lora_plus"
+                                               else config["finetune"]["lr"])
+        if method in ("freeze", "full"):  # untouched: same settings, so no retraining
+            assert run.spec() == plain[name].spec()
+            assert "quantized_base" not in run.settings["method"]
+        else:
+            assert run.settings["method"]["quantized_base"] == NF4
+            assert plain[name].settings["method"]["quantized_base"] is None
+
+
+def test_dry_run_links_a_hub_model_before_fine_tuning(tmp_path, hub, repo_root):
+    """The DAG reads the hub model through one ``hub_model`` job per model."""
+    config = with_hub(load_yaml(repo_root / "config/smoke.yaml"))
+    config["finetune"]["bases"] = ["tiny-llama"]
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config/test.yaml").write_text(json.dumps(config))
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    result = subprocess.run(
+        [snakemake, "--snakefile", str(repo_root / "Snakefile"), "-n", "--configfile",
+         "config/test.yaml", "--cores", "1", "all"], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"})
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "results/hub/tiny-llama/model" in out
+    methods_n = len(config["finetune"]["methods"])
+    counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
+              if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert counts["hub_model"] == 1 and counts["finetune"] == methods_n
+
+
+# ----------------------------------------------------------------------------------- QLoRA
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("llama")
+    llama(256).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def lora_spec(**kw):
+    return {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": TARGETS,
+            "quantized_base": NF4, **kw}
+
+
+def train_steps(model, optimizer, steps=3):
+    torch.manual_seed(1)
+    ids = torch.randint(2, 256, (4, 16))
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def linears4bit(model):
+    import bitsandbytes as bnb
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def test_qlora_base_is_4bit_frozen_and_bit_identical_after_training(saved_llama):
+    pytest.importorskip("bitsandbytes")
+    base, note = methods.load_base(saved_llama, lora_spec())
+    assert note is None  # every width suits the kernels
+    quantised = linears4bit(base)
+    assert len(quantised) == 2 * len(TARGETS)  # every targeted linear of both layers
+    assert all(m.weight.dtype == torch.uint8 for m in quantised.values())
+    fp32_total, _ = count_params(AutoModelForCausalLM.from_pretrained(saved_llama))
+    model, optimizer = methods.prepare(base, lora_spec(), lr=1e-2)
+    total, trainable = count_params(model)
+    adapters = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == sum(p.numel() for p in adapters.values())
+    assert total == fp32_total + trainable  # 4-bit weights counted as the weights they stand for
+    before = {n: (m.weight.data.clone(), m.weight.quant_state.absmax.clone())
+              for n, m in linears4bit(model).items()}
+    train_steps(model, optimizer)
+    for name, module in linears4bit(model).items():
+        assert torch.equal(module.weight.data, before[name][0]), name
+        assert torch.equal(module.weight.quant_state.absmax, before[name][1]), name
+    assert any(not torch.equal(p, adapters[n]) for n, p in model.named_parameters()
+               if "lora_B" in n)
+
+
+def test_qlora_merges_into_the_fp32_base_exactly(saved_llama):
+    pytest.importorskip("bitsandbytes")
+    base, _ = methods.load_base(saved_llama, lora_spec())
+    model, optimizer = methods.prepare(base, lora_spec(), lr=1e-2)
+    train_steps(model, optimizer)
+    plain = methods.merged(model, saved_llama)
+    assert type(plain) is LlamaForCausalLM and not linears4bit(plain)
+    fp32 = AutoModelForCausalLM.from_pretrained(saved_llama)
+    scaling = 8 / 4
+    for layer in range(2):
+        for proj in ("self_attn.q_proj", "mlp.down_proj"):
+            name = f"model.layers.{layer}.{proj}"
+            wrapped = model.get_submodule(f"base_model.model.{name}")
+            delta = wrapped.lora_B["default"].weight @ wrapped.lora_A["default"].weight
+            expected = fp32.get_submodule(name).weight + scaling * delta
+            torch.testing.assert_close(plain.get_submodule(name).weight, expected)
+    with pytest.raises(ValueError, match="base model's directory"):
+        methods.merged(model)
+
+
+# ----------------------------------------------------------------------------------- FLOPs
+
+def test_adapter_backward_skips_frozen_weight_gradients(saved_llama):
+    """Full fine-tuning costs ≈ 6N FLOPs per token (forward 2N, backward 4N); LoRA's backward
+    computes input gradients but no frozen weight gradients, ≈ 4N. With r ≪ width the measured
+    ratio is close to 2/3 (attention scores and the head add a little to both)."""
+    ids = torch.randint(2, 256, (2, 32))
+
+    def step_flops(spec):
+        model = AutoModelForCausalLM.from_pretrained(saved_llama)
+        model, _ = methods.prepare(model, spec, lr=1e-3)
+        model.train()
+        return count_flops(lambda: model(input_ids=ids, labels=ids).loss.backward())
+
+    full = step_flops({"name": "full"})
+    lora = step_flops(lora_spec(quantized_base=None, r=1))
+    assert 0.6 < lora / full < 0.75, lora / full
+
+
+def test_qlora_flops_count_the_4bit_matmuls(saved_llama):
+    """bitsandbytes' 4-bit forward is a custom op the FLOP counter would count as 0: QLoRA does
+    the arithmetic of LoRA on a dense base, so the counts must be equal."""
+    pytest.importorskip("bitsandbytes")
+    ids = torch.randint(2, 256, (2, 32))
+    counts = []
+    for spec in (lora_spec(), lora_spec(quantized_base=None)):
+        base, _ = methods.load_base(saved_llama, spec)
+        model, _ = methods.prepare(base, spec, lr=1e-3)
+        model.train()
+        counts.append(count_flops(lambda: model(input_ids=ids, labels=ids).loss.backward()))
+    assert counts[0] == counts[1]
+
+
+# -------------------------------------------------------------------------- a whole hub run
+
+def test_qlora_run_on_a_hub_model_end_to_end(tmp_path, hub, use_cache, config, schema):
+    """Link the cached Llama, fine-tune it with LoRA on a 4-bit base, and read the record."""
+    from effllm.data.reasoning import prepare_reasoning
+    from effllm.records import load_record
+    from effllm.training.finetune import run_finetune
+
+    use_cache(hub)
+    prepare_hub_model(REPO, None, tmp_path / "base")
+    reasoning = {"source": "synthetic", "synthetic": {
+        "operations": ["add"], "min_digits": 1, "max_digits": 2, "n_train": 64,
+        "n_validation": 8, "n_test": 8}}
+    prepare_reasoning(reasoning, 0, tmp_path / "reasoning")
+    config = with_hub(config, bases=["tiny-llama"])
+    config["finetune"].update(methods=["lora"], quantized_base=True, base_quant=NF4,
+                              batch_size=4, max_steps=8, eval_problems=4, max_new_tokens=40,
+                              max_length=64)
+    config["measure"]["warmup_steps"] = 2
+    spec = expand_runs(check_config(config, schema))["finetune"]["lora-tiny-llama-s0"].spec()
+    run_finetune(spec, tmp_path / "base", tmp_path / "reasoning", tmp_path / "out",
+                 tmp_path / "record.json")
+    record = load_record(tmp_path / "record.json")
+    execution = record.provenance["execution"]
+    assert execution["base_precision"].startswith("nf4 (bitsandbytes 4-bit")
+    assert execution["backend"] == "single-process"
+    m = record.metrics
+    assert 0 < m["params_trainable"].value < m["params_total"].value
+    assert len(record.series["train_loss"]) == 8
+    assert all(math.isfinite(x) for x in record.series["train_loss"])
+    assert m["exact_match"].status == "measured" and math.isfinite(m["val_loss"].value)
+    assert (tmp_path / "out/adapter/adapter_model.safetensors").is_file()
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out")) is LlamaForCausalLM
