@@ -44,3 +44,22 @@ def stdlib_tokens(tmp_path_factory) -> Path:
     prepare_corpus(corpus, split, 0, root / "corpus")
     build_tokenizer(root / "corpus", {"vocab_size": 400, "min_frequency": 2}, root / "tokens")
     return root / "tokens"
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory, stdlib_tokens) -> Path:
+    """A hub cache holding one good model (``hubcache.REPO``); point huggingface_hub at it with
+    ``use_cache``."""
+    from hubcache import fake_cache
+
+    root = tmp_path_factory.mktemp("hub")
+    fake_cache(root, stdlib_tokens)
+    return root
+
+
+@pytest.fixture
+def use_cache(monkeypatch):
+    """Point huggingface_hub's default cache (read once at import) at a folder."""
+    from huggingface_hub import constants
+
+    return lambda root: monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))

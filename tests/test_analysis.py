@@ -133,6 +133,90 @@ def test_block_table_averages_seeds_with_spread(tmp_path):
         block_table(df, "position", ["perplexity"])
 
 
+# --- inference tables (9 and 16) --------------------------------------------------------------------
+
+def _served(extra=lambda model, precision, seed: {}):
+    """Two served models x three precisions (listed narrowest first) x two seeds; AEC is
+    unavailable everywhere and weight bytes are not in the table at all."""
+    rows = []
+    for seed in (0, 1):
+        for model in ("hub/Qwen2.5-7B", "finetune/lora-gqa-small-s0"):
+            for precision in ("int4", "fp16", "bf16"):
+                row = {"block": "inference", "stage": "inference", "group": model,
+                       "label": precision, "technique": precision, "model_size": "7B",
+                       "seed": seed}
+                values = {"performance": 0.5 + 0.1 * seed, "amu": 2.0, "al": 1.0,
+                          "prefill_latency": 0.1, "decode_latency": 0.03, "it": 30.0 + seed,
+                          "aec": NAN, "mcr_nominal": 1.0, "mcr_measured": 1.1,
+                          "exact_match": 0.4, "token_accuracy": 0.6,
+                          **extra(model, precision, seed)}
+                for m, v in values.items():
+                    row[m] = v
+                    row[f"{m}__status"] = "unavailable" if np.isnan(v) else "measured"
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_table9_inference_columns_rows_and_missing(tmp_path):
+    from effllm.analysis.paper_tables import paper_table, write_paper_table
+
+    df = _served()
+    table = paper_table(df, "table9_inference")
+    shown = [c for c in table.columns if "__" not in c]
+    assert shown == ["model", "precision", "size", "seeds", "performance", "amu", "al",
+                     "prefill_latency", "decode_latency", "it", "aec", "mcr_nominal",
+                     "mcr_measured"]  # weight_bytes: no column, left out
+    assert list(table["model"]) == ["hub/Qwen2.5-7B"] * 3 + ["finetune/lora-gqa-small-s0"] * 3
+    assert list(table["precision"]) == ["bf16", "fp16", "int4"] * 2  # widest first
+    assert table["performance"].tolist() == pytest.approx([0.55] * 6)
+    assert table["it__std"].tolist() == pytest.approx([0.5 ** 0.5] * 6)
+    assert table["aec"].isna().all() and (table["aec__status"] == "unavailable").all()
+    path = tmp_path / "normalised.csv"
+    df.to_csv(path, index=False)
+    write_paper_table(path, "table9_inference", tmp_path / "t9")
+    md = (tmp_path / "t9.md").read_text().splitlines()
+    assert md[0].startswith("| model | precision | size | seeds | Perf")
+    assert all(line.split("|")[11].strip() == "n/a" for line in md[2:])  # AEC
+    csv = pd.read_csv(tmp_path / "t9.csv", keep_default_na=False)
+    assert (csv["aec"] == "").all()  # blank, not 0
+    assert (tmp_path / "t9.tex").read_text().count("n/a") == 6
+
+
+def test_table16_offline_falls_back_to_the_performance_components():
+    from effllm.analysis.paper_tables import paper_table
+
+    columns = lambda t: [c for c in t.columns if "__" not in c][4:]  # noqa: E731
+    assert columns(paper_table(_served(), "table16_tasks")) == [
+        "exact_match", "token_accuracy", "performance"]
+    # a task column without any value (harness off) is no task score to show
+    empty = _served(lambda *_: {"task_bbh": NAN})
+    assert columns(paper_table(empty, "table16_tasks")) == [
+        "exact_match", "token_accuracy", "performance"]
+
+
+def test_table16_orders_tasks_paper_six_first_and_leaves_missing_blank(tmp_path):
+    from effllm.analysis.paper_tables import paper_table
+    from effllm.analysis.tables import to_markdown
+
+    def scores(model, precision, seed):
+        out = {"task_musr": 0.3, "task_zeta": 0.2, "task_bbh": 0.4, "task_mmlu_pro": 0.5,
+               "task_arc_easy": 0.7}
+        if model == "hub/Qwen2.5-7B" and precision == "int4":
+            out["task_bbh"] = NAN  # this cell has no BBH score at any seed
+        return out
+
+    table = paper_table(_served(scores), "table16_tasks")
+    assert [c for c in table.columns if "__" not in c] == [
+        "model", "precision", "size", "seeds", "task_mmlu_pro", "task_bbh", "task_musr",
+        "task_arc_easy", "task_zeta", "performance"]
+    md = to_markdown(table).splitlines()
+    assert md[0].split("|")[5:8] == [" MMLU-Pro [fraction] ", " BBH [fraction] ",
+                                     " MuSR [fraction] "]
+    int4 = next(line for line in md if "hub/Qwen2.5-7B | int4" in line).split("|")
+    assert int4[6].strip() == "n/a" and int4[5].strip() == "0.500 \u00b1 0"
+    assert pd.isna(table.loc[2, "task_bbh"]) and table.loc[2, "task_bbh__status"] == "unavailable"
+
+
 # --- compression ----------------------------------------------------------------------------------
 
 def _inference(rows):

@@ -150,6 +150,12 @@ def test_paper_scale_config_merges_and_expands(repo_root, schema):
     assert ("moe-1.5b", "Dense 3B") in [(m.group, m.label) for m in runs["gqa-3b-s0"].memberships]
     assert "gqa-3b-s0" in runs and "mamba-3b-s0" in runs and "alibi-1.5b-s0" not in runs
     assert len(runs) == 4 * 3 + 4 + 2 + 3 * 3  # attention, position, MoE, attention-free
+    finetune, inference = expand_runs(config)["finetune"], expand_runs(config)["inference"]
+    assert len(finetune) == 7 * 7 and all(r.upstream.startswith("hub/") for r in finetune.values())
+    assert len(inference) == 9 * 3 and {r.upstream for r in inference.values()} == {
+        f"hub/{name}" for name in config["inference"]["hub_models"]}
+    assert all(r.settings["harness"]["tasks"] == ["MMLU-Pro", "BBH", "GPQA", "IFEval", "MATH",
+                                                  "MuSR"] for r in inference.values())
 
 
 def test_downstream_and_display_settings_never_change_pretraining_params(config, schema):

@@ -2,9 +2,7 @@
 cache (with clear errors), the sweep's per-method settings, QLoRA on a 4-bit base, the FLOPs an
 adapter method really spends, and one whole run on a hub model.
 
-The "hub" here is a cache folder laid out as huggingface_hub lays it out
-(``models--org--name/snapshots/<commit>``, ``refs/main``) holding a tiny transformers Llama and
-the stdlib tokenizer: the same reading path as a cluster's cache, without a network.
+The "hub" is a cache folder built by ``hubcache`` (a tiny Llama and the stdlib tokenizer).
 """
 
 import copy
@@ -17,68 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from effllm.config import ConfigError, check_config, load_yaml
 from effllm.data import DataSourceError
 from effllm.data.hub import cached_model, prepare_hub_model
-from effllm.data.tokenizer import load_tokenizer
 from effllm.measure import count_flops
 from effllm.sweep import expand_runs
 from effllm.training import methods
 from effllm.training.loop import count_params
+from hubcache import COMMIT, REPO, fake_cache, llama
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-REPO = "tiny-org/tiny-llama"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NF4 = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "fp32"}
-
-
-def llama(vocab: int, tokenizer=None) -> LlamaForCausalLM:
-    """A tiny Llama whose linear widths suit the CPU 4-bit kernels (multiples of 64)."""
-    torch.manual_seed(0)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id) if tokenizer else {}
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, **ids))
-
-
-def fake_cache(root: Path, stdlib_tokens: Path, repo: str = REPO, *, weights=True,
-               config_extra: dict | None = None) -> Path:
-    """A Hugging Face hub cache at ``root`` holding ``repo`` at COMMIT; returns the snapshot."""
-    tokenizer = load_tokenizer(stdlib_tokens / "tokenizer")
-    snapshot = root / f"models--{repo.replace('/', '--')}" / "snapshots" / COMMIT
-    model = llama(len(tokenizer), tokenizer)
-    model.save_pretrained(snapshot, safe_serialization=True)
-    tokenizer.save_pretrained(snapshot)
-    if not weights:
-        for path in snapshot.glob("*.safetensors"):
-            path.unlink()
-    if config_extra:
-        config = json.loads((snapshot / "config.json").read_text())
-        (snapshot / "config.json").write_text(json.dumps({**config, **config_extra}))
-    refs = snapshot.parents[1] / "refs"
-    refs.mkdir(parents=True, exist_ok=True)
-    (refs / "main").write_text(COMMIT)
-    return snapshot
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory, stdlib_tokens) -> Path:
-    """A cache with one good model; tests point huggingface_hub at it with ``use_cache``."""
-    root = tmp_path_factory.mktemp("hub")
-    fake_cache(root, stdlib_tokens)
-    return root
-
-
-@pytest.fixture
-def use_cache(monkeypatch):
-    """Point huggingface_hub's default cache (read once at import) at a folder."""
-    from huggingface_hub import constants
-
-    return lambda root: monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
 
 
 # ------------------------------------------------------------------------------- the local cache
@@ -102,9 +51,17 @@ def test_model_without_safetensors_is_refused(tmp_path, stdlib_tokens):
 
 
 def test_model_needing_remote_code_is_refused(tmp_path, stdlib_tokens):
-    fake_cache(tmp_path, stdlib_tokens, config_extra={"auto_map": {"AutoModel": "x.Y"}})
-    with pytest.raises(DataSourceError, match="remote code"):
+    fake_cache(tmp_path, stdlib_tokens, config_extra={"auto_map": {"AutoModel": "x.Y"},
+                                                      "model_type": "my_own_llama"})
+    with pytest.raises(DataSourceError, match="remote code.*my_own_llama"):
         cached_model(REPO, cache_dir=tmp_path)
+
+
+def test_leftover_auto_map_of_a_native_family_is_accepted(tmp_path, stdlib_tokens):
+    """Phi-3.5-mini's config still names remote code, but transformers has the class."""
+    fake_cache(tmp_path, stdlib_tokens, config_extra={"auto_map": {"AutoModel": "x.Y"}})
+    snapshot = cached_model(REPO, cache_dir=tmp_path)
+    assert type(AutoModelForCausalLM.from_pretrained(snapshot)) is LlamaForCausalLM
 
 
 def test_prepared_hub_model_links_the_snapshot_and_loads(hub, use_cache, tmp_path):

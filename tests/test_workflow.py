@@ -17,7 +17,7 @@ from effllm.records import validate_record
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 FIGURE_RULES = {"inference_radar", "attention_radar", "position_bars", "moe_bubbles",
-                "finetune_mirrored", "finetune_area"}
+                "finetune_mirrored", "finetune_area", "inference_rose"}
 STAGE_RULES = {"prepare_corpus", "train_tokenizer", "prepare_reasoning", "pretrain", "finetune",
                "inference", "aggregate", "normalise", "paper_table", "all"} | FIGURE_RULES
 
@@ -59,8 +59,9 @@ def test_dry_run_holds_every_stage(tmp_path, configfile):
 
     config = yaml.safe_load((ROOT / configfile).read_text())
     assert counts["pretrain"] == len(expand_runs(config)["pretrain"])
-    assert counts["paper_table"] == 5  # tables 3-6 and 7 (fine-tuning)
+    assert counts["paper_table"] == 7  # tables 3-6, 7 (fine-tuning), 9 and 16 (inference)
     assert counts["finetune_mirrored"] == counts["finetune_area"] == 1
+    assert counts["inference_rose"] == 1
     assert counts["inference"] == counts["finetune"] * len(config["inference"]["precisions"])
 
 
@@ -152,13 +153,14 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     for card in ("corpus", "tokens", "reasoning"):
         assert json.loads((cwd / f"results/data/{card}/card.json").read_text())
     for name in ("inference_radar", "fig3a_attention_radar", "fig3b_position_bars",
-                 "fig3c_moe_bubbles", "fig4a_finetune_mirrored", "fig4b_finetune_area"):
+                 "fig3c_moe_bubbles", "fig4a_finetune_mirrored", "fig4b_finetune_area",
+                 "fig5_inference_rose"):
         for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
             fig = cwd / f"paper_figures/{name}.{ext}"
             assert fig.read_bytes()[:4] == magic and fig.stat().st_size > 5000
     assert (cwd / "results/tables/normalised.csv").stat().st_size > 0
     for table in ("table3_attention", "table4_position", "table5_moe", "table6_attention_free",
-                  "table7_finetune"):
+                  "table7_finetune", "table9_inference", "table16_tasks"):
         for ext in ("csv", "md", "tex"):
             assert (cwd / f"results/tables/{table}.{ext}").stat().st_size > 100
     pre = {p.parts[-2]: json.loads(p.read_text()) for p in cwd.glob("results/pretrain/*/record.json")}

@@ -86,6 +86,18 @@ def check_semantics(config: dict) -> None:
         if known[base].settings["model"]["attention"] == "nsa":
             raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is an NSA model; "
                               "exact match decodes left-padded batches, which NSA refuses")
+    inf = config["inference"]
+    if not inf["sources"] and not inf.get("hub_models"):
+        raise ConfigError("config key 'inference.sources': empty, and inference.hub_models names "
+                          "no model either: nothing to serve")
+    for i, name in enumerate(inf.get("hub_models") or []):
+        if name not in hub:
+            raise ConfigError(f"config key 'inference.hub_models.{i}': {name!r} is not one of "
+                              f"hub_models ({sorted(hub)})")
+    harness = inf.get("harness")
+    if harness and harness.get("include_path") and not Path(harness["include_path"]).is_dir():
+        raise ConfigError(f"config key 'inference.harness.include_path': "
+                          f"{harness['include_path']} is not a folder of lm-eval task YAMLs")
     if "pretrain" in config["inference"]["sources"]:
         for run in known.values():
             model = run.settings["model"]
@@ -96,7 +108,6 @@ def check_semantics(config: dict) -> None:
                     "batches of the exact-match evaluation (NSA refuses them, RWKV lets the "
                     "padding into its state)")
     limit = pre["model"]["max_position_embeddings"]
-    inf = config["inference"]
     for what, length in (("pretrain.seq_len", pre["seq_len"]),
                          ("finetune.max_length", config["finetune"]["max_length"]),
                          ("inference.eval_max_length", inf["eval_max_length"]),
@@ -246,7 +257,8 @@ def check_sources(config: dict) -> None:
 def used_hub_models(config: dict) -> list[str]:
     """Hub models some stage reads (a listed but unused one need not be cached)."""
     hub = config.get("hub_models") or {}
-    return [name for name in hub if name in config["finetune"]["bases"]]
+    served = config["inference"].get("hub_models") or []
+    return [name for name in hub if name in config["finetune"]["bases"] or name in served]
 
 
 def check_config(config: dict, schema_path: str | os.PathLike) -> dict:

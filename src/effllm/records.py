@@ -38,8 +38,41 @@ class MetricInfo:
     description: str
 
 
+TASK_PREFIX = "task_"
+# The paper's six inference tasks (Open LLM Leaderboard v2, scored by lm-evaluation-harness):
+# metric name -> display label. ``inference.harness.tasks`` names them by label.
+PAPER_TASK_METRICS = {"task_mmlu_pro": "MMLU-Pro", "task_bbh": "BBH", "task_gpqa": "GPQA",
+                      "task_ifeval": "IFEval", "task_math": "MATH", "task_musr": "MuSR"}
+
+
+def task_metric(name: str) -> str:
+    """The metric name of a task score: ``MMLU-Pro`` -> ``task_mmlu_pro``."""
+    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    return TASK_PREFIX + "_".join(part for part in slug.split("_") if part)
+
+
+class _Catalogue(dict):
+    """Canonical metrics, plus any ``task_<name>``: a task score (a fraction, higher better),
+    since configured task lists are open-ended."""
+
+    def __missing__(self, name):
+        if isinstance(name, str) and name.startswith(TASK_PREFIX) and name != TASK_PREFIX:
+            label = name[len(TASK_PREFIX):]
+            return MetricInfo("fraction", True, label, f"score on task {label}")
+        raise KeyError(name)
+
+    def get(self, name, default=None):
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def __contains__(self, name) -> bool:
+        return self.get(name) is not None
+
+
 # Canonical metric names. Analysis and plots look directions and labels up here, nowhere else.
-METRICS: dict[str, MetricInfo] = {
+METRICS: dict[str, MetricInfo] = _Catalogue({
     # quality
     "perplexity": MetricInfo("1", False, "PPL", "exp(mean token NLL) on held-out corpus text"),
     "completion_perplexity": MetricInfo(
@@ -94,7 +127,9 @@ METRICS: dict[str, MetricInfo] = {
     "params_active": MetricInfo("params", False, "Active", "parameters used per token"),
     "params_trainable": MetricInfo("params", False, "Trainable", "parameters updated by training"),
     "kv_cache_bytes_per_token": MetricInfo("B/token", False, "KV B/tok", "KV-cache bytes per token"),
-}
+    **{name: MetricInfo("fraction", True, label, f"{label} score (lm-evaluation-harness)")
+       for name, label in PAPER_TASK_METRICS.items()},
+})
 
 
 class RecordError(ValueError):

@@ -234,21 +234,23 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
                               "measure": config["measure"]},
                     memberships=(_membership("finetune", base, method),),
                 )
-        served = [r for stage in inf["sources"] for r in runs[stage].values() if r.seed == seed]
-        for source in served:
+        served = [(r.name, r.run_id, r.size) for stage in inf["sources"]
+                  for r in runs[stage].values() if r.seed == seed]
+        served += [(f"{name}-s{seed}", f"hub/{name}", name) for name in inf.get("hub_models", [])]
+        for source_name, source_id, size in served:
             for precision in inf["precisions"]:
-                name = f"{precision}-{source.name}"
+                name = f"{precision}-{source_name}"
                 quant = inf.get(precision, {}) if precision in ("int4", "int8") else {}
                 eval_keys = ("batch_size", "prompt_tokens", "new_tokens", "warmup_runs",
                              "min_runs", "min_seconds", "eval_problems", "eval_max_new_tokens",
                              "eval_max_length", "ppl_tokens")
                 runs["inference"][name] = Run(
-                    "inference", name, precision, source.size, seed, group=source.run_id,
-                    upstream=source.run_id,
+                    "inference", name, precision, size, seed, group=source_id,
+                    upstream=source_id,
                     settings={"precision": precision, "bits": BITS[precision], "quant": quant,
                               "eval": {k: inf[k] for k in eval_keys},
-                              "measure": config["measure"]},
-                    memberships=(_membership("inference", source.run_id, precision),),
+                              "harness": inf.get("harness"), "measure": config["measure"]},
+                    memberships=(_membership("inference", source_id, precision),),
                 )
     return runs
 

@@ -79,6 +79,7 @@ FIGURE_BLOCKS = {  # figure → the block it draws
     "fig3c_moe_bubbles": "moe",
     "fig4a_finetune_mirrored": "finetune",
     "fig4b_finetune_area": "finetune",
+    "fig5_inference_rose": "inference",
     "inference_radar": "inference",
 }
 FIGURES = [
@@ -93,11 +94,13 @@ TABLE_BLOCKS = {
     "table5_moe": "moe",
     "table6_attention_free": "attention_free",
     "table7_finetune": "finetune",
+    "table9_inference": "inference",
+    "table16_tasks": "inference",
 }
 TABLES = [
     f"results/tables/{name}.{ext}"
     for name, block in TABLE_BLOCKS.items()
-    if block in blocks() or block == "finetune"
+    if block in blocks() or block in ("finetune", "inference")
     for ext in ("csv", "md", "tex")
 ]
 

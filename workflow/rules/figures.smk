@@ -44,6 +44,28 @@ rule inference_radar:
         "../scripts/figure_radar.py"
 
 
+rule inference_rose:
+    """Figure 5: one rose per precision, a sector per served model, a petal per metric."""
+    input:
+        normalised="results/tables/normalised.csv",
+        code=code("effllm.plots.rose"),
+    output:
+        pdf=report(
+            "paper_figures/fig5_inference_rose.pdf",
+            caption="../report/inference_rose.rst",
+            category="Inference",
+        ),
+        png="paper_figures/fig5_inference_rose.png",
+    params:
+        block="inference",
+        metrics=["performance", "it", "amu", "al", "aec", "mcr_nominal"],
+    log:
+        "logs/figures/inference_rose.log",
+    localrule: True
+    script:
+        "../scripts/figure_rose.py"
+
+
 rule position_bars:
     """Figure 3b: normalised metrics per positional encoding, raw perplexity as a line."""
     input:

@@ -4,7 +4,7 @@
 rule inference:
     input:
         model=upstream_model("inference"),
-        tokens="results/data/tokens",
+        corpus="results/data/corpus",
         reasoning="results/data/reasoning",
         code=run_code("inference", "effllm.inference.run"),
     output:

@@ -7,5 +7,5 @@ sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 from effllm.inference.run import run_inference  # noqa: E402
 
 sm = snakemake  # noqa: F821
-run_inference(json.loads(sm.params.spec), sm.input.model, sm.input.tokens, sm.input.reasoning,
+run_inference(json.loads(sm.params.spec), sm.input.model, sm.input.corpus, sm.input.reasoning,
               sm.output.record)

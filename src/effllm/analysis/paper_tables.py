@@ -2,23 +2,61 @@
 group, seeds averaged (mean, standard deviation and count), every metric with its status.
 
 Tables are named by content (the paper's numbering is inconsistent across its versions,
-protocol §7); the number in each name follows the digests (3 attention … 6 attention-free).
+protocol §7); the number in each name follows the digests (3 attention … 6 attention-free,
+7 fine-tuning, 9 quantised inference, 16 per-task scores of the quantised models).
+
+The inference tables (9 and 16) have one row per served model and precision: their ``group``
+and ``variant`` columns are called ``model`` and ``precision``, and the precisions of a model are
+listed widest first (:data:`PRECISION_ORDER`), as in the paper (bfloat16, float16, int4).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from effllm.analysis.aggregate import combine_status, companion, read_table
 from effllm.analysis.tables import write_table
+from effllm.records import PAPER_TASK_METRICS, TASK_PREFIX
 
 _PRETRAIN = ["params_total", "perplexity", "amu", "al", "tt", "tokens_per_s", "aec",
              "flops_per_token", "kv_cache_bytes_per_token", "decode_latency_long"]
-TABLES: dict[str, tuple[str, list[str]]] = {
+# Precisions from the widest to the narrowest; the paper's order is bfloat16, float16, int4.
+PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8", "int4")
+# Offline stand-ins for the task scores: the components of ``performance`` without the harness.
+OFFLINE_TASKS = ("exact_match", "token_accuracy")
+INFERENCE_RENAME = {"group": "model", "variant": "precision"}
+
+
+def present(*metrics: str) -> Callable[[pd.DataFrame], list[str]]:
+    """A table's metric list: those of ``metrics`` that the table has a column for, in order
+    (a metric no record reports at all, e.g. MCR without a reference run, is left out)."""
+    return lambda rows: [m for m in metrics if m in rows]
+
+
+def task_columns(rows: pd.DataFrame) -> list[str]:
+    """Task-score metrics of ``rows``, the paper's six first in the paper's order (MMLU-Pro, BBH,
+    GPQA, IFEval, MATH, MuSR), then any other ``task_*`` sorted. Without any task score value
+    (the offline default: no lm-evaluation-harness), the components of ``performance`` instead:
+    exact match and token accuracy."""
+    tasks = [c for c in rows.columns
+             if c.startswith(TASK_PREFIX) and "__" not in c and c != TASK_PREFIX]
+    tasks = ([t for t in PAPER_TASK_METRICS if t in tasks]
+             + sorted(t for t in tasks if t not in PAPER_TASK_METRICS))
+    if not any(rows[t].notna().any() for t in tasks):
+        tasks = [m for m in OFFLINE_TASKS if m in rows]
+    return tasks
+
+
+def _task_table(rows: pd.DataFrame) -> list[str]:
+    return [*task_columns(rows), "performance"]
+
+
+MetricList = Sequence[str] | Callable[[pd.DataFrame], list[str]]
+TABLES: dict[str, tuple[str, MetricList]] = {
     "table3_attention": ("attention", _PRETRAIN),
     "table4_position": ("position", _PRETRAIN),
     "table5_moe": ("moe", ["params_total", "params_active", *_PRETRAIN[1:]]),
@@ -28,6 +66,14 @@ TABLES: dict[str, tuple[str, list[str]]] = {
     "table7_finetune": ("finetune", ["params_trainable", "loss", "val_loss", "exact_match",
                                      "amu", "pcu", "mfu", "al", "st", "samples_per_s", "aec",
                                      "efficiency_score"]),
+    # Quantised inference (the paper's table 9: Avg performance, AMU, AL, IT, AEC, MCR), with
+    # AL split into time to first token and time per output token, and MCR both nominal (the
+    # paper's 16/bits) and from the bytes the weights take.
+    "table9_inference": ("inference", present(
+        "performance", "amu", "al", "prefill_latency", "decode_latency", "it", "aec",
+        "mcr_nominal", "mcr_measured", "weight_bytes")),
+    # Per-task scores of each model and precision (the paper's table 16).
+    "table16_tasks": ("inference", _task_table),
 }
 
 
@@ -63,12 +109,36 @@ def block_table(df: pd.DataFrame, block: str, metrics: Sequence[str]) -> pd.Data
     return pd.DataFrame(out)
 
 
-def write_paper_table(normalised_csv: str | os.PathLike, name: str,
-                      out_stem: str | os.PathLike) -> pd.DataFrame:
-    """Write one named table as CSV (raw numbers), Markdown and LaTeX."""
+def precision_key(precision: str) -> tuple[int, str]:
+    """Sort key of a precision label: :data:`PRECISION_ORDER`, unknown ones after, by name."""
+    p = str(precision).lower()
+    return (PRECISION_ORDER.index(p) if p in PRECISION_ORDER else len(PRECISION_ORDER), p)
+
+
+def inference_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`block_table` of the inference block as the paper prints it: the precisions of
+    each model (models in first-appearance order) widest first, ``model`` and ``precision``
+    columns."""
+    models = {g: i for i, g in enumerate(dict.fromkeys(table["group"]))}
+    order = sorted(table.index, key=lambda i: (models[table.at[i, "group"]],
+                                                precision_key(table.at[i, "variant"])))
+    return table.loc[order].reset_index(drop=True).rename(columns=INFERENCE_RENAME)
+
+
+def paper_table(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """One named table of :data:`TABLES` from a normalised table."""
     if name not in TABLES:
         raise KeyError(f"unknown table {name!r}; known: {sorted(TABLES)}")
     block, metrics = TABLES[name]
-    table = block_table(read_table(normalised_csv), block, metrics)
+    if callable(metrics):  # chosen from the block's own columns
+        metrics = metrics(df[df["block"] == block])
+    table = block_table(df, block, metrics)
+    return inference_table(table) if block == "inference" else table
+
+
+def write_paper_table(normalised_csv: str | os.PathLike, name: str,
+                      out_stem: str | os.PathLike) -> pd.DataFrame:
+    """Write one named table as CSV (raw numbers), Markdown and LaTeX."""
+    table = paper_table(read_table(normalised_csv), name)
     write_table(table, out_stem)
     return table

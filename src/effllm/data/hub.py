@@ -76,10 +76,20 @@ def cached_model(repo_id: str, revision: str | None = None,
     if not any(snapshot.glob("*.safetensors")):
         raise DataSourceError(f"The cached snapshot of {repo_id!r} ({snapshot}) has no "
                               f".safetensors weights; the pipeline loads safetensors only. {hint}")
-    if "auto_map" in json.loads(config.read_text()):
+    fields = json.loads(config.read_text())
+    if "auto_map" in fields and not _native(fields.get("model_type")):
         raise DataSourceError(f"Model {repo_id!r} needs its own remote code (auto_map in "
-                              "config.json); the pipeline runs with trust_remote_code off")
+                              f"config.json, model_type {fields.get('model_type')!r} unknown to "
+                              "transformers); the pipeline runs with trust_remote_code off")
     return snapshot
+
+
+def _native(model_type: str | None) -> bool:
+    """Whether transformers has its own class for ``model_type``: then a leftover ``auto_map``
+    (as in Phi-3.5-mini's config) is ignored with trust_remote_code off, and the model loads."""
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
 
 
 def link_model(snapshot: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:

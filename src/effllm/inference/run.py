@@ -115,7 +115,44 @@ def time_generation(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: in
     return {"prefill": prefill, "e2e": e2e, "decode": decode}
 
 
-def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_tokens_dir: str | os.PathLike,
+def corpus_test_tokens(tokenizer, corpus_dir: str | os.PathLike) -> np.ndarray:
+    """The corpus test documents in the served model's own token ids (for the pipeline's models
+    the ids of ``results/data/tokens/test.npy``; a hub model brings its own tokenizer, whose
+    perplexities are not comparable with ours)."""
+    from effllm.data.tokenizer import encode_documents
+
+    texts = [doc["text"] for doc in read_split(corpus_dir, "test")]
+    return encode_documents(tokenizer, texts, np.int64)
+
+
+def harness_metrics(model, tokenizer, harness: dict, seed: int) -> dict[str, Metric]:
+    """lm-evaluation-harness scores of the in-memory model, one ``task_*`` metric per task, and
+    ``performance`` as their mean (the paper's "Avg performance")."""
+    from effllm.inference.harness import TaskSpec, average_performance, evaluate_tasks
+    from effllm.records import task_metric
+
+    tasks = harness["tasks"]
+    if isinstance(tasks, dict):
+        tasks = {name: TaskSpec(t["task"], t["metric"]) for name, t in tasks.items()}
+    scores = evaluate_tasks(
+        model, tokenizer, tasks, limit=harness.get("limit"), batch_size=harness.get("batch_size", 1),
+        include_path=harness.get("include_path"), num_fewshot=harness.get("num_fewshot"),
+        seed=seed, apply_chat_template=harness.get("apply_chat_template", False))
+    limit = harness.get("limit")
+    capped = f"; limit {limit} documents per task (not comparable with the paper)" if limit else ""
+    metrics = {}
+    for name, s in scores.items():
+        stderr = f", stderr {s['stderr']:.4f}" if s["stderr"] is not None else ""
+        metrics[task_metric(name)] = Metric.measured(
+            s["score"], "fraction", f"lm_eval:{s['task']}:{s['metric_key']}",
+            f"{s['n']} documents{stderr}{capped}")
+    metrics["performance"] = Metric.measured(
+        average_performance(scores), "fraction", "mean_of_lm_eval_tasks",
+        f"mean of {', '.join(scores)}{capped}")
+    return metrics
+
+
+def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
                   reasoning_dir: str | os.PathLike, record_out: str | os.PathLike) -> RunRecord:
     start = now_iso()
     settings, ev = spec["settings"], spec["settings"]["eval"]
@@ -126,13 +163,13 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_tokens_dir: s
     with Window(measure["sample_interval_s"]) as load_window:
         model, quant_note = load_model(model_dir, settings["precision"], settings["quant"])
     model.eval()
-    test_tokens = np.load(Path(corpus_tokens_dir) / "test.npy")
+    tokens = corpus_test_tokens(tokenizer, corpus_dir)
     problems = read_split(reasoning_dir, "test")[: ev["eval_problems"]]
 
     # Timing first, in its own window; quality passes afterwards (never time under evaluation).
     rng = np.random.default_rng(spec["seed"])
-    starts = rng.integers(0, len(test_tokens) - ev["prompt_tokens"], size=ev["batch_size"])
-    prompt_ids = torch.from_numpy(np.stack([test_tokens[s:s + ev["prompt_tokens"]]
+    starts = rng.integers(0, len(tokens) - ev["prompt_tokens"], size=ev["batch_size"])
+    prompt_ids = torch.from_numpy(np.stack([tokens[s:s + ev["prompt_tokens"]]
                                             for s in starts]).astype(np.int64))
     window = Window(measure["sample_interval_s"])
     times = time_generation(model, prompt_ids, ev["new_tokens"], tokenizer.pad_token_id,
@@ -162,12 +199,14 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_tokens_dir: s
         "load_memory_peak": load_window.metrics()["memory_peak"],
     })
 
-    ppl, scored = perplexity(model, test_tokens, ev["eval_max_length"], ev["ppl_tokens"])
+    ppl, scored = perplexity(model, tokens, ev["eval_max_length"], ev["ppl_tokens"])
     metrics["perplexity"] = finite_metric(ppl, "1", "exp_mean_nll_corpus_test",
-                                          f"{scored} scored tokens")
+                                          f"{scored} scored tokens, the model's tokenizer")
     metrics.update(reasoning_metrics(model, tokenizer, problems, ev["eval_max_length"],
                                      ev["eval_max_new_tokens"], "inference.eval_max_new_tokens",
                                      desc=f"exact match {spec['run_id']}"))
+    if settings.get("harness"):
+        metrics.update(harness_metrics(model, tokenizer, settings["harness"], spec["seed"]))
     record = RunRecord.for_run(
         spec, start, metrics,
         series={"e2e_seconds": times["e2e"], "prefill_seconds": times["prefill"],
