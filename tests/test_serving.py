@@ -114,7 +114,14 @@ def test_hub_model_run_scores_harness_tasks_on_the_served_model(
         f"{precision}-tiny-llama-s0"].spec()
     run_inference(spec, tmp_path / "model", stdlib_tokens.parent / "corpus",
                   tmp_path / "reasoning", tmp_path / "record.json")
-    m = load_record(tmp_path / "record.json").metrics
+    record = load_record(tmp_path / "record.json")
+    m = record.metrics
+    layers = record.provenance["execution"]["linear_weight_bytes"]
+    assert len(layers) == 2 * 7 + 1  # seven projections per layer and the head
+    assert m["linear_weight_bytes"].value == sum(layers.values()) < m["weight_bytes"].value
+    q = layers["model.layers.0.self_attn.q_proj"]
+    # a 64 x 64 weight: 2 bytes each in bf16; in NF4 half a byte plus its block scales
+    assert q == 64 * 64 * 2 if precision == "bf16" else 64 * 64 // 2 < q < 64 * 64 // 2 * 1.2
     tasks = [m["task_mc"], m["task_mc_norm"]]
     assert [t.method for t in tasks] == ["lm_eval:tiny_serving_mc:acc,none",
                                          "lm_eval:tiny_serving_mc:acc_norm,none"]

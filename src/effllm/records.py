@@ -121,6 +121,8 @@ METRICS: dict[str, MetricInfo] = _Catalogue({
     "mcr_nominal": MetricInfo("1", True, "MCR", "(16 / bits) x performance retained"),
     "mcr_measured": MetricInfo("1", True, "MCR (bytes)", "(reference bytes / bytes) x retained"),
     "weight_bytes": MetricInfo("B", False, "Weights", "bytes of the model's weights as held"),
+    "linear_weight_bytes": MetricInfo("B", False, "Linear B",
+                                      "bytes of the linear layers' weights as held"),
     "bits_nominal": MetricInfo("bits", False, "Bits", "nominal bits per quantised weight"),
     "flops_per_token_6n": MetricInfo("FLOP/token", False, "6N", "analytic 6N training FLOPs"),
     "params_total": MetricInfo("params", False, "Params", "total parameter count"),

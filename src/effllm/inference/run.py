@@ -207,10 +207,17 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_dir: str | os
                                      desc=f"exact match {spec['run_id']}"))
     if settings.get("harness"):
         metrics.update(harness_metrics(model, tokenizer, settings["harness"], spec["seed"]))
+    layers = linear_weight_bytes(model)  # as served: after the CPU 4-bit repack
+    metrics["linear_weight_bytes"] = Metric.measured(
+        sum(layers.values()), "B", "tensor_bytes_with_quant_state",
+        f"{len(layers)} linear layers, weights and quantisation state (biases excluded); "
+        "per layer in provenance.execution")
     record = RunRecord.for_run(
         spec, start, metrics,
         series={"e2e_seconds": times["e2e"], "prefill_seconds": times["prefill"],
                 "decode_seconds_per_token": times["decode"]},
+        execution={"precision": settings["precision"], "notes": [quant_note] if quant_note
+                   else [], "linear_weight_bytes": layers},
     )
     record.save(record_out)
     return record
