@@ -108,7 +108,7 @@ def test_fixed_length_generation_timing(tokenizer):
     model = model_for(tokenizer)
     prompt = torch.randint(2, len(tokenizer), (2, 8))
     window = Window(0.01)
-    times = time_generation(model, prompt, new_tokens=6, pad_id=tokenizer.pad_token_id,
+    times = time_generation(model, prompt, new_tokens=24, pad_id=tokenizer.pad_token_id,
                             warmup=1, min_runs=3, min_seconds=0.0, window=window)
     assert len(times["e2e"]) == len(times["prefill"]) == len(times["decode"]) >= 3
     assert all(d >= 0 for d in times["decode"])
