@@ -17,8 +17,7 @@ from effllm.analysis.aggregate import read_table
 from invariants import assert_real_figure
 from effllm.plots import style
 from effllm.plots.finetune import (
-    DEFAULT_LOSS, area_lines, draw_finetune, draw_finetune_area, draw_finetune_mirrored,
-    finetune_summary, mirrored_bars, score_definition,
+    DEFAULT_LOSS, area_lines, draw_finetune, finetune_summary, mirrored_bars, score_definition,
 )
 
 NAN = float("nan")
@@ -130,11 +129,11 @@ def test_draw_finetune_writes_real_files(kind, case, request, tmp_path):
     assert summary["group"].nunique() == (3 if case == "normalised_csv" else 1)
 
 
-@pytest.mark.parametrize("draw", [draw_finetune_mirrored, draw_finetune_area])
-def test_no_finetune_rows_is_an_error_naming_the_block(tmp_path, draw):
+@pytest.mark.parametrize("kind", ["mirrored", "area"])
+def test_no_finetune_rows_is_an_error_naming_the_block(tmp_path, kind):
     path = _write(tmp_path, [r for r in _rows() if r["stage"] != "finetune"])
     with pytest.raises(ValueError, match="finetune"):
-        draw(path, tmp_path / "out" / "a.pdf", tmp_path / "out" / "a.png")
+        draw_finetune(path, tmp_path / "out" / "a.pdf", tmp_path / "out" / "a.png", kind)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from effllm.config import ConfigError, check_config
 from effllm.data.reasoning import prepare_reasoning
-from effllm.data.splits import read_split
 from effllm.data.tokenizer import load_tokenizer
 from effllm.data.hub import prepare_hub_model
 from effllm.inference.run import corpus_test_tokens, run_inference
@@ -133,4 +132,3 @@ def test_hub_model_run_scores_harness_tasks_on_the_served_model(
     assert "model's tokenizer" in m["perplexity"].note
     assert m["exact_match"].status == "measured"  # the offline score is kept beside
     assert m["bits_nominal"].value == {"bf16": 16, "int4": 4}[precision]
-    assert len(read_split(tmp_path / "reasoning", "test")) == 8

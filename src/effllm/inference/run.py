@@ -134,11 +134,11 @@ def harness_metrics(model, tokenizer, harness: dict, seed: int) -> dict[str, Met
     tasks = harness["tasks"]
     if isinstance(tasks, dict):
         tasks = {name: TaskSpec(t["task"], t["metric"]) for name, t in tasks.items()}
+    limit = harness.get("limit")
     scores = evaluate_tasks(
-        model, tokenizer, tasks, limit=harness.get("limit"), batch_size=harness.get("batch_size", 1),
+        model, tokenizer, tasks, limit=limit, batch_size=harness.get("batch_size", 1),
         include_path=harness.get("include_path"), num_fewshot=harness.get("num_fewshot"),
         seed=seed, apply_chat_template=harness.get("apply_chat_template", False))
-    limit = harness.get("limit")
     capped = f"; limit {limit} documents per task (not comparable with the paper)" if limit else ""
     metrics = {}
     for name, s in scores.items():

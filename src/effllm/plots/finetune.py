@@ -5,10 +5,10 @@ Seeds are averaged by :func:`effllm.analysis.paper_tables.block_table` (mean ove
 have a value, sample standard deviation for the error bars), the same numbers the result tables
 print. A value that is not available is never drawn as 0: its slot carries an "n/a" mark.
 
-* 4a (:func:`draw_finetune_mirrored`): one cluster per base model, one bar per method. The
+* 4a (:func:`draw_finetune` kind "mirrored"): one cluster per base model, one bar per method. The
   Efficiency Score goes UP from the zero line, the loss goes DOWN from it, each on its own scale
   (two axes joined at zero: the score is dimensionless, the loss is in nats/token).
-* 4b (:func:`draw_finetune_area`): x = base models ordered by parameter count, one series per
+* 4b (:func:`draw_finetune` kind "area"): x = base models ordered by parameter count, one series per
   method: the Efficiency Score as a line with a filled area (top panel), the raw loss as a line
   (bottom panel). See :func:`area_lines` for why the loss has its own panel.
 
@@ -39,8 +39,8 @@ from effllm.records import METRICS
 
 BLOCK = "finetune"
 SCORE = "efficiency_score"
-DEFAULT_LOSS = "val_loss" if "val_loss" in METRICS else "loss"
-KINDS = ("mirrored", "area")
+DEFAULT_LOSS = "val_loss"
+
 ESTIMATED_HATCH = "////"
 BAR_FILL = 0.84  # fraction of a base model's x slot taken by its bars
 AREA_ALPHA = 0.1
@@ -253,20 +253,9 @@ def mirrored_bars(ax_score, ax_loss, summary: pd.DataFrame) -> dict[str, bool]:
     return flags
 
 
-def draw_finetune_mirrored(
-    normalised_csv: str | os.PathLike,
-    out_pdf: str | os.PathLike,
-    out_png: str | os.PathLike,
-    loss: str = DEFAULT_LOSS,
-    methods: Sequence[str] | None = None,
-    size_order: Sequence[str] | None = None,
-    block: str = BLOCK,
-    title: str | None = None,
-) -> pd.DataFrame:
-    """Figure 4a: mirrored bars, score up and loss down, one cluster per base model.
-    Returns the summary that was drawn."""
-    df = select_block(read_table(normalised_csv), block, normalised_csv)
-    summary = finetune_summary(df, loss, SCORE, methods, size_order, block, normalised_csv)
+def _mirrored_figure(df: pd.DataFrame, summary: pd.DataFrame, loss: str,
+                     title: str | None):
+    """Figure 4a: mirrored bars, score up and loss down, one cluster per base model."""
     slots = len(summary)
     width = style.ONE_COLUMN if slots <= 16 else style.TWO_COLUMN
     fig, (ax_score, ax_loss) = plt.subplots(
@@ -281,8 +270,7 @@ def draw_finetune_mirrored(
     _legend(fig, df, summary, flags, floor, width, bars=True)
     fig.suptitle(title or f"Fine-tuning per method\n{style.metric_label(SCORE)}\u2191 (up), "
                  f"{style.metric_label(loss)}\u2193 (down)", fontweight="bold")
-    style.save_figure(fig, out_pdf, out_png)
-    return summary
+    return fig
 
 
 # ------------------------------------------------------------------------------- 4b areas
@@ -356,20 +344,9 @@ def area_lines(ax_score, ax_loss, summary: pd.DataFrame) -> dict[str, bool]:
     return flags
 
 
-def draw_finetune_area(
-    normalised_csv: str | os.PathLike,
-    out_pdf: str | os.PathLike,
-    out_png: str | os.PathLike,
-    loss: str = DEFAULT_LOSS,
-    methods: Sequence[str] | None = None,
-    size_order: Sequence[str] | None = None,
-    block: str = BLOCK,
-    title: str | None = None,
-) -> pd.DataFrame:
+def _area_figure(df: pd.DataFrame, summary: pd.DataFrame, loss: str, title: str | None):
     """Figure 4b: score (line + area) and loss (line) across base models ordered by parameter
-    count, one series per method. Returns the summary that was drawn."""
-    df = select_block(read_table(normalised_csv), block, normalised_csv)
-    summary = finetune_summary(df, loss, SCORE, methods, size_order, block, normalised_csv)
+    count, one series per method."""
     n_bases = int(summary["x"].max()) + 1
     width = style.ONE_COLUMN if n_bases <= 4 else style.TWO_COLUMN
     fig, (ax_score, ax_loss) = plt.subplots(
@@ -384,8 +361,7 @@ def draw_finetune_area(
     _legend(fig, df, summary, flags, floor, width, bars=False)
     fig.suptitle(title or f"Fine-tuning across model sizes\n{style.metric_label(SCORE)}\u2191 "
                  f"(line + area), {style.metric_label(loss)}\u2193 (line)", fontweight="bold")
-    style.save_figure(fig, out_pdf, out_png)
-    return summary
+    return fig
 
 
 # ------------------------------------------------------------------------------ shared
@@ -428,6 +404,9 @@ def _legend(fig, df, summary, flags, floor, width, bars: bool) -> None:
                title_fontproperties={"style": "italic", "size": "small"})
 
 
+FIGURES = {"mirrored": _mirrored_figure, "area": _area_figure}
+
+
 def draw_finetune(
     normalised_csv: str | os.PathLike,
     out_pdf: str | os.PathLike,
@@ -437,10 +416,15 @@ def draw_finetune(
     methods: Sequence[str] | None = None,
     size_order: Sequence[str] | None = None,
     block: str = BLOCK,
+    title: str | None = None,
 ) -> pd.DataFrame:
-    """One entry point for the pipeline: ``kind`` "mirrored" (4a) or "area" (4b)."""
-    draw = {"mirrored": draw_finetune_mirrored, "area": draw_finetune_area}.get(kind)
-    if draw is None:
-        raise ValueError(f"unknown fine-tuning figure kind {kind!r}; known: {KINDS}")
-    return draw(normalised_csv, out_pdf, out_png, loss or DEFAULT_LOSS, methods, size_order,
-                block)
+    """Draw figure 4a (``kind`` "mirrored") or 4b ("area") from the normalised table; return the
+    summary that was drawn."""
+    figure = FIGURES.get(kind)
+    if figure is None:
+        raise ValueError(f"unknown fine-tuning figure kind {kind!r}; known: {sorted(FIGURES)}")
+    loss = loss or DEFAULT_LOSS
+    df = select_block(read_table(normalised_csv), block, normalised_csv)
+    summary = finetune_summary(df, loss, SCORE, methods, size_order, block, normalised_csv)
+    style.save_figure(figure(df, summary, loss, title), out_pdf, out_png)
+    return summary
