@@ -24,9 +24,11 @@ rule all:
     input:
         all_records(),
         "results/tables/runs.csv",
+        "results/tables/runs.parquet",
         "results/tables/normalised.csv",
         TABLES,
         FIGURES,
+        CLAIMS,
 
 
 rule records:
@@ -36,9 +38,10 @@ rule records:
 
 
 rule tables:
-    """Every paper table (CSV, Markdown, LaTeX)."""
+    """Every paper table (CSV, Markdown, LaTeX) and the claims check."""
     input:
         TABLES,
+        CLAIMS,
 
 
 rule figures:

@@ -43,3 +43,35 @@ def fake_cache(root: Path, stdlib_tokens: Path, repo: str = REPO, *, weights=Tru
     refs.mkdir(parents=True, exist_ok=True)
     (refs / "main").write_text(COMMIT)
     return snapshot
+
+
+def stub_cache(root: Path, config: dict) -> Path:
+    """A hub cache at ``root`` with a placeholder of every model and data set ``config`` reads
+    from the hub: enough for the checks and the DAG of a dry run, nothing loadable (the paper
+    scale's DAG, built here without its terabytes)."""
+    from effllm.config import used_hub_models
+
+    def snapshot(kind: str, repo: str) -> Path:
+        folder = root / f"{kind}--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(COMMIT)
+        return folder / "snapshots" / COMMIT
+
+    for name in used_hub_models(config):
+        snap = snapshot("models", config["hub_models"][name]["repo_id"])
+        snap.mkdir(parents=True, exist_ok=True)
+        (snap / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        (snap / "model.safetensors").write_bytes(b"")
+    sources = [config["data"]["corpus"], *config["data"]["reasoning"].values()]
+    for source in sources:
+        if not isinstance(source, dict) or source.get("source") != "hf":
+            continue
+        hf = source["hf"]
+        for pattern in [hf["files"]] if isinstance(hf["files"], str) else hf["files"]:
+            name = pattern.replace("**/", "").replace("*", "000_00000")
+            if not name.endswith((".jsonl", ".json", ".parquet")):
+                name += ".jsonl"
+            path = snapshot("datasets", hf["repo_id"]) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+    return root

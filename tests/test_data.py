@@ -22,8 +22,8 @@ STDLIB = {"source": "stdlib_docstrings", "stdlib_docstrings": {"max_documents": 
 BOOKS = {"unit": "book", "validation_fraction": 0.1, "test_fraction": 0.1}
 DOCUMENTS = {"unit": "document", "validation_fraction": 0.1, "test_fraction": 0.1}
 SYNTHETIC = {
-    "source": "synthetic",
-    "synthetic": {
+    "source": "arithmetic",
+    "arithmetic": {
         "operations": ["add", "sub", "mul"],
         "min_digits": 1,
         "max_digits": 3,
@@ -277,7 +277,7 @@ def test_prepare_reasoning_is_disjoint_and_deterministic(tmp_path):
     splits = {split: read_split(tmp_path / "a", split) for split in SPLITS}
     for split in SPLITS:
         assert card["splits"][split]["samples"] == len(splits[split])
-        assert len(splits[split]) == SYNTHETIC["synthetic"][f"n_{split}"]
+        assert len(splits[split]) == SYNTHETIC["arithmetic"][f"n_{split}"]
         for problem in splits[split]:
             check_scratchpad(problem)
 
@@ -297,15 +297,91 @@ def test_reasoning_exhausts_small_problem_spaces_exactly(tmp_path):
     # One-digit problems: 45 sums, 45 differences and 36 products (a >= b >= 2).
     cfg = {"operations": ["add", "sub", "mul"], "min_digits": 1, "max_digits": 1}
     exact = {
-        "source": "synthetic",
-        "synthetic": {**cfg, "n_train": 100, "n_validation": 6, "n_test": 20},
+        "source": "arithmetic",
+        "arithmetic": {**cfg, "n_train": 100, "n_validation": 6, "n_test": 20},
     }
     card = prepare_reasoning(exact, 0, tmp_path / "ok")
     assert card["source"]["problem_space"] == 126
-    too_many = {"source": "synthetic", "synthetic": {**exact["synthetic"], "n_train": 101}}
+    too_many = {"source": "arithmetic", "arithmetic": {**exact["arithmetic"], "n_train": 101}}
     with pytest.raises(ValueError, match="max_digits"):
         prepare_reasoning(too_many, 0, tmp_path / "too_many")
     assert not (tmp_path / "too_many").exists()
+
+
+# Word problems, solved here from the story alone: numbers in reading order, the template told
+# apart by a phrase only it has. An independent oracle for the generator's own solver.
+STORIES = {
+    "baskets of": lambda a, b, c: a + b * c,
+    "shares the rest": lambda a, b, c: (a - b) // c if (a - b) % c == 0 else None,
+    "times as many": lambda a, b: a + a * b,
+    "coins and buys": lambda a, b, c: a - b * c,
+    "a day for": lambda a, b, c: a * b - c,
+    "more": lambda a, b: a + (a + b),
+    "loose": lambda a, b, c, d: a * b + c - d,
+}
+WORDS = {"source": "word_problems",
+         "word_problems": {"max_number": 15, "n_train": 300, "n_validation": 40, "n_test": 60}}
+
+
+def story_key(prompt: str) -> tuple:
+    (phrase,) = [p for p in STORIES if p in prompt]
+    return (phrase, *map(int, re.findall(r"\d+", prompt)))
+
+
+def check_word_problem(problem: dict) -> None:
+    """The answer the story implies, the scratchpad's arithmetic and its chaining all agree."""
+    phrase, *numbers = story_key(problem["prompt"])
+    expected = STORIES[phrase](*numbers)
+    assert expected is not None and expected >= 0, problem["prompt"]
+    pad, marker_line = problem["completion"].split("\n")
+    assert marker_line == f"#### {expected}" and problem["answer"] == str(expected)
+    previous = None
+    for step in pad[1:].split("; "):
+        left, op, right, result = re.fullmatch(r"(\d+)([-+*/])(\d+)=(\d+)", step).groups()
+        left, right, result = int(left), int(right), int(result)
+        if op == "/":
+            assert left == result * right, step  # exact division
+        else:
+            assert OPS[op](left, right) == result, step
+        assert previous is None or previous in (left, right), (step, previous)  # chained
+        previous = result
+    assert previous == expected
+    assert set(numbers) <= {int(n) for n in re.findall(r"\d+", pad)}  # every quantity is used
+
+
+def test_word_problems_are_correct_deterministic_and_disjoint(tmp_path):
+    card = prepare_reasoning(WORDS, 0, tmp_path / "a", "data.reasoning.words")
+    prepare_reasoning(WORDS, 0, tmp_path / "b", "data.reasoning.words")
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+    assert card["source"]["name"] == "word_problems"
+    splits = {split: read_split(tmp_path / "a", split) for split in SPLITS}
+    for split, problems in splits.items():
+        assert len(problems) == WORDS["word_problems"][f"n_{split}"]
+        for problem in problems:
+            check_word_problem(problem)
+    keys = {split: {story_key(p["prompt"]) for p in problems} for split, problems in splits.items()}
+    assert sum(map(len, keys.values())) == 400  # no arithmetic twice, even within a split
+    assert len({phrase for k in keys["train"] for phrase in k[:1]}) == len(STORIES)  # all seven
+    prepare_reasoning(WORDS, 1, tmp_path / "c", "data.reasoning.words")
+    assert files_of(tmp_path / "c") != files_of(tmp_path / "a")
+
+
+def test_word_problems_refuse_more_than_their_problem_space(tmp_path):
+    # "together": a, b in 1..n, so n * n problems; "market": a in 2..n times b in 2..9.
+    small = {"templates": ["together", "market"], "max_number": 4, "n_validation": 2, "n_test": 2}
+    card = prepare_reasoning({"source": "word_problems",
+                              "word_problems": {**small, "n_train": 16 + 3 * 8 - 4}},
+                             0, tmp_path / "ok")
+    assert card["source"]["problem_space"] == 40
+    with pytest.raises(ValueError, match="data.reasoning.words.word_problems: .*40 distinct.*"
+                                         "max_number"):
+        prepare_reasoning({"source": "word_problems",
+                           "word_problems": {**small, "n_train": 37}}, 0, tmp_path / "no",
+                          "data.reasoning.words")
+    with pytest.raises(ValueError, match="data.reasoning.w.word_problems.templates.*'riddle'"):
+        prepare_reasoning({"source": "word_problems", "word_problems": {
+            **small, "n_train": 4, "templates": ["riddle"]}}, 0, tmp_path / "x", "data.reasoning.w")
+    assert not (tmp_path / "no").exists() and not (tmp_path / "x").exists()
 
 
 def test_extract_answer_and_exact_match():
@@ -416,3 +492,27 @@ def test_hf_reasoning_reads_the_offline_cache(tmp_path, monkeypatch):
     with pytest.raises(DataSourceError, match="org/missing"):
         missing = {"source": "hf", "hf": {**hf, "repo_id": "org/missing"}}
         prepare_reasoning(missing, 0, tmp_path / "x")
+
+
+def test_hf_reasoning_joins_several_response_fields(tmp_path, monkeypatch):
+    """Medical-o1's layout: a question, its reasoning (Complex_CoT) and a final Response, read
+    as a JSON list; the target is the reasoning, a blank line, then the response."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    records = [{"Question": f"Case {i}: fever?", "Complex_CoT": f"Think {i}.",
+                "Response": f"Answer {i}."} for i in range(40)]
+    fake_hub_dataset(cache, "org/med", {"medical_o1_sft.json": []})
+    snapshot = next((cache / "datasets--org--med" / "snapshots").iterdir())
+    (snapshot / "medical_o1_sft.json").write_text(json.dumps(records))
+    hf = {"repo_id": "org/med", "files": "medical_o1_sft.json", "prompt_field": "Question",
+          "response_field": ["Complex_CoT", "Response"], "answer_field": None,
+          "max_samples": None, "test_fraction": 0.1, "cache_dir": str(cache)}
+    card = prepare_reasoning({"source": "hf", "hf": hf}, 0, tmp_path / "out")
+    rows = [p for split in SPLITS for p in read_split(tmp_path / "out", split)]
+    assert len(rows) == 40 and card["splits"]["test"]["with_answer"] == 0
+    by_prompt = {p["prompt"]: p["completion"] for p in rows}
+    assert by_prompt["Q: Case 7: fever?\nA:"] == " Think 7.\n\nAnswer 7."
+    with pytest.raises(DataSourceError, match="'Reply'"):  # every listed field must exist
+        prepare_reasoning({"source": "hf", "hf": {**hf, "response_field": ["Complex_CoT",
+                                                                           "Reply"]}},
+                          0, tmp_path / "y")

@@ -156,7 +156,7 @@ def test_dry_run_links_a_hub_model_before_fine_tuning(tmp_path, hub, repo_root):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert "results/hub/tiny-llama/model" in out
-    methods_n = len(config["finetune"]["methods"])
+    methods_n = len(config["finetune"]["methods"]) * len(config["finetune"]["datasets"])
     counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
               if len(line.split()) == 2 and line.split()[1].isdigit()}
     assert counts["hub_model"] == 1 and counts["finetune"] == methods_n
@@ -278,7 +278,7 @@ def test_qlora_run_on_a_hub_model_end_to_end(tmp_path, hub, use_cache, config, s
 
     use_cache(hub)
     prepare_hub_model(REPO, None, tmp_path / "base")
-    reasoning = {"source": "synthetic", "synthetic": {
+    reasoning = {"source": "arithmetic", "arithmetic": {
         "operations": ["add"], "min_digits": 1, "max_digits": 2, "n_train": 64,
         "n_validation": 8, "n_test": 8}}
     prepare_reasoning(reasoning, 0, tmp_path / "reasoning")

@@ -12,7 +12,8 @@ from matplotlib.container import ErrorbarContainer
 from effllm.analysis.aggregate import read_table
 from invariants import assert_real_figure
 from effllm.plots import style
-from effllm.plots.bars import bars_with_line, draw_bars_with_line, variant_summary
+from effllm.analysis.seeds import seed_summary
+from effllm.plots.bars import bars_with_line, draw_bars_with_line
 from effllm.plots.bubble import bubble_grid, draw_bubbles
 
 NAN = float("nan")
@@ -88,8 +89,9 @@ def test_unknown_block_is_named(normalised_csv, tmp_path, draw, metrics):
     assert not list(tmp_path.glob("a.*"))
 
 
-def test_variant_summary_averages_seeds_without_zeros(normalised_csv):
-    summary = variant_summary(_group(normalised_csv, "position"), BAR_METRICS)
+def test_bar_seed_summary_averages_seeds_without_zeros(normalised_csv):
+    columns = [c for m in BAR_METRICS for c in (m, f"{m}__norm")]
+    summary = seed_summary(_group(normalised_csv, "position"), columns, by=["label"])
     assert summary["label"].tolist() == list(POSITION)
     rope = summary.iloc[0]
     assert rope["perplexity"] == pytest.approx(8.1) and rope["perplexity__lo"] == 8.0

@@ -251,7 +251,7 @@ def test_layer_bytes_count_quantisation_state(saved):
         assert linear_weight_bytes(model)[q_proj] == expected, name
         forward(model, saved[1])
         state = getattr(model.get_submodule(q_proj).weight, "quant_state", None)
-        if not getattr(state, "packing_format_for_cpu", True):  # 4-bit, not repacked here
+        if not getattr(state, "packing_format_for_cpu", False):  # not repacked: no AVX512-BF16
             served = expected
         assert linear_weight_bytes(model)[q_proj] == served, name
     assert linear_weight_bytes(decoder())["lm_head"] == 256 * 128 * 4

@@ -100,7 +100,7 @@ def test_hub_model_run_scores_harness_tasks_on_the_served_model(
     pytest.importorskip("bitsandbytes")
     use_cache(hub)
     prepare_hub_model(REPO, None, tmp_path / "model")
-    prepare_reasoning({"source": "synthetic", "synthetic": {
+    prepare_reasoning({"source": "arithmetic", "arithmetic": {
         "operations": ["add"], "min_digits": 1, "max_digits": 2, "n_train": 16,
         "n_validation": 4, "n_test": 8}}, 0, tmp_path / "reasoning")
     harness = {"tasks": {"MC": {"task": "tiny_serving_mc", "metric": "acc,none"},
@@ -119,8 +119,10 @@ def test_hub_model_run_scores_harness_tasks_on_the_served_model(
     assert len(layers) == 2 * 7 + 1  # seven projections per layer and the head
     assert m["linear_weight_bytes"].value == sum(layers.values()) < m["weight_bytes"].value
     q = layers["model.layers.0.self_attn.q_proj"]
-    # a 64 x 64 weight: 2 bytes each in bf16; in NF4 half a byte plus its block scales
-    assert q == 64 * 64 * 2 if precision == "bf16" else 64 * 64 // 2 < q < 64 * 64 // 2 * 1.2
+    # a 64 x 64 weight: 2 bytes each in bf16; in NF4 half a byte plus its block scales and
+    # codebooks (under 1 byte a weight here: 64 blocks carry a 1 KiB nested code unless the
+    # AVX512-BF16 CPU kernels repacked them)
+    assert q == 64 * 64 * 2 if precision == "bf16" else 64 * 64 // 2 < q < 64 * 64
     tasks = [m["task_mc"], m["task_mc_norm"]]
     assert [t.method for t in tasks] == ["lm_eval:tiny_serving_mc:acc,none",
                                          "lm_eval:tiny_serving_mc:acc_norm,none"]

@@ -9,17 +9,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
+from effllm.analysis.aggregate import read_table
+from effllm.analysis.claims import CLAIMS
 from effllm.records import validate_record
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 FIGURE_RULES = {"inference_radar", "attention_radar", "position_bars", "moe_bubbles",
-                "finetune_mirrored", "finetune_area", "inference_rose"}
+                "finetune_mirrored", "finetune_area", "inference_rose", "ranking_chart"}
 STAGE_RULES = {"prepare_corpus", "train_tokenizer", "prepare_reasoning", "pretrain", "finetune",
-               "inference", "aggregate", "normalise", "paper_table", "all"} | FIGURE_RULES
+               "inference", "aggregate", "normalise", "paper_table", "claims",
+               "all"} | FIGURE_RULES
 
 
 def workdir(tmp_path: Path, config: dict | None = None) -> Path:
@@ -58,11 +63,33 @@ def test_dry_run_holds_every_stage(tmp_path, configfile):
     from effllm.sweep import expand_runs
 
     config = yaml.safe_load((ROOT / configfile).read_text())
-    assert counts["pretrain"] == len(expand_runs(config)["pretrain"])
-    assert counts["paper_table"] == 7  # tables 3-6, 7 (fine-tuning), 9 and 16 (inference)
+    runs = expand_runs(config)
+    assert counts["pretrain"] == len(runs["pretrain"])
+    sets = config["finetune"]["datasets"]
+    assert counts["prepare_reasoning"] == len(sets) == 2  # a second fine-tuning set
+    assert counts["finetune"] == len(runs["finetune"]) == 2 * 7
+    # tables 3-6, 7 (fine-tuning), 8 (the second fine-tuning set), 9 and 16 (inference)
+    assert counts["paper_table"] == 8
     assert counts["finetune_mirrored"] == counts["finetune_area"] == 1
     assert counts["inference_rose"] == 1
-    assert counts["inference"] == counts["finetune"] * len(config["inference"]["precisions"])
+    primary = [r for r in runs["finetune"].values() if r.settings["dataset"] == sets[0]]
+    assert counts["inference"] == len(primary) * len(config["inference"]["precisions"])
+
+
+def test_served_second_set_models_are_scored_on_their_own_set(tmp_path):
+    config = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    config["inference"]["finetune_datasets"] = ["arithmetic", "word_problems"]
+    cwd = workdir(tmp_path, config)
+    result = snakemake(cwd, "-n", "results/inference/int4-full-gqa-tiny+word_problems-s0/"
+                       "record.json", "--configfile", "config/test.yaml")
+    assert result.returncode == 0, result.stderr
+    jobs = {block.split(":", 1)[0]: block for block in result.stdout.split("\nrule ")[1:]}
+    assert "results/data/reasoning/word_problems" in jobs["inference"]
+    assert "results/data/reasoning/arithmetic" not in jobs["inference"]
+    assert "results/finetune/full-gqa-tiny+word_problems-s0/model" in jobs["inference"]
+    assert "results/data/reasoning/word_problems" in jobs["finetune"]
+    counts = job_counts(result.stdout + result.stderr)
+    assert counts["prepare_reasoning"] == counts["finetune"] == counts["inference"] == 1
 
 
 def test_single_figure_target_builds_only_its_upstream(tmp_path):
@@ -96,12 +123,13 @@ def test_missing_config_file_is_named(tmp_path):
 def test_failing_job_leaves_no_partial_output_and_others_finish(tmp_path):
     config = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
     # Valid for the schema, impossible at run time: 1-digit sums cannot give 5000 unique problems.
-    config["data"]["reasoning"]["synthetic"].update(min_digits=1, max_digits=1, n_train=5000)
+    config["data"]["reasoning"]["arithmetic"]["arithmetic"].update(min_digits=1, max_digits=1,
+                                                                   n_train=5000)
     cwd = workdir(tmp_path, config)
-    result = snakemake(cwd, "results/data/reasoning", "results/data/tokens", "--cores", "2",
-                       "--keep-going", "--configfile", "config/test.yaml")
+    result = snakemake(cwd, "results/data/reasoning/arithmetic", "results/data/tokens", "--cores",
+                       "2", "--keep-going", "--configfile", "config/test.yaml")
     assert result.returncode != 0
-    assert not (cwd / "results/data/reasoning").exists()
+    assert not (cwd / "results/data/reasoning/arithmetic").exists()
     assert (cwd / "results/data/tokens/card.json").exists()  # the independent job finished
 
 
@@ -150,19 +178,23 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         if data["stage"] != "pretrain":
             assert data["metrics"]["exact_match"]["status"] == "measured"
         assert "al" in data["metrics"]
-    for card in ("corpus", "tokens", "reasoning"):
+    for card in ("corpus", "tokens", "reasoning/arithmetic", "reasoning/word_problems"):
         assert json.loads((cwd / f"results/data/{card}/card.json").read_text())
     for name in ("inference_radar", "fig3a_attention_radar", "fig3b_position_bars",
                  "fig3c_moe_bubbles", "fig4a_finetune_mirrored", "fig4b_finetune_area",
-                 "fig5_inference_rose"):
+                 "fig5_inference_rose", "fig2_ranking"):
         for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
             fig = cwd / f"paper_figures/{name}.{ext}"
             assert fig.read_bytes()[:4] == magic and fig.stat().st_size > 5000
     assert (cwd / "results/tables/normalised.csv").stat().st_size > 0
     for table in ("table3_attention", "table4_position", "table5_moe", "table6_attention_free",
-                  "table7_finetune", "table9_inference", "table16_tasks"):
+                  "table7_finetune", "table8_finetune_word_problems", "table9_inference",
+                  "table16_tasks"):
         for ext in ("csv", "md", "tex"):
             assert (cwd / f"results/tables/{table}.{ext}").stat().st_size > 100
+    table8 = (cwd / "results/tables/table8_finetune_word_problems.csv").read_text().splitlines()
+    assert len(table8) == 1 + 7 and all(",gqa-tiny+word_problems," in f",{row}" for row in
+                                         table8[1:])
     pre = {p.parts[-2]: json.loads(p.read_text()) for p in cwd.glob("results/pretrain/*/record.json")}
     assert pre["moe-8x-tiny-s0"]["metrics"]["params_active"]["value"] < pre["moe-8x-tiny-s0"][
         "metrics"]["params_total"]["value"]
@@ -173,20 +205,36 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert kv["mla"] < kv["mqa"] < kv["gqa"] < kv["mha"]
     assert not list(cwd.glob("results/checkpoints/pretrain/*/checkpoint.pt"))  # cleared
 
-    # Nothing left to do; the report bundles every figure.
+    runs_csv = read_table(cwd / "results/tables/runs.csv")
+    pd.testing.assert_frame_equal(pd.read_parquet(cwd / "results/tables/runs.parquet")
+                                  .fillna(np.nan), runs_csv.fillna(np.nan), check_dtype=False)
+    claims = pd.read_csv(cwd / "results/claims.csv", keep_default_na=False)
+    assert set(claims["claim"]) == {c.key for c in CLAIMS}
+    verdicts = claims.set_index("claim")["verdict"]
+    assert verdicts["nsa_lowest_aec"] == "not measurable here"  # no energy counter on a CPU
+    assert verdicts["mqa_lowest_amu"] in ("holds", "does not hold")
+    assert "| claim | paper | verdict per group |" in (cwd / "results/claims.md").read_text()
+
+    # Nothing left to do; the report bundles every figure, table and the claims with captions.
     again = run("all", "-n", "--configfile", "config/smoke.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
     report = run("all", "--configfile", "config/smoke.yaml", "--report", "report.html")
     assert report.returncode == 0, report.stderr[-2000:]
-    assert (cwd / "report.html").stat().st_size > 100_000
+    html = (cwd / "report.html").read_text()
+    assert len(html) > 100_000 and "System Message" not in html  # captions render cleanly
+    for shown in ("fig2_ranking.pdf", "claims.md", "claims.csv", "table3_attention.md",
+                  "table16_tasks.md", "fig3a_attention_radar.pdf"):
+        assert shown in html, shown
 
     # Exact partial reruns: edit one library file, dry-run, compare the job set; then revert.
     figures = FIGURE_RULES | {"all"}
-    tables = {"paper_table"}
+    tables = {"paper_table", "claims"}
     analysis = {"aggregate", "normalise"} | tables | figures
     after_model = {"pretrain", "finetune", "inference"} | analysis
     everything = {"prepare_corpus", "train_tokenizer", "prepare_reasoning"} | after_model
     for edited, expected in (("plots/style.py", figures),
+                             ("analysis/claims.py", {"claims", "all"}),
+                             ("analysis/seeds.py", tables | figures),  # the one seed mean
                              ("analysis/normalise.py", {"normalise"} | tables | figures),
                              ("inference/run.py", {"inference"} | analysis),
                              ("training/finetune.py", {"finetune", "inference"} | analysis),

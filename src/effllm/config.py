@@ -142,27 +142,13 @@ def check_semantics(config: dict) -> None:
     if unused:
         raise ConfigError(f"config key 'finetune.lr_by_method': {sorted(unused)} not in "
                           "finetune.methods")
-    syn = config["data"]["reasoning"].get("synthetic")
-    if config["data"]["reasoning"]["source"] == "synthetic":
-        if not syn:
-            raise ConfigError("config key 'data.reasoning.synthetic': missing")
-        if syn["min_digits"] > syn["max_digits"]:
-            raise ConfigError("config key 'data.reasoning.synthetic.min_digits': larger than "
-                              "max_digits")
-    for source in ("corpus", "reasoning"):
-        block = config["data"][source]
-        if block["source"] == "hf" and "hf" not in block:
-            raise ConfigError(f"config key 'data.{source}.hf': needed when source is hf")
-    if syn and config["data"]["reasoning"]["source"] == "synthetic":
-        ft = config["finetune"]
-        samples = min(ft["max_samples"], syn["n_train"])
-        steps = samples // ft["batch_size"] * ft["epochs"]
-        if ft.get("max_steps"):
-            steps = min(steps, ft["max_steps"])
-        if steps <= config["measure"]["warmup_steps"]:
-            raise ConfigError(f"config key 'finetune.batch_size': {samples} training samples give "
-                              f"{steps} fine-tuning steps, none left after measure.warmup_steps "
-                              f"{config['measure']['warmup_steps']}")
+    for base in ft.get("lr_by_base", {}):
+        if base not in ft["bases"]:
+            raise ConfigError(f"config key 'finetune.lr_by_base.{base}': {base!r} is not one of "
+                              f"finetune.bases ({ft['bases']})")
+    if config["data"]["corpus"]["source"] == "hf" and "hf" not in config["data"]["corpus"]:
+        raise ConfigError("config key 'data.corpus.hf': needed when source is hf")
+    _check_finetune_sets(config)
     from effllm.records import METRICS
 
     for stage, weights in config["analysis"]["efficiency_score"].items():
@@ -177,6 +163,57 @@ def check_semantics(config: dict) -> None:
     for precision in config["inference"]["precisions"]:
         if precision in ("int4", "int8") and precision not in config["inference"]:
             config["inference"][precision] = {}
+
+
+def _check_finetune_sets(config: dict) -> None:
+    """The sets finetune.datasets names exist and can give a timed fine-tuning step; inference
+    serves only sets that are fine-tuned."""
+    sets, ft = config["data"]["reasoning"], config["finetune"]
+    for i, name in enumerate(ft["datasets"]):
+        if sets.get(name) is None:
+            defined = sorted(n for n, s in sets.items() if s is not None)
+            raise ConfigError(f"config key 'finetune.datasets.{i}': {name!r} is not a set of "
+                              f"data.reasoning ({defined})")
+        spec, key = sets[name], f"data.reasoning.{name}"
+        source = spec["source"]
+        if source not in spec:
+            raise ConfigError(f"config key '{key}.{source}': needed when source is {source}")
+        block = spec[source]
+        if source == "arithmetic" and block["min_digits"] > block["max_digits"]:
+            raise ConfigError(f"config key '{key}.arithmetic.min_digits': larger than max_digits")
+        if source == "hf":
+            continue  # its size is known only once it is read from the cache (run time)
+        samples = min(ft["max_samples"], block["n_train"])
+        steps = samples // ft["batch_size"] * ft["epochs"]
+        if ft.get("max_steps"):
+            steps = min(steps, ft["max_steps"])
+        if steps <= config["measure"]["warmup_steps"]:
+            raise ConfigError(f"config key 'finetune.batch_size': {samples} training samples of "
+                              f"{name!r} give {steps} fine-tuning steps, none left after "
+                              f"measure.warmup_steps {config['measure']['warmup_steps']}")
+    for i, name in enumerate(config["inference"].get("finetune_datasets") or []):
+        if name not in ft["datasets"]:
+            raise ConfigError(f"config key 'inference.finetune_datasets.{i}': {name!r} is not "
+                              f"one of finetune.datasets ({ft['datasets']})")
+
+
+def check_renamed(config: dict) -> None:
+    """Keys of older configs, refused with where they went (before the schema, whose message
+    would only say the key is unexpected)."""
+    sets = (config.get("data") or {}).get("reasoning")
+    if not isinstance(sets, dict):
+        return
+    for old in ("source", "synthetic", "hf"):
+        if old in sets:
+            raise ConfigError(
+                f"config key 'data.reasoning.{old}': data.reasoning now holds fine-tuning sets "
+                f"by name (data.reasoning.<name>.source, ...), and finetune.datasets lists the "
+                f"ones to fine-tune on; move the set under a name (see config/README.md)")
+    for name, spec in sets.items():
+        if isinstance(spec, dict) and "synthetic" in spec:
+            raise ConfigError(
+                f"config key 'data.reasoning.{name}.synthetic': renamed; the arithmetic set is "
+                f"source: arithmetic with its settings in data.reasoning.{name}.arithmetic")
 
 
 DECODER_ONLY = ("attention", "kv_heads", "position_encoding", "rope_theta", "relative", "mla",
@@ -237,15 +274,17 @@ def check_sources(config: dict) -> None:
     from effllm.data import DataSourceError
     from effllm.data.hub import cached_dataset, cached_model
 
-    for name in ("corpus", "reasoning"):
-        block = config["data"][name]
+    blocks = {"data.corpus": config["data"]["corpus"]}
+    blocks.update({f"data.reasoning.{name}": config["data"]["reasoning"][name]
+                   for name in config["finetune"]["datasets"]})
+    for key, block in blocks.items():
         if block["source"] != "hf":
             continue
         hf = block["hf"]
         try:
             cached_dataset(hf["repo_id"], hf["files"], hf.get("cache_dir"))
         except DataSourceError as err:
-            raise ConfigError(f"config key 'data.{name}.hf.repo_id': {err}") from None
+            raise ConfigError(f"config key '{key}.hf.repo_id': {err}") from None
     hub = config.get("hub_models") or {}
     for name in used_hub_models(config):
         try:
@@ -263,7 +302,31 @@ def used_hub_models(config: dict) -> list[str]:
 
 def check_config(config: dict, schema_path: str | os.PathLike) -> dict:
     """Validate ``config`` in place and return it; raise ConfigError naming the key."""
+    check_renamed(config)
     validate_schema(config, schema_path)
     check_semantics(config)
     check_sources(config)
+    check_resources(config)
     return config
+
+
+def check_resources(config: dict) -> None:
+    """Refuse, before any job, GPU counts a stage cannot use."""
+    from effllm.cluster import STAGES, stage_settings
+    from effllm.launch import DISTRIBUTED
+
+    gpus = {stage: stage_settings(config, stage)["gpus"] for stage in STAGES}
+    for stage, n in gpus.items():
+        if n > 1 and stage not in DISTRIBUTED:
+            raise ConfigError(
+                f"config key 'resources.{stage}.gpus': {n} GPUs, but the {stage} stage runs "
+                f"in one process (multi-GPU runs: {', '.join(DISTRIBUTED)}); use 0 or 1")
+    if gpus["finetune"] > 1 and config["finetune"].get("quantized_base"):
+        raise ConfigError(f"config key 'resources.finetune.gpus': {gpus['finetune']} GPUs with "
+                          "finetune.quantized_base (QLoRA): a bitsandbytes 4-bit base trains in "
+                          "one process here; use 1 GPU")
+    for stage in DISTRIBUTED:
+        batch = config[stage]["batch_size"]
+        if gpus[stage] > 1 and batch % gpus[stage]:
+            raise ConfigError(f"config key '{stage}.batch_size': {batch} does not split over "
+                              f"resources.{stage}.gpus = {gpus[stage]} ranks")

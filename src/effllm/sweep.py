@@ -195,7 +195,34 @@ def _add_pretrain_runs(config: dict, seed: int, runs: dict[str, Run]) -> None:
 
 
 # Fine-tuning keys that are method settings (or the grid), not shared training settings.
-FINETUNE_METHOD_KEYS = ("bases", "methods", "lr_by_method", "quantized_base", "base_quant")
+FINETUNE_METHOD_KEYS = ("bases", "methods", "datasets", "lr_by_base", "lr_by_method",
+                        "quantized_base", "base_quant")
+
+
+def finetune_lr(ft: dict, base: str, method: str) -> float:
+    """The learning rate of one (base, method) run.
+
+    ``lr_by_base`` sets a base's rate (larger models train at smaller rates) and ``lr_by_method``
+    a method's rate relative to ``lr``: with both, the base's rate is scaled by the method's
+    ratio to ``lr``, so a method tuned at one size keeps its relation at every size. With one
+    of them, that rate exactly; with neither, ``lr``.
+    """
+    by_base, by_method = ft.get("lr_by_base") or {}, ft.get("lr_by_method") or {}
+    if base not in by_base:
+        return by_method.get(method, ft["lr"])
+    if method not in by_method:
+        return by_base[base]
+    return by_base[base] * (by_method[method] / ft["lr"])
+
+
+def finetune_group(base: str, dataset: str, datasets: list[str]) -> tuple[str, str]:
+    """(block, group) of the runs of ``base`` on ``dataset``. The primary set (the first) is
+    block ``finetune`` with the base as group, as before there were several sets, so its runs
+    keep their names; another set is block ``finetune_<set>`` (its own table 8) and group
+    ``<base>+<set>``: normalisation compares the methods of one base on one set."""
+    if dataset == datasets[0]:
+        return "finetune", base
+    return f"finetune_{dataset}", f"{base}+{dataset}"
 
 
 def finetune_method(ft: dict, method: str) -> dict:
@@ -216,28 +243,38 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
     runs: dict[str, dict[str, Run]] = {"pretrain": {}, "finetune": {}, "inference": {}}
     finetune_train = {k: v for k, v in ft.items()
                       if k not in FINETUNE_METHOD_KEYS and not isinstance(v, dict)}
+    datasets = ft["datasets"]
+    served_sets = inf.get("finetune_datasets") or datasets[:1]
     for seed in config["seeds"]:
         _add_pretrain_runs(config, seed, runs["pretrain"])
-        for base in ft["bases"]:
-            if base in config.get("hub_models", {}):  # a Hugging Face model from the local cache
-                upstream_id, size = f"hub/{base}", base
-            else:
-                upstream = runs["pretrain"][f"{base}-s{seed}"]
-                upstream_id, size = upstream.run_id, upstream.size
-            for method in ft["methods"]:
-                name = f"{method}-{base}-s{seed}"
-                runs["finetune"][name] = Run(
-                    "finetune", name, method, size, seed, group=base, upstream=upstream_id,
-                    settings={"method": finetune_method(ft, method),
-                              "train": {**finetune_train, "lr": ft.get("lr_by_method", {}).get(
-                                  method, ft["lr"])},
-                              "measure": config["measure"]},
-                    memberships=(_membership("finetune", base, method),),
-                )
-        served = [(r.name, r.run_id, r.size) for stage in inf["sources"]
-                  for r in runs[stage].values() if r.seed == seed]
-        served += [(f"{name}-s{seed}", f"hub/{name}", name) for name in inf.get("hub_models", [])]
-        for source_name, source_id, size in served:
+        for dataset in datasets:
+            for base in ft["bases"]:
+                if base in config.get("hub_models", {}):  # a Hugging Face model from the cache
+                    upstream_id, size = f"hub/{base}", base
+                else:
+                    upstream = runs["pretrain"][f"{base}-s{seed}"]
+                    upstream_id, size = upstream.run_id, upstream.size
+                block, group = finetune_group(base, dataset, datasets)
+                for method in ft["methods"]:
+                    name = f"{method}-{group}-s{seed}"
+                    runs["finetune"][name] = Run(
+                        "finetune", name, method, size, seed, group=group, upstream=upstream_id,
+                        settings={"method": finetune_method(ft, method),
+                                  "train": {**finetune_train,
+                                            "lr": finetune_lr(ft, base, method)},
+                                  "dataset": dataset, "measure": config["measure"]},
+                        memberships=(_membership(block, group, method),),
+                    )
+        # A fine-tuned model is scored on the set it was fine-tuned on, others on the primary.
+        served = []
+        for stage in inf["sources"]:
+            for r in runs[stage].values():
+                dataset = r.settings.get("dataset", datasets[0])
+                if r.seed == seed and (stage == "pretrain" or dataset in served_sets):
+                    served.append((r.name, r.run_id, r.size, dataset))
+        served += [(f"{name}-s{seed}", f"hub/{name}", name, datasets[0])
+                   for name in inf.get("hub_models", [])]
+        for source_name, source_id, size, dataset in served:
             for precision in inf["precisions"]:
                 name = f"{precision}-{source_name}"
                 quant = inf.get(precision, {}) if precision in ("int4", "int8") else {}
@@ -248,7 +285,7 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
                     "inference", name, precision, size, seed, group=source_id,
                     upstream=source_id,
                     settings={"precision": precision, "bits": BITS[precision], "quant": quant,
-                              "eval": {k: inf[k] for k in eval_keys},
+                              "dataset": dataset, "eval": {k: inf[k] for k in eval_keys},
                               "harness": inf.get("harness"), "measure": config["measure"]},
                     memberships=(_membership("inference", source_id, precision),),
                 )

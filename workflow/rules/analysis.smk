@@ -7,6 +7,7 @@ rule aggregate:
         code=code("effllm.analysis.aggregate"),
     output:
         csv="results/tables/runs.csv",
+        parquet="results/tables/runs.parquet",
     params:
         # Which comparison groups each run belongs to (not part of any training job's params).
         memberships=json.dumps(memberships(RUNS), sort_keys=True),
@@ -38,9 +39,31 @@ rule paper_table:
         normalised="results/tables/normalised.csv",
         code=code("effllm.analysis.paper_tables"),
     output:
-        multiext("results/tables/{table}", ".csv", ".md", ".tex"),
+        csv="results/tables/{table}.csv",
+        md=report(
+            "results/tables/{table}.md",
+            caption="../report/table.rst",
+            category="Tables",
+            labels={"table": "{table}"},
+        ),
+        tex="results/tables/{table}.tex",
     log:
         "logs/analysis/{table}.log",
     localrule: True
     script:
         "../scripts/paper_table.py"
+
+
+rule claims:
+    """The paper's rank-level claims checked on this run: verdict, numbers and seed spread."""
+    input:
+        normalised="results/tables/normalised.csv",
+        code=code("effllm.analysis.claims"),
+    output:
+        md=report("results/claims.md", caption="../report/claims.rst", category="Claims"),
+        csv=report("results/claims.csv", caption="../report/claims.rst", category="Claims"),
+    log:
+        "logs/analysis/claims.log",
+    localrule: True
+    script:
+        "../scripts/claims.py"

@@ -10,6 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from effllm.codedeps import module_files
 from effllm.config import ConfigError, check_config
+from effllm.cluster import job_resources
 from effllm.sweep import expand_runs, memberships, unused_modules
 
 BASE = Path(workflow.basedir)
@@ -44,6 +45,15 @@ def run_code(stage, *modules):
     return files
 
 
+def stage_resources(stage):
+    """Scheduler resources of a stage's jobs (config `resources`, partition and account from the
+    environment or config); memory and time grow with each retry, for jobs killed for either."""
+    res = job_resources(config, stage, config["measure"]["threads"])
+    mem_mb, runtime = res.pop("mem_mb"), res.pop("runtime")
+    return {**res, "mem_mb": lambda wildcards, attempt: mem_mb * attempt,
+            "runtime": lambda wildcards, attempt: runtime * attempt}
+
+
 def run_spec(stage):
     """Params function: the run's resolved spec as canonical JSON (stable for rerun checks)."""
 
@@ -56,6 +66,15 @@ def run_spec(stage):
 def upstream_model(stage):
     def path(wildcards):
         return f"results/{RUNS[stage][wildcards.run].upstream}/model"
+
+    return path
+
+
+def reasoning_data(stage):
+    """Input function: the fine-tuning set a run trains or is scored on."""
+
+    def path(wildcards):
+        return f"results/data/reasoning/{RUNS[stage][wildcards.run].settings['dataset']}"
 
     return path
 
@@ -87,7 +106,8 @@ FIGURES = [
     for name, block in FIGURE_BLOCKS.items()
     if block in blocks() or block in ("finetune", "inference")
     for ext in ("pdf", "png")
-]
+] + [f"paper_figures/fig2_ranking.{ext}" for ext in ("pdf", "png")]  # every block: fig. 2
+CLAIMS = ["results/claims.md", "results/claims.csv"]
 TABLE_BLOCKS = {
     "table3_attention": "attention",
     "table4_position": "position",
@@ -96,11 +116,16 @@ TABLE_BLOCKS = {
     "table7_finetune": "finetune",
     "table9_inference": "inference",
     "table16_tasks": "inference",
+    # Table 8: one per fine-tuning set after the primary, named after its block
+    # (effllm.sweep.finetune_group, effllm.analysis.paper_tables.table_spec).
+    **{f"table8_{block}": block
+       for block in dict.fromkeys(m.block for run in RUNS["finetune"].values()
+                                  for m in run.memberships) if block != "finetune"},
 }
 TABLES = [
     f"results/tables/{name}.{ext}"
     for name, block in TABLE_BLOCKS.items()
-    if block in blocks() or block in ("finetune", "inference")
+    if block in blocks() or block.startswith(("finetune", "inference"))
     for ext in ("csv", "md", "tex")
 ]
 

@@ -11,6 +11,8 @@ rule prepare_corpus:
         corpus=config["data"]["corpus"],
         split=config["data"]["split"],
         seed=config["data"]["seed"],
+    resources:
+        **stage_resources("data"),
     log:
         "logs/data/prepare_corpus.log",
     script:
@@ -25,6 +27,8 @@ rule train_tokenizer:
         directory("results/data/tokens"),
     params:
         tokenizer=config["data"]["tokenizer"],
+    resources:
+        **stage_resources("data"),
     log:
         "logs/data/train_tokenizer.log",
     script:
@@ -32,15 +36,21 @@ rule train_tokenizer:
 
 
 rule prepare_reasoning:
+    """One fine-tuning set of data.reasoning, by name."""
     input:
         code=code("effllm.data.reasoning"),
     output:
-        directory("results/data/reasoning"),
+        directory("results/data/reasoning/{dataset}"),
+    wildcard_constraints:
+        dataset="|".join(config["finetune"]["datasets"]),
     params:
-        reasoning=config["data"]["reasoning"],
+        reasoning=lambda wc: config["data"]["reasoning"][wc.dataset],
+        key=lambda wc: f"data.reasoning.{wc.dataset}",
         seed=config["data"]["seed"],
+    resources:
+        **stage_resources("data"),
     log:
-        "logs/data/prepare_reasoning.log",
+        "logs/data/prepare_reasoning_{dataset}.log",
     script:
         "../scripts/prepare_reasoning.py"
 

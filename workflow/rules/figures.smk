@@ -157,3 +157,34 @@ rule finetune_area:
     localrule: True
     script:
         "../scripts/figure_finetune.py"
+
+
+rule ranking_chart:
+    """Figure 2 (the leaderboard): the rank of every technique within its group on each metric."""
+    input:
+        normalised="results/tables/normalised.csv",
+        code=code("effllm.plots.ranking"),
+    output:
+        pdf=report(
+            "paper_figures/fig2_ranking.pdf",
+            caption="../report/ranking_chart.rst",
+            category="Overview",
+        ),
+        png="paper_figures/fig2_ranking.png",
+    params:
+        # The leaderboard's columns per stage (protocol §7.1); Perf is the quality metric.
+        metrics={
+            "pretrain": ["perplexity", "amu", "al", "tt", "aec"],
+            "finetune": ["val_loss", "amu", "pcu", "al", "st", "aec"],
+            "inference": ["performance", "amu", "al", "it", "aec", "mcr_nominal"],
+        },
+        # Rows in the config's order: variants of each block, methods, precisions.
+        order=[v["name"] for b in config["pretrain"]["blocks"].values() if b
+               for v in b["variants"]]
+        + config["finetune"]["methods"]
+        + config["inference"]["precisions"],
+    log:
+        "logs/figures/ranking_chart.log",
+    localrule: True
+    script:
+        "../scripts/figure_ranking.py"

@@ -1,10 +1,10 @@
-# Stage 3: fine-tuning sweeps (method x base model x seed).
+# Stage 3: fine-tuning sweeps (method x base model x fine-tuning set x seed).
 
 
 rule finetune:
     input:
         base=upstream_model("finetune"),
-        reasoning="results/data/reasoning",
+        reasoning=reasoning_data("finetune"),
         code=run_code("finetune", "effllm.training.finetune"),
     output:
         model=directory("results/finetune/{run}/model"),
@@ -12,6 +12,8 @@ rule finetune:
     params:
         spec=run_spec("finetune"),
     threads: config["measure"]["threads"]
+    resources:
+        **stage_resources("finetune"),
     log:
         "logs/finetune/{run}.log",
     script:

@@ -5,13 +5,15 @@ rule inference:
     input:
         model=upstream_model("inference"),
         corpus="results/data/corpus",
-        reasoning="results/data/reasoning",
+        reasoning=reasoning_data("inference"),
         code=run_code("inference", "effllm.inference.run"),
     output:
         record="results/inference/{run}/record.json",
     params:
         spec=run_spec("inference"),
     threads: config["measure"]["threads"]
+    resources:
+        **stage_resources("inference"),
     log:
         "logs/inference/{run}.log",
     script:

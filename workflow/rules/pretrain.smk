@@ -13,6 +13,8 @@ rule pretrain:
         # Resumable state lives outside the outputs: Snakemake deletes outputs before a job.
         checkpoints=lambda wildcards: f"results/checkpoints/pretrain/{wildcards.run}",
     threads: config["measure"]["threads"]
+    resources:
+        **stage_resources("pretrain"),
     log:
         "logs/pretrain/{run}.log",
     script:

@@ -1,11 +1,13 @@
-"""Snakemake entry point: fine-tune one base model with one method."""
+"""Snakemake entry point: fine-tune one base model with one method (one torchrun rank per GPU
+when the job has more than one)."""
 import json
 import sys
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 
-from effllm.training.finetune import run_finetune  # noqa: E402
+from effllm.launch import run_stage  # noqa: E402
 
 sm = snakemake  # noqa: F821
-run_finetune(json.loads(sm.params.spec), sm.input.base, sm.input.reasoning, sm.output.model,
-             sm.output.record)
+run_stage("finetune", getattr(sm.resources, "gpu", 0), spec=json.loads(sm.params.spec),
+          base_dir=sm.input.base, reasoning_dir=sm.input.reasoning, model_out=sm.output.model,
+          record_out=sm.output.record)

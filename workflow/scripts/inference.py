@@ -1,11 +1,13 @@
-"""Snakemake entry point: serve one model at one precision, evaluate and time it."""
+"""Snakemake entry point: serve one model at one precision, evaluate and time it (on the job's
+GPU, when it was given one)."""
 import json
 import sys
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 
-from effllm.inference.run import run_inference  # noqa: E402
+from effllm.launch import run_stage  # noqa: E402
 
 sm = snakemake  # noqa: F821
-run_inference(json.loads(sm.params.spec), sm.input.model, sm.input.corpus, sm.input.reasoning,
-              sm.output.record)
+run_stage("inference", getattr(sm.resources, "gpu", 0), spec=json.loads(sm.params.spec),
+          model_dir=sm.input.model, corpus_dir=sm.input.corpus,
+          reasoning_dir=sm.input.reasoning, record_out=sm.output.record)

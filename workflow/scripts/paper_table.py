@@ -6,4 +6,4 @@ sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 from effllm.analysis.paper_tables import write_paper_table  # noqa: E402
 
 sm = snakemake  # noqa: F821
-write_paper_table(sm.input.normalised, sm.wildcards.table, sm.output[0][: -len(".csv")])
+write_paper_table(sm.input.normalised, sm.wildcards.table, sm.output.csv[: -len(".csv")])

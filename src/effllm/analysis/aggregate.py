@@ -4,8 +4,9 @@ Column conventions (shared by every analysis and plot module):
 
 * identity columns :data:`ID_COLUMNS`;
 * per metric ``m``: ``m`` (float; NaN when not a number), ``m__unit``, ``m__status``
-  (measured | estimated | unavailable; empty when the run's stage does not report ``m`` at all) and
-  ``m__method``. A missing value is NaN, never 0.
+  (measured | estimated | unavailable; empty when the run's stage does not report ``m`` at all),
+  ``m__method`` and ``m__note`` (the record's note, e.g. why a value is unavailable, which the
+  claims check quotes). A missing value is NaN, never 0.
 
 CSV round trips go through :func:`read_table`, because pandas' default NA parsing would turn a
 technique labelled "None" (no positional encoding) or "NA" into a missing value.
@@ -30,7 +31,7 @@ ID_COLUMNS = (
     "run_id", "stage", "block", "technique", "label", "group", "upstream", "model_size", "seed",
     "config_hash", "git_commit", "start_time", "end_time",
 )
-COMPANIONS = ("unit", "status", "method")
+COMPANIONS = ("unit", "status", "method", "note")
 _TEXT_SUFFIXES = tuple(f"__{c}" for c in COMPANIONS) + ("__metrics",)
 
 

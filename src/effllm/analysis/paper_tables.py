@@ -3,7 +3,9 @@ group, seeds averaged (mean, standard deviation and count), every metric with it
 
 Tables are named by content (the paper's numbering is inconsistent across its versions,
 protocol §7); the number in each name follows the digests (3 attention … 6 attention-free,
-7 fine-tuning, 9 quantised inference, 16 per-task scores of the quantised models).
+7 fine-tuning, 9 quantised inference, 16 per-task scores of the quantised models). Table 8 is
+table 7 on another fine-tuning set (the paper's Medical-o1): ``table8_finetune_<set>``, one per
+set after the primary, read from the runs of block ``finetune_<set>`` (:func:`table_spec`).
 
 The inference tables (9 and 16) have one row per served model and precision: their ``group``
 and ``variant`` columns are called ``model`` and ``precision``, and the precisions of a model are
@@ -15,10 +17,10 @@ from __future__ import annotations
 import os
 from typing import Callable, Sequence
 
-import numpy as np
 import pandas as pd
 
-from effllm.analysis.aggregate import combine_status, companion, read_table
+from effllm.analysis.aggregate import read_table
+from effllm.analysis.seeds import seed_summary
 from effllm.analysis.tables import write_table
 from effllm.records import PAPER_TASK_METRICS, TASK_PREFIX
 
@@ -66,6 +68,7 @@ TABLES: dict[str, tuple[str, MetricList]] = {
     "table7_finetune": ("finetune", ["params_trainable", "loss", "val_loss", "exact_match",
                                      "amu", "pcu", "mfu", "al", "st", "samples_per_s", "aec",
                                      "efficiency_score"]),
+    # Table 8 (table 7 on each further fine-tuning set) is named per set: see table_spec.
     # Quantised inference (the paper's table 9: Avg performance, AMU, AL, IT, AEC, MCR), with
     # AL split into time to first token and time per output token, and MCR both nominal (the
     # paper's 16/bits) and from the bytes the weights take.
@@ -78,35 +81,14 @@ TABLES: dict[str, tuple[str, MetricList]] = {
 
 
 def block_table(df: pd.DataFrame, block: str, metrics: Sequence[str]) -> pd.DataFrame:
-    """Rows of ``block`` averaged over seeds per (group, label), in first-appearance order.
-
-    Per metric: ``m`` (mean over the seeds with a value), ``m__std`` (sample standard
-    deviation; NaN for fewer than two values), ``m__n`` (how many seeds had a value) and
-    ``m__status`` (the weakest status of the averaged values; unavailable when none).
-    """
+    """Rows of ``block`` averaged over seeds per (group, label), in first-appearance order:
+    :func:`effllm.analysis.seeds.seed_summary` with ``label`` shown as ``variant`` (per metric
+    ``m``, ``m__std``, ``m__lo``, ``m__hi``, ``m__n``, ``m__status``)."""
     rows = df[df["block"] == block]
     if rows.empty:
         raise ValueError(f"no runs of block {block!r} in the table")
-    out = []
-    for (group, label), members in rows.groupby(["group", "label"], sort=False):
-        row = {"group": group, "variant": label,
-               "size": ",".join(dict.fromkeys(members["model_size"].astype(str))),
-               "seeds": int(members["seed"].nunique())}
-        for m in metrics:
-            if m not in members:
-                row[m], row[companion(m, "std")], row[companion(m, "n")] = np.nan, np.nan, 0
-                row[companion(m, "status")] = "unavailable"
-                continue
-            values = members[m].astype(float)
-            statuses = members.get(companion(m, "status"), pd.Series("", index=members.index))
-            has = values.notna()
-            row[m] = values.mean()  # over the seeds with a value; NaN when none has one
-            row[companion(m, "std")] = values.std(ddof=1) if has.sum() > 1 else np.nan
-            row[companion(m, "n")] = int(has.sum())
-            row[companion(m, "status")] = (combine_status(statuses[has], values[has])
-                                           if has.any() else "unavailable")
-        out.append(row)
-    return pd.DataFrame(out)
+    table = seed_summary(rows, metrics, by=("group", "label"))
+    return table.drop(columns="runs").rename(columns={"label": "variant"})
 
 
 def precision_key(precision: str) -> tuple[int, str]:
@@ -125,11 +107,24 @@ def inference_table(table: pd.DataFrame) -> pd.DataFrame:
     return table.loc[order].reset_index(drop=True).rename(columns=INFERENCE_RENAME)
 
 
+SECOND_FINETUNE = "table8_"
+
+
+def table_spec(name: str) -> tuple[str, MetricList]:
+    """(block, metrics) of a named table: one of :data:`TABLES`, or ``table8_finetune_<set>``,
+    table 7's columns for the fine-tuning runs on ``<set>`` (block ``finetune_<set>``)."""
+    if name in TABLES:
+        return TABLES[name]
+    block = name.removeprefix(SECOND_FINETUNE)
+    if block != name and block.startswith("finetune_"):
+        return block, TABLES["table7_finetune"][1]
+    raise KeyError(f"unknown table {name!r}; known: {sorted(TABLES)} and "
+                   f"{SECOND_FINETUNE}finetune_<set>")
+
+
 def paper_table(df: pd.DataFrame, name: str) -> pd.DataFrame:
-    """One named table of :data:`TABLES` from a normalised table."""
-    if name not in TABLES:
-        raise KeyError(f"unknown table {name!r}; known: {sorted(TABLES)}")
-    block, metrics = TABLES[name]
+    """One named table (:func:`table_spec`) from a normalised table."""
+    block, metrics = table_spec(name)
     if callable(metrics):  # chosen from the block's own columns
         metrics = metrics(df[df["block"] == block])
     table = block_table(df, block, metrics)

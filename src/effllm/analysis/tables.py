@@ -20,7 +20,7 @@ from effllm.records import METRICS
 
 MISSING = "n/a"
 ESTIMATED = "\u2020"  # dagger
-_HIDDEN = tuple(f"__{c}" for c in COMPANIONS) + ("__std", "__n")
+_HIDDEN = tuple(f"__{c}" for c in COMPANIONS) + ("__std", "__lo", "__hi", "__n")
 PLUS_MINUS = "\u00b1"
 _LATEX_SPECIALS = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",

@@ -1,6 +1,7 @@
-"""A verifiable step-by-step reasoning set: synthetic column arithmetic or a cached Hub SFT set.
+"""Verifiable step-by-step fine-tuning sets: column arithmetic, template word problems
+(:mod:`effllm.data.word_problems`) or a cached Hub SFT set, each built by :func:`prepare_reasoning`.
 
-Synthetic problems stand in for the paper's O1-SFT offline. A completion is a worked scratchpad, one
+Arithmetic stands in for the paper's O1-SFT offline. A completion is a worked scratchpad, one
 column per step from the ones digit up, with carries written out (``+1``) and borrows too (the
 digit that borrows shows the lent ten, ``12-7``; the next column pays it back, ``-1``), then the
 answer after a fixed marker::
@@ -145,9 +146,38 @@ def _capacity(operations: list[str], min_digits: int, max_digits: int) -> int:
     return total
 
 
-def _synthetic(cfg: dict, seed: int) -> tuple[dict[str, list[dict]], dict]:
-    """Unique problems drawn from one seeded stream: test first, then validation, then train."""
-    where = "data.reasoning.synthetic"
+def _unique_splits(draw, counts: dict[str, int], seed: int) -> list[dict]:
+    """``sum(counts)`` problems with distinct keys from one seeded stream, split in the order of
+    ``counts`` (test first, so that growing the training set never changes the test set)."""
+    rng = random.Random(seed)
+    seen: set = set()
+    problems: list[dict] = []
+    while len(problems) < sum(counts.values()):
+        key, problem = draw(rng)
+        if key not in seen:
+            seen.add(key)
+            problems.append(problem)
+    splits, start = {}, 0
+    for split, count in counts.items():
+        splits[split] = problems[start : start + count]
+        start += count
+    return splits
+
+
+def _counts(cfg: dict, capacity: int, where: str, hint: str) -> dict[str, int]:
+    """Samples per split (test, validation, train), refused when the problem space is smaller."""
+    counts = {split: cfg[f"n_{split}"] for split in ("test", "validation", "train")}
+    wanted = sum(counts.values())
+    if wanted > capacity:
+        raise ValueError(
+            f"{where}: n_train + n_validation + n_test = {wanted} exceeds the {capacity} "
+            f"distinct problems {hint}"
+        )
+    return counts
+
+
+def _arithmetic(cfg: dict, seed: int, where: str) -> tuple[dict[str, list[dict]], dict]:
+    """Unique column-arithmetic problems, test first, then validation, then train."""
     operations = list(cfg["operations"])
     unknown = sorted(set(operations) - set(OPERATIONS))
     if not operations or unknown:
@@ -157,43 +187,61 @@ def _synthetic(cfg: dict, seed: int) -> tuple[dict[str, list[dict]], dict]:
         raise ValueError(
             f"{where}.min_digits/max_digits must satisfy 1 <= min <= max, got {low}, {high}"
         )
-    counts = {split: cfg[f"n_{split}"] for split in ("test", "validation", "train")}
-    wanted = sum(counts.values())
     capacity = _capacity(operations, low, high)
-    if wanted > capacity:
-        raise ValueError(
-            f"{where}: n_train + n_validation + n_test = {wanted} exceeds the {capacity} distinct "
-            f"problems of operations {operations} with {low}-{high} digits; raise "
-            f"{where}.max_digits or lower the counts"
-        )
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    problems: list[dict] = []
-    while len(problems) < wanted:
+    counts = _counts(cfg, capacity, where, f"of operations {operations} with {low}-{high} "
+                     f"digits; raise {where}.max_digits or lower the counts")
+
+    def draw(rng):
         problem = make_problem(rng, rng.choice(operations), rng.randint(low, high))
-        if _problem_key(problem) not in seen:
-            seen.add(_problem_key(problem))
-            problems.append(problem)
-    splits, start = {}, 0
-    for split, count in counts.items():
-        splits[split] = problems[start : start + count]
-        start += count
-    return splits, {"name": "synthetic", "problem_space": capacity}
+        return _problem_key(problem), problem
+
+    return _unique_splits(draw, counts, seed), {"name": "arithmetic", "problem_space": capacity}
 
 
-def _hf(cfg: dict, seed: int) -> tuple[dict[str, list[dict]], dict]:
+def _word_problems(cfg: dict, seed: int, where: str) -> tuple[dict[str, list[dict]], dict]:
+    """Unique template word problems (by template and numbers), in the arithmetic set's frame."""
+    from effllm.data import word_problems
+
+    templates = list(cfg.get("templates") or word_problems.TEMPLATES)
+    unknown = sorted(set(templates) - set(word_problems.TEMPLATES))
+    if unknown:
+        raise ValueError(f"{where}.templates: unknown {unknown}; known: "
+                         f"{sorted(word_problems.TEMPLATES)}")
+    largest = cfg["max_number"]
+    capacity = word_problems.capacity(templates, largest)
+    counts = _counts(cfg, capacity, where, f"of templates {templates} with numbers up to "
+                     f"{largest}; raise {where}.max_number or lower the counts")
+
+    def draw(rng):
+        made = word_problems.draw(rng, templates, largest)
+        return made["key"], {
+            "prompt": f"Q: {made['text']}\nA:",
+            "completion": f" {'; '.join(made['steps'])}\n{ANSWER_MARKER} {made['answer']}",
+            "answer": made["answer"],
+        }
+
+    splits = _unique_splits(draw, counts, seed)
+    return splits, {"name": "word_problems", "templates": templates, "problem_space": capacity}
+
+
+def _hf(cfg: dict, seed: int, where: str) -> tuple[dict[str, list[dict]], dict]:
     """Prompt/response pairs from a cached data set, split by prompt (repeated prompts dropped).
 
-    Prompts get the synthetic set's ``Q: ...\nA:`` frame; a known answer is appended after the
-    marker unless the response's last marker already gives it, so ``extract_answer`` finds it.
+    Prompts get the synthetic sets' ``Q: ...\nA:`` frame. Several response fields (Medical-o1's
+    reasoning ``Complex_CoT`` and its ``Response``) are joined by a blank line, in order. A known
+    answer is appended after the marker unless the response's last marker already gives it, so
+    ``extract_answer`` finds it.
     """
     dataset = hub.cached_dataset(cfg["repo_id"], cfg["files"], cfg.get("cache_dir"))
     answer_field = cfg.get("answer_field")
-    fields = [cfg["prompt_field"], cfg["response_field"]] + ([answer_field] if answer_field else [])
+    responses = cfg["response_field"]
+    responses = [responses] if isinstance(responses, str) else list(responses)
+    fields = [cfg["prompt_field"], *responses] + ([answer_field] if answer_field else [])
     samples: dict[str, dict] = {}
     for _, record in hub.iter_records(dataset, fields, cfg.get("max_samples")):
         prompt = f"Q: {str(record[cfg['prompt_field']]).strip()}\nA:"
-        completion = f" {str(record[cfg['response_field']]).strip()}"
+        completion = " " + "\n\n".join(str(record[field]).strip() for field in responses
+                                        if record[field] is not None)
         answer = record[answer_field] if answer_field else None
         answer = None if answer is None else str(answer).strip()
         if answer is not None and extract_answer(completion) != answer:
@@ -202,22 +250,24 @@ def _hf(cfg: dict, seed: int) -> tuple[dict[str, list[dict]], dict]:
     test_fraction = cfg["test_fraction"]
     validation_fraction = cfg.get("validation_fraction", test_fraction)
     assignment = assign_splits(
-        dict.fromkeys(samples, 1), validation_fraction, test_fraction, seed, "data.reasoning.hf"
+        dict.fromkeys(samples, 1), validation_fraction, test_fraction, seed, where
     )
     splits = {split: [s for p, s in samples.items() if assignment[p] == split] for split in SPLITS}
     return splits, {"name": "hf", **dataset.describe()}
 
 
-_SOURCES = {"synthetic": _synthetic, "hf": _hf}
+_SOURCES = {"arithmetic": _arithmetic, "word_problems": _word_problems, "hf": _hf}
 
 
-def prepare_reasoning(reasoning_cfg: dict, seed: int, out_dir: str | os.PathLike) -> dict:
-    """Build the reasoning splits and write them with a card, atomically; return the card."""
+def prepare_reasoning(reasoning_cfg: dict, seed: int, out_dir: str | os.PathLike,
+                      key: str = "data.reasoning") -> dict:
+    """Build one fine-tuning set's splits and write them with a card, atomically; return the
+    card. ``key`` is the set's config key (``data.reasoning.<name>``), named in errors."""
     source = reasoning_cfg.get("source")
     if source not in _SOURCES:
-        raise ValueError(f"data.reasoning.source must be one of {sorted(_SOURCES)}, got {source!r}")
+        raise ValueError(f"{key}.source must be one of {sorted(_SOURCES)}, got {source!r}")
     settings = reasoning_cfg.get(source) or {}
-    splits, source_info = _SOURCES[source](settings, seed)
+    splits, source_info = _SOURCES[source](settings, seed, f"{key}.{source}")
     summary = {}
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:

@@ -26,9 +26,10 @@ def completion_scores(model, tokenizer, problems: list[dict], max_length: int,
         chunk = problems[i:i + batch_size]
         batch = collate([encode_example(tokenizer, p["prompt"], p["completion"], max_length)
                          for p in chunk], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        logits = model(input_ids=batch["input_ids"].to(model.device),
+                       attention_mask=batch["attention_mask"].to(model.device),
                        use_cache=False).logits[:, :-1].float()
-        target = batch["labels"][:, 1:]
+        target = batch["labels"][:, 1:].to(logits.device)
         keep = target != -100
         nll += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
         correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
@@ -45,7 +46,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
     outputs = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, mininterval=2.0):
         enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
-                        add_special_tokens=False)
+                        add_special_tokens=False).to(model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)

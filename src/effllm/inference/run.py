@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import effllm.models  # noqa: F401 - registers our config with the Auto classes
 from effllm.inference.evaluate import finite_metric, reasoning_metrics
+from effllm.launch import place
 from effllm.measure import Timer, Window, latency_summary
 from effllm.models.quantize import DTYPES, load_quantised, model_config
 from effllm.records import Metric, RunRecord, now_iso
@@ -30,8 +31,9 @@ from effllm.data.splits import read_split
 def load_model(model_dir: str | os.PathLike, precision: str, quant: dict):
     """The model at ``precision``; returns (model, notes about what was kept unquantised)."""
     model_config(model_dir)  # imports our Mamba/RWKV fixes before the weights load
-    if precision in DTYPES:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision]), None
+    if precision in DTYPES:  # on a GPU when torch sees one; bitsandbytes places its own
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision])
+        return model.to(place().device), None
     # Unquantised parts (embeddings, head, norms) in the compute dtype, as the bf16 run holds them.
     dtype = DTYPES[quant.get("compute_dtype", "bf16")] if precision == "int4" else torch.bfloat16
     return load_quantised(model_dir, precision, quant, dtype)
@@ -171,6 +173,7 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_dir: str | os
     starts = rng.integers(0, len(tokens) - ev["prompt_tokens"], size=ev["batch_size"])
     prompt_ids = torch.from_numpy(np.stack([tokens[s:s + ev["prompt_tokens"]]
                                             for s in starts]).astype(np.int64))
+    prompt_ids = prompt_ids.to(model.device)
     window = Window(measure["sample_interval_s"])
     times = time_generation(model, prompt_ids, ev["new_tokens"], tokenizer.pad_token_id,
                             ev["warmup_runs"], ev["min_runs"], ev["min_seconds"], window)
@@ -216,7 +219,7 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_dir: str | os
         spec, start, metrics,
         series={"e2e_seconds": times["e2e"], "prefill_seconds": times["prefill"],
                 "decode_seconds_per_token": times["decode"]},
-        execution={"precision": settings["precision"], "notes": [quant_note] if quant_note
+        execution={"precision": settings["precision"], "device": str(model.device), "notes": [quant_note] if quant_note
                    else [], "linear_weight_bytes": layers},
     )
     record.save(record_out)

@@ -83,8 +83,12 @@ class MoE(nn.Module):
         token = order // self.top_k  # assignment j belongs to token j // k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync
         chunks = x[token].split(counts)
-        outs = [expert(chunk) for expert, chunk, n in zip(self.experts, chunks, counts) if n]
-        # Skip idle experts: they get no gradient (None) rather than a zero one.
+        # Skip idle experts: they get no gradient (None) rather than a zero one. Under DDP/FSDP
+        # every rank must hand in every expert's gradient, so an idle one runs on its empty chunk
+        # (zero gradient, zero FLOPs).
+        every = torch.distributed.is_available() and torch.distributed.is_initialized()
+        outs = [expert(chunk) for expert, chunk, n in zip(self.experts, chunks, counts)
+                if n or every]
         out = torch.cat(outs) * weights.reshape(-1)[order, None]
         y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
         return y.view(b, t, h), load_balancing_loss(probs, experts, self.num_experts)

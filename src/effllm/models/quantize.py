@@ -97,8 +97,10 @@ def load_quantised(model_dir: str | os.PathLike, precision: str, quant: dict,
     (model, note)."""
     from transformers import AutoModelForCausalLM
 
+    from effllm.launch import place
+
     config, note = bnb_config(model_dir, precision, quant)
+    # The whole model on this job's device, as the bf16/fp16 runs are (not split over GPUs).
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=config, dtype=dtype,
-        device_map="auto" if torch.cuda.is_available() else "cpu")
+        model_dir, quantization_config=config, dtype=dtype, device_map={"": place().device})
     return model, note

@@ -5,7 +5,8 @@ Bars show ``m__norm`` (min-max within group, higher is better) so that metrics o
 share one axis; the line shows one metric RAW (validation perplexity by default) on a secondary
 axis, because the paper reads the quality trade-off off the real number, not its rank.
 A value that is not available is never drawn as a 0-height bar: its slot stays empty and carries
-an "n/a" mark, and the panel says what is missing. Seeds are averaged; whiskers span min-max.
+an "n/a" mark, and the panel says what is missing. Seeds are averaged
+(:func:`effllm.analysis.seeds.seed_summary`); whiskers span min-max.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from effllm.analysis.aggregate import companion, read_table
+from effllm.analysis.seeds import seed_summary
 from effllm.analysis.tables import ESTIMATED, MISSING
 from effllm.plots import style
 from effllm.plots.style import plt, select_block
@@ -34,36 +36,6 @@ LINE_COLOUR = "#C00000"
 ESTIMATED_HATCH = "////"
 PANEL_HEIGHT = 2.1  # inches per group panel
 BAR_FILL = 0.8  # fraction of a variant's x slot taken by its bars
-
-
-def variant_summary(members: pd.DataFrame, metrics: Sequence[str],
-                    series_col: str = "label") -> pd.DataFrame:
-    """One row per variant (first-appearance order) of a group's runs, seeds averaged.
-
-    Per metric ``m``: ``m`` / ``m__lo`` / ``m__hi`` (raw mean, min, max over the seeds that have a
-    value), the same for ``m__norm``, ``m__n`` (seeds with a normalised value) and ``m__status``
-    ("unavailable" when no seed has one, "estimated" when any used seed is estimated). Missing
-    stays NaN: a seed without a value is left out of the mean, never counted as 0.
-    """
-    rows = []
-    for name, runs in members.groupby(series_col, sort=False):
-        row: dict[str, object] = {series_col: name, "runs": len(runs)}
-        for m in metrics:
-            for col in (m, companion(m, "norm")):
-                values = (runs[col].astype(float) if col in runs
-                          else pd.Series(np.nan, index=runs.index))
-                row[col], row[f"{col}__lo"], row[f"{col}__hi"] = (
-                    values.mean(), values.min(), values.max())
-            norm = (runs[companion(m, "norm")].astype(float) if companion(m, "norm") in runs
-                    else pd.Series(np.nan, index=runs.index))
-            status = runs.get(companion(m, "status"), pd.Series("", index=runs.index))
-            used = status[norm.notna()].astype(str)
-            row[companion(m, "n")] = int(norm.notna().sum())
-            row[companion(m, "status")] = ("unavailable" if used.empty else
-                                           "estimated" if (used == "estimated").any() else
-                                           "measured")
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def metric_colour(index: int) -> str:
@@ -92,7 +64,9 @@ def bars_with_line(ax, members: pd.DataFrame, metrics: Sequence[str],
     mark ``n/a:<variant>:<metric>`` (a Text, no patch), the line ``line:<metric>`` with the
     seed-mean raw values (NaN where a variant has none, so the line breaks instead of dropping).
     """
-    summary = variant_summary(members, list(dict.fromkeys([*metrics, line_metric])), series_col)
+    wanted = dict.fromkeys([*metrics, line_metric])
+    summary = seed_summary(members, [c for m in wanted for c in (m, companion(m, "norm"))],
+                           by=[series_col])
     names = summary[series_col].astype(str).tolist()
     x = np.arange(len(names), dtype=float)
     width = BAR_FILL / max(len(metrics), 1)

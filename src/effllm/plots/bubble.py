@@ -20,9 +20,9 @@ from matplotlib.colors import to_rgba
 from matplotlib.lines import Line2D
 
 from effllm.analysis.aggregate import companion, read_table
+from effllm.analysis.seeds import seed_summary
 from effllm.analysis.tables import ESTIMATED, MISSING
 from effllm.plots import style
-from effllm.plots.bars import variant_summary
 from effllm.plots.style import plt, select_block
 
 CAPTION = ("bubble area \u221d value, min-max normalised within group{floor};\n"
@@ -62,7 +62,8 @@ def bubble_grid(ax, members: pd.DataFrame, metrics: Sequence[str], s_max: float,
     Returns the seed summary that was drawn.
     """
     params = [c for c in ("params_total", "params_active") if c in members]
-    summary = variant_summary(members, list(metrics) + params, series_col)
+    summary = seed_summary(members, [*(c for m in metrics for c in (m, companion(m, "norm"))),
+                                     *params], by=[series_col])
     names = summary[series_col].astype(str).tolist()
     missing_xy, scale_xy = [], []
     spread_any = False

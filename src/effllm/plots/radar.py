@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from effllm.analysis.aggregate import companion, read_table
+from effllm.analysis.seeds import seed_summary
 from effllm.plots import style
 from effllm.plots.style import plt, select_block
 
@@ -21,10 +22,12 @@ R_TICKS = (0.25, 0.5, 0.75, 1.0)
 CAPTION = "min-max normalised within group{floor}; higher is better"
 
 
-def _norm_matrix(df: pd.DataFrame, metrics: Sequence[str]) -> np.ndarray:
-    """Rows x metrics array of ``m__norm`` values; NaN where a value or a whole column is missing."""
-    cols = [df[companion(m, "norm")].astype(float).to_numpy() if companion(m, "norm") in df
-            else np.full(len(df), np.nan) for m in metrics]
+def _norm_matrix(df: pd.DataFrame, metrics: Sequence[str], suffix: str = "") -> np.ndarray:
+    """Rows x metrics array of ``m__norm`` (``suffix`` e.g. "__lo": its seed minimum) values;
+    NaN where a value or a whole column is missing."""
+    names = [companion(m, "norm") + suffix for m in metrics]
+    cols = [df[c].astype(float).to_numpy() if c in df else np.full(len(df), np.nan)
+            for c in names]
     return np.column_stack(cols) if cols else np.empty((len(df), 0))
 
 
@@ -42,10 +45,16 @@ def radar(ax, df: pd.DataFrame, metrics: Sequence[str], series_col: str = "label
     ax.set_theta_offset(np.pi / 2)
     ax.set_theta_direction(-1)
     notes = []
-    for name, r in zip(df[series_col].astype(str), values):
+    lo, hi = (_norm_matrix(df, metrics, f"__{end}") for end in ("lo", "hi"))
+    for name, r, r_lo, r_hi in zip(df[series_col].astype(str), values, lo, hi):
         colour = style.technique_colour(name)
         ax.plot(np.append(theta, theta[0]), np.append(r, r[0]), color=colour, marker="o",
                 label=name, gid=name, clip_on=False, zorder=3)
+        spread = np.isfinite(r) & (r_hi - r_lo > 1e-9)
+        if spread.any():  # seeds: min-max as a radial whisker at each vertex
+            ax.errorbar(theta[spread], r[spread], fmt="none", ecolor=colour, elinewidth=0.7,
+                        yerr=[(r - r_lo)[spread], (r_hi - r)[spread]], capsize=0, zorder=3,
+                        label=f"_spread:{name}")  # "_": not in a legend
         if np.isfinite(r).all():
             ax.fill(theta, r, color=colour, alpha=0.12, linewidth=0)
         gaps = [style.metric_label(m) for m, v, a in zip(metrics, r, absent) if np.isnan(v) and not a]
@@ -73,7 +82,8 @@ def draw_radar_figure(
     title: str | None = None,
     series_col: str = "label",
 ) -> None:
-    """One radar per comparison group of ``block`` (seeds averaged per series), shared legend."""
+    """One radar per comparison group of ``block`` (seeds averaged per series, min-max as radial
+    whiskers), shared legend."""
     df = select_block(read_table(normalised_csv), block, normalised_csv)
     norm_cols = [companion(m, "norm") for m in metrics if companion(m, "norm") in df]
     groups = list(dict.fromkeys(df["group"]))
@@ -85,16 +95,19 @@ def draw_radar_figure(
         subplot_kw={"projection": "polar"}, layout="constrained",
     )
     legend: dict[str, object] = {}
+    spread = False
     for ax, group in zip(axes.flat, groups):
         members = df[df["group"] == group]
-        series = members.groupby(series_col, sort=False)[norm_cols].mean().reset_index()
+        series = seed_summary(members, norm_cols, by=[series_col])
         radar(ax, series, metrics, series_col)
         ax.set_title(str(group), pad=12, fontsize="medium")
         legend.update({line.get_label(): line for line in ax.get_lines()})
+        spread |= bool(ax.containers)
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
     floor = style.norm_floor(df)
-    caption = CAPTION.format(floor=f", floor {floor:g}" if floor is not None else "")
+    caption = CAPTION.format(floor=f", floor {floor:g}" if floor is not None else "") + (
+        "\nmean over seeds; whiskers: min\u2013max over seeds" if spread else "")
     # The caption is the legend's title: one bottom artist, so constrained layout cannot overlap them.
     fig.legend(legend.values(), legend.keys(), loc="outside lower center",
                ncol=min(len(legend), 6), title=caption,

@@ -23,7 +23,7 @@ adjacent petals that all start at the centre, because a stack misleads here:
 With petals every value is read against the same radial grid, from 0. A metric that is not
 available gets its slot hatched in grey over the full radius (an "unknown", not a short bar),
 and a model not served at a precision has its whole sector hatched and labelled "no run". An
-estimated value is dotted. Seeds are averaged by :func:`~effllm.analysis.paper_tables.block_table`
+estimated value is dotted. Seeds are averaged by :func:`effllm.analysis.seeds.seed_summary`
 (the numbers table 9 prints); where a model has more than one seed, ±1 standard deviation is a
 radial error bar, otherwise the legend says that there is one run per cell.
 """
@@ -41,7 +41,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from effllm.analysis.aggregate import companion, read_table
-from effllm.analysis.paper_tables import block_table, precision_key
+from effllm.analysis.paper_tables import precision_key
+from effllm.analysis.seeds import seed_summary
 from effllm.analysis.tables import ESTIMATED, MISSING
 from effllm.plots import style
 from effllm.plots.style import plt, select_block
@@ -91,11 +92,8 @@ def rose_summary(df: pd.DataFrame, metrics: Sequence[str] = METRICS, block: str 
         if m not in CATALOGUE:
             raise KeyError(f"metric {m!r} is not a canonical metric in effllm.records.METRICS")
     rows = select_block(df, block, source)
-    if "block" not in rows:
-        rows = rows.assign(block=block)
     norm = [companion(m, "norm") for m in metrics]
-    means = block_table(rows, block, norm).set_index(["group", "variant"])
-    raw = block_table(rows, block, [*metrics, "bits_nominal"]).set_index(["group", "variant"])
+    means = seed_summary(rows, [*norm, "bits_nominal"]).set_index(["group", "label"])
     models = list(dict.fromkeys(rows["group"]))
     precisions = sorted(dict.fromkeys(rows["label"]), key=precision_key)
     out = []
@@ -104,14 +102,14 @@ def rose_summary(df: pd.DataFrame, metrics: Sequence[str] = METRICS, block: str 
             key = (model, precision)
             found = key in means.index
             row = {"model": model, "precision": precision,
-                   "bits": raw.at[key, "bits_nominal"] if found else np.nan,
+                   "bits": means.at[key, "bits_nominal"] if found else np.nan,
                    "seeds": int(means.at[key, "seeds"]) if found else 0}
             for m, n in zip(metrics, norm):
                 row[m] = means.at[key, n] if found else np.nan
                 row[companion(m, "std")] = means.at[key, companion(n, "std")] if found else np.nan
                 row[companion(m, "n")] = int(means.at[key, companion(n, "n")]) if found else 0
-                status = raw.at[key, companion(m, "status")] if found else "unavailable"
-                row[companion(m, "status")] = status if math.isfinite(row[m]) else "unavailable"
+                row[companion(m, "status")] = (means.at[key, companion(n, "status")] if found
+                                               else "unavailable")
             out.append(row)
     summary = pd.DataFrame(out)
     summary.attrs["metrics"] = list(metrics)

@@ -18,23 +18,45 @@ from transformers import AutoTokenizer
 import effllm.models  # noqa: F401 - registers our config with the Auto classes
 from effllm.inference.evaluate import completion_scores, reasoning_metrics
 from effllm.io import atomic_dir
-from effllm.measure import Timer, Window, count_flops
+from effllm.launch import place
+from effllm.measure import Timer, Window
 from effllm.records import Metric, RunRecord, now_iso
 from effllm.training import methods
 from effllm.training.loop import (
-    cosine_schedule, count_params, mfu_metric, seed_everything, step_metrics, train,
+    cosine_schedule, count_params, mfu_metric, note_rank0, seed_everything,
+    step_flops_per_token, step_metrics, train,
 )
 from effllm.data.splits import read_split
 from effllm.training.sft import collate, encode_example
 
 
-def epoch_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int):
-    """Shuffled batches, a new permutation every epoch, for as long as asked."""
+def epoch_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int,
+                  rank: int = 0, world: int = 1):
+    """Shuffled batches, a new permutation every epoch, for as long as asked.
+
+    Under torchrun every rank draws the same global batch and keeps rows ``rank::world``; the
+    training loop weighs each rank's loss by its share of the batch's completion tokens.
+    """
+    if batch_size % world:
+        raise ValueError(f"finetune.batch_size {batch_size} does not split over {world} ranks")
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(len(examples))
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
+            batch = collate([examples[j] for j in order[i:i + batch_size]], pad_id)
+            yield {key: value[rank::world] for key, value in batch.items()}
+
+
+def shard_fully(model, device: str):
+    """ZeRO-3 with torch's FSDP2: parameters, gradients and optimiser state sharded over the
+    ranks, one unit per decoder layer plus the rest; each layer's weights are gathered only
+    while it runs. (DeepSpeed's ZeRO-3, the paper's Full*, shards the same three.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model.to(device)
 
 
 def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | os.PathLike,
@@ -49,7 +71,11 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
             raise ValueError(f"the tokenizer of {base_dir} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     method = settings["method"]
+    placement = place()  # a GPU when torch sees one (the local rank's under torchrun), or CPU
+    sharded = placement.world > 1 and method["name"] == "full"
     model, base_note = methods.load_base(base_dir, method)
+    if not method.get("quantized_base") and not sharded:  # a 4-bit base is placed by its loader
+        model.to(placement.device)
     train_set = read_split(reasoning_dir, "train")[: train_cfg["max_samples"]]
     val_set = read_split(reasoning_dir, "validation")
     test_set = read_split(reasoning_dir, "test")[: train_cfg["eval_problems"]]
@@ -66,25 +92,39 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     if steps <= warmup_steps:
         raise ValueError(f"{steps} fine-tuning steps leave none after {warmup_steps} warm-up")
 
-    model, optimizer = methods.prepare(model, method, train_cfg["lr"])
+    model, optimizer = methods.prepare(
+        model, method, train_cfg["lr"],
+        shard=(lambda m: shard_fully(m, placement.device)) if sharded else None)
     params_total, params_trainable = count_params(model)
-    batches = epoch_batches(examples, batch_size, tokenizer.pad_token_id, spec["seed"])
+    batches = epoch_batches(examples, batch_size, tokenizer.pad_token_id, spec["seed"],
+                            placement.rank, placement.world)
 
     # FLOPs of one step in a separate pass. The counter follows autograd, so frozen weights cost
     # forward + input gradient only (about 4N per token instead of 6N).
-    probe = next(epoch_batches(examples, batch_size, tokenizer.pad_token_id, spec["seed"] + 1))
-    flops = count_flops(lambda: model(**probe).loss.backward())
-    model.zero_grad(set_to_none=True)
-    flops_per_token = flops / int(probe["attention_mask"].sum())
+    probe = next(epoch_batches(examples, batch_size, tokenizer.pad_token_id, spec["seed"] + 1,
+                               placement.rank, placement.world))
+    probe = {key: value.to(placement.device) for key, value in probe.items()}
+    flops_per_token = step_flops_per_token(model, probe)
     scheduler = cosine_schedule(optimizer, math.ceil(train_cfg["warmup_ratio"] * steps), steps,
                                 0.0)
     window = Window(measure["sample_interval_s"])
-    log = train(model, batches, steps, optimizer, scheduler, 1.0, window,
+    trained = model
+    if placement.world > 1 and not sharded:  # adapters, Freeze: replicas, gradients averaged
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=None if placement.device == "cpu" else [placement.device])
+    log = train(trained, batches, steps, optimizer, scheduler, 1.0, window,
                 desc=f"finetune {spec['run_id']}")
+    if sharded:  # every rank hands in its shards; rank 0 evaluates and saves the whole model
+        model = gathered(model, base_dir, method, placement)
+    if placement.world > 1:
+        torch.distributed.destroy_process_group()
+    if not placement.main:
+        return None
 
     val = completion_scores(model, tokenizer, val_set, train_cfg["max_length"])
     metrics = step_metrics(log, warmup_steps, params_total, Timer.method)
     metrics.update(window.metrics())
+    note_rank0(metrics, placement.world)
     metrics["val_loss"] = Metric.measured(val["loss"], "nats/token", "completion_nll_validation",
                                           f"{val['tokens']} completion tokens")
     metrics.update(reasoning_metrics(model, tokenizer, test_set, train_cfg["max_length"],
@@ -96,7 +136,7 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     metrics["params_trainable"] = Metric.measured(params_trainable, "params",
                                                   "count_requires_grad")
     metrics["mfu"] = mfu_metric(flops_per_token, metrics["tokens_per_s"].value,
-                                measure.get("peak_flops"))
+                                measure.get("peak_flops"), placement.world)
 
     with atomic_dir(model_out) as tmp:
         if method["name"] in methods.ADAPTER_METHODS:
@@ -105,10 +145,9 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
         tokenizer.save_pretrained(tmp)
     quant = method.get("quantized_base")
     execution = {
-        # How the method ran. Full is plain single-process fine-tuning here; the paper's
-        # Full* used DeepSpeed ZeRO-3 with offload on 8 GPUs (protocol §4).
-        "backend": "single-process",
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        # How the method ran. The paper's Full* used DeepSpeed ZeRO-3 with offload on 8 GPUs
+        # (protocol §4); with resources.finetune.gpus > 1 Full runs ZeRO-3 as torch FSDP2.
+        **placement.execution("FSDP full shard (ZeRO-3)" if sharded else "DDP"),
         "base_precision": f"{quant['quant_type']} (bitsandbytes 4-bit"
                           f"{', double quant' if quant['double_quant'] else ''})"
                           if quant else "fp32",
@@ -122,3 +161,17 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     )
     record.save(record_out)
     return record
+
+
+def gathered(model, base_dir, method: dict, placement):
+    """The trained weights of a sharded model, gathered into a fresh unsharded copy of the base
+    on rank 0 (a collective: every rank calls it; the other ranks get None)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    if not placement.main:
+        return None
+    whole, _ = methods.load_base(base_dir, method)
+    whole.load_state_dict(state)
+    return whole.to(placement.device)

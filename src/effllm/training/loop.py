@@ -16,9 +16,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from effllm.measure import Timer, Window, latency_summary
+from effllm.measure import Timer, Window, count_flops, latency_summary
 from effllm.records import Metric
 
 
@@ -89,7 +90,7 @@ class Checkpoint:
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state["fingerprint"] != self.fingerprint:
             return StepLog()
-        model.load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         log = StepLog.from_state(state["log"])
@@ -98,11 +99,15 @@ class Checkpoint:
 
     def maybe_save(self, model, optimizer, scheduler, log: StepLog, steps: int) -> None:
         done = len(log.losses)
-        if not self.every or done % self.every or done >= steps:
-            return
+        if not self.every or done % self.every or done >= steps or rank() != 0:
+            return  # every rank holds the same (DDP) state: rank 0 writes it
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):  # its state is spread over the ranks
+            raise NotImplementedError("checkpoints of a sharded (FSDP) model are not supported")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save({"fingerprint": self.fingerprint, "model": model.state_dict(),
+        torch.save({"fingerprint": self.fingerprint, "model": unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "log": log.state()}, tmp)
         os.replace(tmp, self.path)  # a kill mid-write leaves the previous checkpoint intact
@@ -121,32 +126,63 @@ def step_batches(make_batch: Callable[[np.random.Generator], dict], seed: int, s
         step += 1
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper (its state has no ``module.`` prefix)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad_clip: float,
           window: Window, desc: str, log: StepLog | None = None,
           checkpoint: Checkpoint | None = None) -> StepLog:
-    """Run optimiser steps up to ``steps`` (continuing ``log`` when resuming) inside ``window``."""
+    """Run optimiser steps up to ``steps`` (continuing ``log`` when resuming) inside ``window``.
+
+    Batches move to the model's device. Under torchrun (``model`` wrapped in DDP or sharded by
+    FSDP, each rank fed its slice of the global batch) a rank's loss is weighed by its share of
+    the batch's predicted tokens, so the averaged gradient is the whole batch's mean, as in one
+    process; the logged loss, tokens and samples are the global batch's.
+    """
     log = log or StepLog()
     model.train()
+    device = next(model.parameters()).device
+    distributed = dist.is_available() and dist.is_initialized()
     with window:
-        for _ in tqdm(range(len(log.losses), steps), desc=desc, mininterval=2.0):
-            batch = next(batches)
+        for _ in tqdm(range(len(log.losses), steps), desc=desc, mininterval=2.0,
+                      disable=rank() != 0):
+            batch = {key: value.to(device) for key, value in next(batches).items()}
+            predicted = (batch["labels"][:, 1:] != -100).sum().double()  # tokens with a loss
             with Timer() as timer:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             labels=batch["labels"])
-                out.loss.backward()
+                loss = out.loss
+                if distributed:  # DDP/FSDP average over ranks: weigh by this rank's share
+                    total = predicted.clone()
+                    dist.all_reduce(total)
+                    loss = loss * (predicted * dist.get_world_size() / total)
+                loss.backward()
                 if grad_clip:
                     torch.nn.utils.clip_grad_norm_(
                         [p for p in model.parameters() if p.requires_grad], grad_clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss = out.loss.item()
+            counts = torch.stack([out.loss.detach().double() * predicted, predicted,
+                                  batch["attention_mask"].sum().double(),  # float64: exact
+                                  torch.tensor(float(batch["input_ids"].shape[0]),
+                                               dtype=torch.float64, device=device)])
+            if distributed:  # the global batch's loss, tokens and samples
+                dist.all_reduce(counts)
+            loss = counts[0].item() / counts[1].item() if distributed else out.loss.item()
+            tokens, samples = counts[2].item(), counts[3].item()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss became {loss} at step {len(log.losses)}")
             log.losses.append(loss)
             log.seconds.append(timer.seconds)
-            log.tokens.append(int(batch["attention_mask"].sum()))
-            log.samples.append(int(batch["input_ids"].shape[0]))
+            log.tokens.append(int(tokens))
+            log.samples.append(int(samples))
             if checkpoint is not None:
                 checkpoint.maybe_save(model, optimizer, scheduler, log, steps)
     return log
@@ -180,13 +216,38 @@ def step_metrics(log: StepLog, warmup: int, params_total: int, timer_method: str
     }
 
 
-def mfu_metric(flops_per_token: float | None, tokens_per_s: float, peak: float | None) -> Metric:
+def mfu_metric(flops_per_token: float | None, tokens_per_s: float, peak: float | None,
+               devices: int = 1) -> Metric:
+    """Model FLOP utilisation of ``devices`` devices (``tokens_per_s`` is all of theirs)."""
     if peak is None or flops_per_token is None:
         return Metric.unavailable("fraction", "none",
                                   "no device peak FLOP/s configured (measure.peak_flops)")
-    return Metric.estimated(flops_per_token * tokens_per_s / peak, "fraction",
-                            "flop_counter x tokens/s / measure.peak_flops",
-                            "peak from config, not measured")
+    return Metric.estimated(flops_per_token * tokens_per_s / (peak * devices), "fraction",
+                            "flop_counter x tokens/s / (measure.peak_flops x devices)",
+                            f"peak from config, not measured; {devices} device(s)")
+
+
+def step_flops_per_token(model, batch: dict) -> float:
+    """FLOPs of one training step per real token, counted in a separate fwd+bwd pass (the
+    counter is slow). Under torchrun every rank counts its slice of the batch and the sums are
+    the whole batch's, as one process would count it."""
+    flops = count_flops(lambda: model(**batch).loss.backward())
+    model.zero_grad(set_to_none=True)
+    counted = torch.tensor([float(flops), float(batch["attention_mask"].sum())],
+                           dtype=torch.float64, device=batch["input_ids"].device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counted)
+    return (counted[0] / counted[1]).item()
+
+
+def note_rank0(metrics: dict[str, Metric], world: int) -> None:
+    """Memory, energy and utilisation are sampled by rank 0 alone: say so when there are more."""
+    if world < 2:
+        return
+    for name in ("amu", "memory_peak", "aec", "energy", "pcu"):
+        if name in metrics and metrics[name].status != "unavailable":
+            metrics[name].note = ((metrics[name].note or "") +
+                                  f"; rank 0 of {world} ranks (its process and device)").lstrip("; ")
 
 
 def count_params(model) -> tuple[int, int]:

@@ -64,8 +64,9 @@ def load_base(model_dir, method: dict):
     return model, note
 
 
-def prepare(model, method: dict, lr: float, weight_decay: float = 0.0):
-    """Wrap ``model`` for ``method``; return (trainable model, optimiser)."""
+def prepare(model, method: dict, lr: float, weight_decay: float = 0.0, shard=None):
+    """Wrap ``model`` for ``method``; return (trainable model, optimiser). ``shard`` (Full on
+    several ranks) turns the model into its sharded self before the optimiser sees it."""
     import torch
 
     from effllm.training.loop import adamw
@@ -85,6 +86,8 @@ def prepare(model, method: dict, lr: float, weight_decay: float = 0.0):
         model = _freeze_first_layers(model, method["layers"])
     elif name != "full":
         raise ValueError(f"fine-tuning method {name!r} is not one of {METHODS}")
+    if shard is not None:
+        model = shard(model)
     return model, adamw(model, lr, weight_decay)
 
 

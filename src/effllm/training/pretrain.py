@@ -12,20 +12,28 @@ import numpy as np
 import torch
 
 from effllm.io import atomic_dir
-from effllm.measure import Timer, Window, count_flops
+from effllm.launch import place
+from effllm.measure import Timer, Window
 from effllm.models import DecoderConfig, DecoderForCausalLM
 from effllm.records import Metric, RunRecord, now_iso
 from effllm.training.loop import (
-    Checkpoint, StepLog, adamw, cosine_schedule, count_params, mfu_metric, seed_everything,
-    step_batches, step_metrics, train,
+    Checkpoint, StepLog, adamw, cosine_schedule, count_params, mfu_metric, note_rank0,
+    seed_everything, step_batches, step_flops_per_token, step_metrics, train,
 )
 
 
-def window_batch(tokens: np.ndarray, batch_size: int, seq_len: int):
-    """A sampler of random contiguous windows (labels = inputs; the model shifts)."""
+def window_batch(tokens: np.ndarray, batch_size: int, seq_len: int, rank: int = 0,
+                 world: int = 1):
+    """A sampler of random contiguous windows (labels = inputs; the model shifts).
+
+    Every rank draws the same global batch and keeps rows ``rank::world``: together the ranks
+    train on exactly the batch one process would (all windows are full, so slices weigh the same).
+    """
+    if batch_size % world:
+        raise ValueError(f"pretrain.batch_size {batch_size} does not split over {world} ranks")
 
     def make(rng: np.random.Generator) -> dict:
-        starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+        starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)[rank::world]
         ids = torch.from_numpy(np.stack([tokens[s:s + seq_len] for s in starts]).astype(np.int64))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
@@ -45,6 +53,7 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_s
     nll, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
         ids = torch.from_numpy(np.stack(windows[i:i + batch_size]).astype(np.int64))
+        ids = ids.to(model.device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         nll += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
@@ -72,11 +81,14 @@ def build_model(model_settings: dict, tokenizer):
 
 def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.PathLike,
                  record_out: str | os.PathLike,
-                 checkpoint_dir: str | os.PathLike | None = None) -> RunRecord:
+                 checkpoint_dir: str | os.PathLike | None = None) -> RunRecord | None:
     """Train one model of the sweep from scratch, measure it, save model and record.
 
     With ``checkpoint_dir`` (outside the declared outputs) the run saves its state every
-    ``train.checkpoint_every`` steps and a restarted job resumes from there.
+    ``train.checkpoint_every`` steps and a restarted job resumes from there. The model trains on
+    a GPU when torch sees one; under torchrun (``effllm.launch.run_stage``) every rank trains
+    its slice of each batch (DDP) and rank 0 measures, saves and returns the record (the other
+    ranks return None).
     """
     from effllm.data.tokenizer import load_tokenizer
     from effllm.measure.cache import cache_bytes_per_token
@@ -85,6 +97,7 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
     settings, train_cfg = spec["settings"], spec["settings"]["train"]
     measure = settings["measure"]
     seed_everything(spec["seed"], measure["threads"])
+    placement = place()
     data_dir = Path(data_dir)
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     train_tokens = np.load(data_dir / "train.npy")
@@ -98,13 +111,13 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
         from effllm.models.moe import moe_param_counts
 
         _, params_active = moe_param_counts(model)
-    make_batch = window_batch(train_tokens, train_cfg["batch_size"], train_cfg["seq_len"])
+    local_batch = window_batch(train_tokens, train_cfg["batch_size"], train_cfg["seq_len"],
+                               placement.rank, placement.world)
+    model.to(placement.device)
 
-    # FLOPs of one training step, counted in a separate pass (the counter is slow).
-    probe = make_batch(np.random.default_rng([spec["seed"], 2**31]))  # not a training step
-    flops = count_flops(lambda: model(**probe).loss.backward())
-    model.zero_grad(set_to_none=True)
-    flops_per_token = flops / int(probe["attention_mask"].sum())
+    probe = local_batch(np.random.default_rng([spec["seed"], 2**31]))  # not a training step
+    probe = {key: value.to(placement.device) for key, value in probe.items()}
+    flops_per_token = step_flops_per_token(model, probe)
 
     optimizer = adamw(model, train_cfg["lr"], train_cfg["weight_decay"])
     scheduler = cosine_schedule(optimizer, train_cfg["warmup_steps"], train_cfg["steps"],
@@ -115,13 +128,22 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
         checkpoint = Checkpoint(checkpoint_dir, train_cfg["checkpoint_every"], fingerprint)
     log = checkpoint.load(model, optimizer, scheduler) if checkpoint else StepLog()
     window = Window(measure["sample_interval_s"])
-    log = train(model, step_batches(make_batch, spec["seed"], len(log.losses)),
+    trained = model
+    if placement.world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=None if placement.device == "cpu" else [placement.device])
+    log = train(trained, step_batches(local_batch, spec["seed"], len(log.losses)),
                 train_cfg["steps"], optimizer, scheduler, train_cfg["grad_clip"], window,
                 desc=f"pretrain {spec['run_id']}", log=log, checkpoint=checkpoint)
+    if placement.world > 1:
+        torch.distributed.destroy_process_group()
+    if not placement.main:
+        return None
 
     ppl, scored = perplexity(model, val_tokens, train_cfg["seq_len"], train_cfg["eval_tokens"])
     metrics = step_metrics(log, measure["warmup_steps"], params_total, Timer.method)
     metrics.update(window.metrics())
+    note_rank0(metrics, placement.world)
     if len(log.starts) > 1:
         for name in ("amu", "memory_peak", "aec", "energy", "pcu"):
             if name in metrics and metrics[name].status != "unavailable":
@@ -141,7 +163,7 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
         params_active, "params", "total - unrouted experts" if params_active != params_total
         else "dense: all parameters")
     metrics["mfu"] = mfu_metric(flops_per_token, metrics["tokens_per_s"].value,
-                                measure.get("peak_flops"))
+                                measure.get("peak_flops"), placement.world)
     metrics["kv_cache_bytes_per_token"] = Metric.measured(
         cache_bytes_per_token(model, probe["input_ids"][:1]), "B/token",
         "cache_tensor_bytes_growth", f"model dtype {model.dtype}; growth of every tensor the "
@@ -155,6 +177,7 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
     record = RunRecord.for_run(
         spec, start, metrics,
         series={"train_loss": log.losses, "step_seconds": log.seconds},
+        execution=placement.execution(),
     )
     record.save(record_out)
     if checkpoint:
@@ -213,7 +236,7 @@ def long_context_decode(model, tokens: np.ndarray, cfg: dict | None) -> Metric:
         return Metric.unavailable("s/token", "none", f"learned positions end at {limit}; a "
                                   f"{context}-token context cannot be encoded")
     model.eval()
-    ids = torch.from_numpy(np.resize(tokens, context).astype(np.int64))[None]
+    ids = torch.from_numpy(np.resize(tokens, context).astype(np.int64))[None].to(model.device)
 
     def generate(prompt, n):
         return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
