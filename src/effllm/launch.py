@@ -17,8 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-ENV_GPUS = "EFFLLM_GPUS"  # the GPUs the job was given (set by run_stage, inherited by ranks)
-ENV_ALLOW_CPU = "EFFLLM_ALLOW_CPU"  # "1": a job given GPUs may run on the CPU (fake-GPU tests)
+ENV_GPUS = "EFFLLM_GPUS"  # the job's GPUs (set by run_stage, inherited by the ranks)
+ENV_ALLOW_CPU = "EFFLLM_ALLOW_CPU"  # "1": a job given GPUs may run on the CPU (fake GPUs)
 
 # The stage functions run_stage starts: (module, function). DISTRIBUTED stages split the work
 # over torchrun ranks; the others run in one process and refuse more than one GPU.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from effllm.data.splits import read_split
 def load_model(model_dir: str | os.PathLike, precision: str, quant: dict):
     """The model at ``precision``; returns (model, notes about what was kept unquantised)."""
     model_config(model_dir)  # imports our Mamba/RWKV fixes before the weights load
-    if precision in DTYPES:  # on a GPU when torch sees one; bitsandbytes places its own
+    if precision in DTYPES:  # on the job's device (load_quantised places int8/int4 there)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision])
         return model.to(place().device), None
     # Unquantised parts (embeddings, head, norms) in the compute dtype, as the bf16 run holds them.
@@ -219,8 +218,8 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_dir: str | os
         spec, start, metrics,
         series={"e2e_seconds": times["e2e"], "prefill_seconds": times["prefill"],
                 "decode_seconds_per_token": times["decode"]},
-        execution={"precision": settings["precision"], "device": str(model.device), "notes": [quant_note] if quant_note
-                   else [], "linear_weight_bytes": layers},
+        execution={**place().execution(), "precision": settings["precision"],
+                   "notes": [quant_note] if quant_note else [], "linear_weight_bytes": layers},
     )
     record.save(record_out)
     return record

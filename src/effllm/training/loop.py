@@ -240,14 +240,18 @@ def step_flops_per_token(model, batch: dict) -> float:
     return (counted[0] / counted[1]).item()
 
 
-def note_rank0(metrics: dict[str, Metric], world: int) -> None:
-    """Memory, energy and utilisation are sampled by rank 0 alone: say so when there are more."""
-    if world < 2:
-        return
+def note_window(metrics: dict[str, Metric], text: str) -> None:
+    """Add ``text`` to the notes of the metrics the sampling window measured (memory, energy,
+    utilisation): what part of the run, or which rank, they describe."""
     for name in ("amu", "memory_peak", "aec", "energy", "pcu"):
         if name in metrics and metrics[name].status != "unavailable":
-            metrics[name].note = ((metrics[name].note or "") +
-                                  f"; rank 0 of {world} ranks (its process and device)").lstrip("; ")
+            metrics[name].note = f"{metrics[name].note or ''}; {text}".lstrip("; ")
+
+
+def note_rank0(metrics: dict[str, Metric], world: int) -> None:
+    """Memory, energy and utilisation are sampled by rank 0 alone: say so when there are more."""
+    if world > 1:
+        note_window(metrics, f"rank 0 of {world} ranks (its process and device)")
 
 
 def count_params(model) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from effllm.models import DecoderConfig, DecoderForCausalLM
 from effllm.records import Metric, RunRecord, now_iso
 from effllm.training.loop import (
     Checkpoint, StepLog, adamw, cosine_schedule, count_params, mfu_metric, note_rank0,
-    seed_everything, step_batches, step_flops_per_token, step_metrics, train,
+    note_window, seed_everything, step_batches, step_flops_per_token, step_metrics, train,
 )
 
 
@@ -145,10 +145,8 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
     metrics.update(window.metrics())
     note_rank0(metrics, placement.world)
     if len(log.starts) > 1:
-        for name in ("amu", "memory_peak", "aec", "energy", "pcu"):
-            if name in metrics and metrics[name].status != "unavailable":
-                metrics[name].note = ((metrics[name].note or "") + "; window covers the steps "
-                                      f"after the resume at step {log.starts[-1]}").lstrip("; ")
+        note_window(metrics, f"window covers the steps after the resume at step "
+                             f"{log.starts[-1]}")
     metrics["perplexity"] = Metric.measured(ppl, "1", "exp_mean_nll_validation",
                                             f"{scored} scored tokens, seq_len "
                                             f"{train_cfg['seq_len']}")
