@@ -201,6 +201,36 @@ def test_downstream_and_display_settings_never_change_pretraining_params(config,
     assert runs["moe-8x-small-s0"].label == "Mixture Sx8"  # the display label did change
 
 
+def test_precision_enters_run_settings_only_when_not_fp32(config, schema):
+    """fp32 said outright is the default: no run changes (nothing retrains). bf16 pretraining
+    changes every pretraining run and, through their upstreams, nothing else's settings; bf16
+    fine-tuning changes every fine-tuning run and no pretraining run."""
+    def specs(stage, **precision):
+        changed = copy.deepcopy(config)
+        for section, value in precision.items():
+            changed[section]["precision"] = value
+        return {n: r.spec() for n, r in expand_runs(check_config(changed, schema))[stage].items()}
+
+    for stage in ("pretrain", "finetune"):
+        assert specs(stage, pretrain="fp32", finetune="fp32") == specs(stage)
+    before = specs("finetune")
+    config["finetune"]["full"] = {"offload": False}  # the default said outright: no change
+    assert specs("finetune") == before
+    config["resources"]["finetune"]["gpus"] = 2
+    config["finetune"]["full"] = {"offload": True}  # Full's runs change, and only theirs
+    offloaded = specs("finetune")
+    assert {n for n in before if offloaded[n] != before[n]} == {n for n in before
+                                                               if n.startswith("full-")}
+    bf16 = specs("pretrain", pretrain="bf16")
+    assert bf16.keys() == specs("pretrain").keys()
+    assert all(spec["settings"]["train"]["precision"] == "bf16" for spec in bf16.values())
+    assert specs("pretrain", finetune="bf16") == specs("pretrain")
+    finetune = specs("finetune", finetune="bf16")
+    assert all(spec["settings"]["train"]["precision"] == "bf16" for spec in finetune.values())
+    assert all("precision" not in spec["settings"]["train"]
+               for spec in specs("finetune", pretrain="bf16").values())
+
+
 def test_uncached_hf_finetune_set_is_refused_up_front(config, schema, tmp_path):
     """Medical-o1 (paper.yaml's second set) missing from the cache: the same clear error as
     every hf source, naming the set's key and the command that fetches it."""

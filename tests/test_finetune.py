@@ -215,6 +215,33 @@ def test_qlora_base_is_4bit_frozen_and_bit_identical_after_training(saved_llama)
                if "lora_B" in n)
 
 
+def test_qlora_trains_under_bf16_autocast_with_its_4bit_base_untouched(saved_llama):
+    """finetune.precision bf16 with a 4-bit base: the base keeps its own dtypes (prepare stores
+    nothing in bf16), the adapters stay fp32 and train, the loss stays finite."""
+    pytest.importorskip("bitsandbytes")
+    from effllm.training.loop import autocast
+
+    base, _ = methods.load_base(saved_llama, lora_spec(), precision="bf16")
+    model, optimizer = methods.prepare(base, lora_spec(), lr=1e-2, precision="bf16")
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    assert torch.uint8 in dtypes.values() and torch.bfloat16 not in dtypes.values()
+    adapters = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in adapters.values()} == {torch.float32}
+    packed = {n: m.weight.data.clone() for n, m in linears4bit(model).items()}
+    ids = torch.randint(2, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    model.train()
+    for _ in range(3):
+        with autocast("cpu", "bf16"):
+            loss = model(input_ids=ids, labels=ids).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(m.weight.data, packed[n]) for n, m in linears4bit(model).items())
+    assert any(not torch.equal(p, adapters[n]) for n, p in model.named_parameters()
+               if "lora_B" in n)
+
+
 def test_qlora_merges_into_the_fp32_base_exactly(saved_llama):
     pytest.importorskip("bitsandbytes")
     base, _ = methods.load_base(saved_llama, lora_spec())

@@ -76,6 +76,20 @@ def test_multi_gpu_fine_tuning_refuses_qlora_and_uneven_batches(config, schema):
         check_config(config, schema)
 
 
+def test_zero3_offload_needs_full_on_several_gpus_and_precision_is_checked(config, schema):
+    config["finetune"]["full"] = {"offload": True}
+    config["resources"]["finetune"]["gpus"] = 1
+    with pytest.raises(ConfigError, match=r"'finetune\.full\.offload'.*gpus is 1"):
+        check_config(config, schema)
+    config["resources"]["finetune"]["gpus"] = 2
+    check_config(config, schema)
+    config["finetune"]["precision"] = "fp16"  # not a training precision here
+    with pytest.raises(ConfigError, match=r"finetune\.precision"):
+        check_config(config, schema)
+    config["finetune"]["precision"] = "bf16"
+    check_config(config, schema)
+
+
 def test_bad_resources_key_named(config, schema):
     config["resources"]["pretrain"]["gpu"] = 2  # a typo of gpus
     with pytest.raises(ConfigError, match="resources.pretrain"):
@@ -115,6 +129,30 @@ def test_a_job_given_gpus_does_not_fall_back_to_the_cpu_silently(monkeypatch):
     monkeypatch.setenv(ENV_GPUS, "0")
     monkeypatch.delenv(ENV_ALLOW_CPU)
     assert place().device == "cpu" and place().world == 1
+
+
+def test_gpu_ranks_join_nccl_with_gloo_for_cpu_tensors(monkeypatch):
+    """A rank on a GPU gets NCCL for device tensors and Gloo for CPU ones (ZeRO-3 Offload's
+    gradient clipping reduces CPU tensors); a CPU rank gets Gloo."""
+    import torch.distributed as dist
+
+    joined = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", joined.append)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv(ENV_GPUS, "2")
+    placement = place()
+    assert joined == ["cpu:gloo,cuda:nccl"]
+    assert (placement.device, placement.backend, placement.rank) == ("cuda:1", "nccl", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(ENV_ALLOW_CPU, "1")
+    assert place().device == "cpu" and joined[-1] == "gloo"
 
 
 def test_run_stage_tells_the_stage_its_gpus_and_restores_the_environment(monkeypatch):

@@ -1,5 +1,6 @@
 """Fine-tuning methods: what each may change, and the numbers that define it."""
 
+import copy
 import math
 
 import pytest
@@ -125,4 +126,49 @@ def test_merged_model_reproduces_the_trained_model(name):
         expected = m(input_ids=ids).logits
         plain = merged(m)
         assert type(plain) is DecoderForCausalLM
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_bf16_keeps_trainable_weights_fp32_stores_frozen_ones_bf16_and_computes_in_bf16(name):
+    """bf16 mixed precision: the optimiser updates fp32 weights; frozen weights (an adapter's
+    base, Freeze's layers) sit in bf16 and never change; the linears compute in bf16."""
+    from effllm.training.loop import autocast
+
+    m, optimizer = prepare(model(), spec(name), lr=1e-2, precision="bf16")
+    params = dict(m.named_parameters())
+    frozen = {n: p.detach().clone() for n, p in params.items() if not p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in params.values() if p.requires_grad)
+    assert all(p.dtype == torch.bfloat16 for p in frozen.values())
+    assert bool(frozen) == (name != "full")
+    trainable = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+
+    seen = []
+    handles = [mod.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+               for mod in m.modules() if isinstance(mod, torch.nn.Linear)]  # peft's too
+    assert handles
+    torch.manual_seed(1)
+    ids = torch.randint(2, 64, (4, 12))
+    m.train()
+    for _ in range(3):
+        with autocast("cpu", "bf16"):
+            loss = m(input_ids=ids, labels=ids).loss
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for h in handles:
+        h.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    after = dict(m.named_parameters())
+    for n, p in frozen.items():
+        assert torch.equal(after[n], p), n
+    assert any(not torch.equal(after[n], p) for n, p in trainable.items())
+    assert all(after[n].dtype == torch.float32 for n in trainable)
+    # The saved model is fp32, the update folded into the widened base (not rounded into bf16).
+    with torch.no_grad():  # the trained model in fp32 math: bf16 base values, fp32 adapter
+        expected = copy.deepcopy(m).float()(input_ids=ids).logits
+    plain = merged(m)
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
+    with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)

@@ -325,6 +325,11 @@ def check_resources(config: dict) -> None:
         raise ConfigError(f"config key 'resources.finetune.gpus': {gpus['finetune']} GPUs with "
                           "finetune.quantized_base (QLoRA): a bitsandbytes 4-bit base trains in "
                           "one process here; use 1 GPU")
+    ft = config["finetune"]
+    if (ft.get("full") or {}).get("offload") and "full" in ft["methods"] and gpus["finetune"] < 2:
+        raise ConfigError(f"config key 'finetune.full.offload': CPU offload is part of ZeRO-3, "
+                          f"which Full runs on 2 or more GPUs; resources.finetune.gpus is "
+                          f"{gpus['finetune']} (set offload: false, or give fine-tuning GPUs)")
     for stage in DISTRIBUTED:
         batch = config[stage]["batch_size"]
         if gpus[stage] > 1 and batch % gpus[stage]:

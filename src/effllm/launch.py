@@ -28,6 +28,11 @@ STAGE_FUNCTIONS = {"pretrain": ("effllm.training.pretrain", "run_pretrain"),
 DISTRIBUTED = ("pretrain", "finetune")
 
 
+# The process group of a torchrun job: on GPUs NCCL, with Gloo beside it for the collectives on
+# CPU tensors (ZeRO-3 Offload clips gradients that live on the CPU; NCCL alone refuses them).
+PROCESS_GROUP_BACKENDS = {"nccl": "cpu:gloo,cuda:nccl", "gloo": "gloo"}
+
+
 @dataclass
 class Placement:
     """Where this process trains: its rank among ``world`` data-parallel ranks and its device."""
@@ -55,7 +60,7 @@ class Placement:
 
 def place() -> Placement:
     """This process's placement, and a torchrun rank (``WORLD_SIZE`` > 1) joins the process group
-    (NCCL on GPUs, Gloo on CPUs).
+    (NCCL on GPUs, with Gloo for CPU tensors; Gloo on CPUs).
 
     The device follows the GPUs the job was given (``EFFLLM_GPUS``, set by :func:`run_stage`):
     none → the CPU; some → the local rank's GPU, and an error if torch sees none (a CPU build of
@@ -83,10 +88,10 @@ def place() -> Placement:
         return Placement(device=device)
     import torch.distributed as dist
 
-    backend = "nccl" if use_gpu else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return Placement(dist.get_rank(), dist.get_world_size(), device, backend)
+        dist.init_process_group(PROCESS_GROUP_BACKENDS["nccl" if use_gpu else "gloo"])
+    return Placement(dist.get_rank(), dist.get_world_size(), device,
+                     "nccl" if use_gpu else "gloo")
 
 
 def torchrun_command(nproc: int, stage: str, args_file: str | os.PathLike) -> list[str]:

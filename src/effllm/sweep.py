@@ -172,7 +172,8 @@ def _membership(block: str, group: str, technique: str, label: str | None = None
 
 def _add_pretrain_runs(config: dict, seed: int, runs: dict[str, Run]) -> None:
     pre = config["pretrain"]
-    train = {k: pre.get(k, 0) for k in TRAIN_KEYS}  # checkpoint_every is optional
+    train = {**{k: pre.get(k, 0) for k in TRAIN_KEYS},  # checkpoint_every is optional
+             **precision_setting(pre)}
     by_settings: dict[str, str] = {}
     for block, variant_name, size, variant in pretrain_variants(config):
         model_size = variant.get("size", size)
@@ -197,6 +198,13 @@ def _add_pretrain_runs(config: dict, seed: int, runs: dict[str, Run]) -> None:
 # Fine-tuning keys that are method settings (or the grid), not shared training settings.
 FINETUNE_METHOD_KEYS = ("bases", "methods", "datasets", "lr_by_base", "lr_by_method",
                         "quantized_base", "base_quant")
+
+
+def precision_setting(section: dict) -> dict:
+    """A stage's training precision as a run setting: present only when it is not fp32, so the
+    fp32 runs keep the settings (and results) they had before the key existed."""
+    precision = section.get("precision", "fp32")
+    return {} if precision == "fp32" else {"precision": precision}
 
 
 def finetune_lr(ft: dict, base: str, method: str) -> float:
@@ -234,6 +242,8 @@ def finetune_method(ft: dict, method: str) -> dict:
         settings.update(ft["lora"])
         settings["quantized_base"] = ft["base_quant"] if ft.get("quantized_base") else None
     settings.update(ft.get(method, {}))
+    if method == "full" and not settings.get("offload", True):
+        del settings["offload"]  # off is the default: saying so retrains nothing
     return settings
 
 
@@ -241,8 +251,9 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
     """Every run of the grid, by stage and name, in a deterministic order."""
     ft, inf = config["finetune"], config["inference"]
     runs: dict[str, dict[str, Run]] = {"pretrain": {}, "finetune": {}, "inference": {}}
-    finetune_train = {k: v for k, v in ft.items()
-                      if k not in FINETUNE_METHOD_KEYS and not isinstance(v, dict)}
+    finetune_train = {**{k: v for k, v in ft.items() if k not in FINETUNE_METHOD_KEYS
+                         and k != "precision" and not isinstance(v, dict)},
+                      **precision_setting(ft)}
     datasets = ft["datasets"]
     served_sets = inf.get("finetune_datasets") or datasets[:1]
     for seed in config["seeds"]:

@@ -2,6 +2,11 @@
 
 Shared by fine-tuning (to score the trained adapter) and inference (to score each precision), so
 that "accuracy" means the same thing at both stages.
+
+Under torchrun (fine-tuning on several ranks) every rank scores its share of the problems and the
+counts are summed: a sharded (ZeRO-3) model is never gathered whole onto one device to be
+scored. Its forward passes are collectives, so every rank runs the same number of batches (the
+shares are padded, the padding not counted) and generation steps (``synced_gpus``).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from effllm.records import Metric
@@ -16,47 +22,80 @@ from effllm.training.pretrain import safe_exp
 from effllm.training.sft import collate, encode_example
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_share(items: list) -> tuple[list, int]:
+    """(this rank's items, how many of them count): every ``world``-th item from the rank's own,
+    padded with copies of the first item to the longest share. In one process: all of them."""
+    if not _distributed():
+        return items, len(items)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = items[rank::world]
+    return mine + items[:1] * (-(-len(items) // world) - len(mine)), len(mine)
+
+
+def summed(*values: float) -> list[float]:
+    """``values`` summed over the ranks under torchrun (unchanged in one process)."""
+    if not _distributed():
+        return list(values)
+    # On CPU tensors through Gloo (a GPU job's group has it beside NCCL, see effllm.launch).
+    device = "cpu" if "gloo" in str(dist.get_backend()) else "cuda"
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 @torch.no_grad()
 def completion_scores(model, tokenizer, problems: list[dict], max_length: int,
-                      batch_size: int = 16) -> dict[str, float]:
-    """Teacher-forced mean NLL and next-token accuracy on the completions (prompts excluded)."""
+                      batch_size: int = 16, device=None) -> dict[str, float]:
+    """Teacher-forced mean NLL and next-token accuracy on the completions (prompts excluded).
+    Inputs go to ``device`` (by default the model's)."""
     model.eval()
+    device = device or model.device
+    share, counted = rank_share(problems)
     nll, correct, count = 0.0, 0, 0
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
+    for i in range(0, len(share), batch_size):
+        chunk = share[i:i + batch_size]
         batch = collate([encode_example(tokenizer, p["prompt"], p["completion"], max_length)
                          for p in chunk], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(model.device),
-                       attention_mask=batch["attention_mask"].to(model.device),
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device),
                        use_cache=False).logits[:, :-1].float()
         target = batch["labels"][:, 1:].to(logits.device)
         keep = target != -100
+        keep[max(0, counted - i):] = False  # padding rows of this rank's share
         nll += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
         correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
         count += int(keep.sum())
-    return {"loss": nll / count, "token_accuracy": correct / count, "tokens": count}
+    nll, correct, count = summed(nll, correct, count)
+    return {"loss": nll / count, "token_accuracy": correct / count, "tokens": int(count)}
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
-                     batch_size: int = 16, desc: str = "generate") -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches), stopping at end-of-sequence."""
+                     batch_size: int = 16, desc: str = "generate", device=None) -> list[str]:
+    """Greedy completions of ``prompts`` (left-padded batches), stopping at end-of-sequence.
+    Under torchrun each rank passes its own prompts and the ranks step together until all stop."""
     model.eval()
     tokenizer.padding_side = "left"
     outputs = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, mininterval=2.0):
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, mininterval=2.0,
+                  disable=dist.is_initialized() and dist.get_rank() != 0):
         enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(model.device)
+                        add_special_tokens=False).to(device or model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id, synced_gpus=_distributed())
         outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                           skip_special_tokens=True)
     return outputs
 
 
 def exact_match_rate(model, tokenizer, problems: list[dict], max_new_tokens: int,
-                     budget_key: str, desc: str = "exact match") -> tuple[float, int] | None:
+                     budget_key: str, desc: str = "exact match", device=None
+                     ) -> tuple[float, int] | None:
     """Share of problems whose generated final answer equals the reference; None without answers.
 
     Refuses a generation budget shorter than a reference completion: that would score 0 by
@@ -72,9 +111,10 @@ def exact_match_rate(model, tokenizer, problems: list[dict], max_new_tokens: int
     if longest > max_new_tokens:
         raise ValueError(f"config key '{budget_key}': {max_new_tokens} new tokens cannot hold the "
                          f"longest reference completion ({longest} tokens with end-of-text)")
-    texts = generate_answers(model, tokenizer, [p["prompt"] for p in scored], max_new_tokens,
-                             desc=desc)
-    hits = sum(exact_match(t, p["answer"]) for t, p in zip(texts, scored))
+    share, counted = rank_share(scored)
+    texts = generate_answers(model, tokenizer, [p["prompt"] for p in share], max_new_tokens,
+                             desc=desc, device=device)
+    hits, = summed(sum(exact_match(t, p["answer"]) for t, p in zip(texts[:counted], share)))
     return hits / len(scored), len(scored)
 
 
@@ -91,11 +131,12 @@ def finite_metric(value: float, unit: str, method: str, note: str | None = None)
 
 
 def reasoning_metrics(model, tokenizer, problems: list[dict], max_length: int,
-                      max_new_tokens: int, budget_key: str, desc: str) -> dict[str, Metric]:
+                      max_new_tokens: int, budget_key: str, desc: str, device=None
+                      ) -> dict[str, Metric]:
     """Quality on held-out reasoning problems, as Metrics: completion perplexity, token accuracy,
     exact match (unavailable without reference answers) and ``performance``, their mean."""
-    scores = completion_scores(model, tokenizer, problems, max_length)
-    em = exact_match_rate(model, tokenizer, problems, max_new_tokens, budget_key, desc)
+    scores = completion_scores(model, tokenizer, problems, max_length, device=device)
+    em = exact_match_rate(model, tokenizer, problems, max_new_tokens, budget_key, desc, device)
     n = f"{len(problems)} held-out problems"
     out = {
         "completion_perplexity": finite_metric(safe_exp(scores["loss"]), "1",

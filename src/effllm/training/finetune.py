@@ -23,11 +23,20 @@ from effllm.measure import Timer, Window
 from effllm.records import Metric, RunRecord, now_iso
 from effllm.training import methods
 from effllm.training.loop import (
-    cosine_schedule, count_params, mfu_metric, note_rank0, seed_everything,
-    step_flops_per_token, step_metrics, train,
+    PRECISION_NOTES, autocast, cosine_schedule, count_params, mfu_metric, note_rank0,
+    seed_everything, step_flops_per_token, step_metrics, train,
 )
 from effllm.data.splits import read_split
 from effllm.training.sft import collate, encode_example
+
+
+def base_precision(method: str, precision: str) -> str:
+    """How the base's weights were stored while a method trained (for the record)."""
+    if precision == "fp32" or method == "full":
+        return "fp32"
+    if method == "freeze":
+        return "bf16 frozen layers and embeddings, fp32 trained layers"
+    return "bf16 (frozen)"
 
 
 def epoch_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int,
@@ -47,16 +56,72 @@ def epoch_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int,
             yield {key: value[rank::world] for key, value in batch.items()}
 
 
-def shard_fully(model, device: str):
-    """ZeRO-3 with torch's FSDP2: parameters, gradients and optimiser state sharded over the
-    ranks, one unit per decoder layer plus the rest; each layer's weights are gathered only
-    while it runs. (DeepSpeed's ZeRO-3, the paper's Full*, shards the same three.)"""
-    from torch.distributed.fsdp import fully_shard
+def empty_model(model_dir):
+    """The model of ``model_dir`` with its parameters on the meta device (no memory, no weights
+    read) and its buffers real, the weights tied as the config says."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
+                                                 dtype=torch.float32)
+    model.tie_weights()  # from_config under init_empty_weights leaves the head untied
+    return model
+
+
+def load_sharded(base_dir, placement, offload: bool = False, precision: str = "fp32"):
+    """Full fine-tuning over several ranks as ZeRO-3 with torch's FSDP2: parameters, gradients
+    and optimiser state sharded over the ranks, one unit per decoder layer plus the rest, each
+    layer's weights gathered only while it runs (DeepSpeed's ZeRO-3, the paper's Full*, shards
+    the same three).
+
+    Rank 0 alone reads the weights. Every rank builds the model on the meta device and shards
+    it, then rank 0's tensors are broadcast into the shards: a node holds one host copy of the
+    model (rank 0's, plus each rank's shard), not one per rank. ``offload`` (ZeRO-3 Offload)
+    keeps the shards, gradients and the optimiser step on the CPU; only the layers running are
+    on the GPU. At bf16 precision the gathered weights are bf16 (gradients reduced in fp32):
+    autocast would otherwise keep a bf16 copy of every layer's weights for the backward pass.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    weights = methods.load_base(base_dir, {"name": "full"})[0].state_dict() if placement.main \
+        else {}
+    model = empty_model(base_dir)
+    buffers = {name: b.clone() for name, b in model.named_buffers(remove_duplicate=False)}
+    policy = {}
+    if offload:
+        policy["offload_policy"] = CPUOffloadPolicy(pin_memory=placement.device != "cpu")
+    if precision == "bf16":
+        policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                   reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    return model.to(device)
+        fully_shard(layer, **policy)
+    fully_shard(model, **policy)
+    model.to_empty(device="cpu" if offload else placement.device)  # shards live here
+    with torch.no_grad():  # to_empty left the buffers uninitialised; they live where it computes
+        for module_name, module in model.named_modules():
+            for name, b in module.named_buffers(recurse=False):
+                key = f"{module_name}.{name}" if module_name else name
+                module._buffers[name] = buffers[key].to(placement.device)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
+                                                                  broadcast_from_rank0=True))
+    return model
+
+
+def gathered(model, base_dir, placement):
+    """The trained weights of a sharded model as a whole model on rank 0's CPU, to be saved (a
+    collective: every rank calls it; the other ranks get None). Nothing is read from disk."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    if not placement.main:
+        return None
+    whole = empty_model(base_dir)
+    whole.load_state_dict(state, assign=True)
+    whole.tie_weights()
+    return whole
 
 
 def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | os.PathLike,
@@ -71,11 +136,15 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
             raise ValueError(f"the tokenizer of {base_dir} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     method = settings["method"]
+    precision = train_cfg.get("precision", "fp32")
     placement = place()  # a GPU when torch sees one (the local rank's under torchrun), or CPU
+    device = placement.device
     sharded = placement.world > 1 and method["name"] == "full"
-    model, base_note = methods.load_base(base_dir, method)
-    if not method.get("quantized_base") and not sharded:  # a 4-bit base is placed by its loader
-        model.to(placement.device)
+    offload = sharded and bool(method.get("offload"))
+    if sharded:
+        model, base_note = load_sharded(base_dir, placement, offload, precision), None
+    else:
+        model, base_note = methods.load_base(base_dir, method, precision)
     train_set = read_split(reasoning_dir, "train")[: train_cfg["max_samples"]]
     val_set = read_split(reasoning_dir, "validation")
     test_set = read_split(reasoning_dir, "test")[: train_cfg["eval_problems"]]
@@ -92,9 +161,11 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     if steps <= warmup_steps:
         raise ValueError(f"{steps} fine-tuning steps leave none after {warmup_steps} warm-up")
 
-    model, optimizer = methods.prepare(
-        model, method, train_cfg["lr"],
-        shard=(lambda m: shard_fully(m, placement.device)) if sharded else None)
+    # Prepared on the CPU (a bf16 run's frozen weights reach the device already in bf16), then
+    # placed; the optimiser's state is made on the device at its first step.
+    model, optimizer = methods.prepare(model, method, train_cfg["lr"], precision=precision)
+    if not sharded and not method.get("quantized_base"):  # a 4-bit base is placed by its loader
+        model.to(device)
     params_total, params_trainable = count_params(model)
     batches = epoch_batches(examples, batch_size, tokenizer.pad_token_id, spec["seed"],
                             placement.rank, placement.world)
@@ -103,33 +174,39 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     # forward + input gradient only (about 4N per token instead of 6N).
     probe = next(epoch_batches(examples, batch_size, tokenizer.pad_token_id, spec["seed"] + 1,
                                placement.rank, placement.world))
-    probe = {key: value.to(placement.device) for key, value in probe.items()}
-    flops_per_token = step_flops_per_token(model, probe)
+    probe = {key: value.to(device) for key, value in probe.items()}
+    flops_per_token = step_flops_per_token(model, probe, precision)
     scheduler = cosine_schedule(optimizer, math.ceil(train_cfg["warmup_ratio"] * steps), steps,
                                 0.0)
     window = Window(measure["sample_interval_s"])
     trained = model
     if placement.world > 1 and not sharded:  # adapters, Freeze: replicas, gradients averaged
         trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=None if placement.device == "cpu" else [placement.device])
+            model, device_ids=None if device == "cpu" else [device])
     log = train(trained, batches, steps, optimizer, scheduler, 1.0, window,
-                desc=f"finetune {spec['run_id']}")
-    if sharded:  # every rank hands in its shards; rank 0 evaluates and saves the whole model
-        model = gathered(model, base_dir, method, placement)
+                desc=f"finetune {spec['run_id']}", precision=precision, device=device)
+
+    # Every rank scores its share (a sharded model is never gathered onto one device to be
+    # scored), at the precision it trained at.
+    with autocast(device, precision):
+        val = completion_scores(model, tokenizer, val_set, train_cfg["max_length"],
+                                device=device)
+        quality = reasoning_metrics(model, tokenizer, test_set, train_cfg["max_length"],
+                                    train_cfg["max_new_tokens"], "finetune.max_new_tokens",
+                                    desc=f"exact match {spec['run_id']}", device=device)
+    if sharded:  # every rank hands in its shards; rank 0 saves the whole model
+        model = gathered(model, base_dir, placement)
     if placement.world > 1:
         torch.distributed.destroy_process_group()
     if not placement.main:
         return None
 
-    val = completion_scores(model, tokenizer, val_set, train_cfg["max_length"])
     metrics = step_metrics(log, warmup_steps, params_total, Timer.method)
     metrics.update(window.metrics())
     note_rank0(metrics, placement.world)
     metrics["val_loss"] = Metric.measured(val["loss"], "nats/token", "completion_nll_validation",
                                           f"{val['tokens']} completion tokens")
-    metrics.update(reasoning_metrics(model, tokenizer, test_set, train_cfg["max_length"],
-                                     train_cfg["max_new_tokens"], "finetune.max_new_tokens",
-                                     desc=f"exact match {spec['run_id']}"))
+    metrics.update(quality)
     metrics["flops_per_token"] = Metric.measured(flops_per_token, "FLOP/token",
                                                  "flop_counter_fwd_bwd")
     metrics["params_total"] = Metric.measured(params_total, "params", "count_unique_parameters")
@@ -144,13 +221,16 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
         methods.merged(model, base_dir).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     quant = method.get("quantized_base")
+    strategy = "FSDP full shard (ZeRO-3)"
     execution = {
         # How the method ran. The paper's Full* used DeepSpeed ZeRO-3 with offload on 8 GPUs
         # (protocol §4); with resources.finetune.gpus > 1 Full runs ZeRO-3 as torch FSDP2.
-        **placement.execution("FSDP full shard (ZeRO-3)" if sharded else "DDP"),
+        **placement.execution((f"{strategy} + CPU offload" if offload else strategy)
+                              if sharded else "DDP"),
+        "precision": PRECISION_NOTES[precision],
         "base_precision": f"{quant['quant_type']} (bitsandbytes 4-bit"
                           f"{', double quant' if quant['double_quant'] else ''})"
-                          if quant else "fp32",
+                          if quant else base_precision(method["name"], precision),
         "lr": train_cfg["lr"],
         "notes": [n for n in (base_note,) if n],
     }
@@ -162,16 +242,3 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     record.save(record_out)
     return record
 
-
-def gathered(model, base_dir, method: dict, placement):
-    """The trained weights of a sharded model, gathered into a fresh unsharded copy of the base
-    on rank 0 (a collective: every rank calls it; the other ranks get None)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                 cpu_offload=True))
-    if not placement.main:
-        return None
-    whole, _ = methods.load_base(base_dir, method)
-    whole.load_state_dict(state)
-    return whole.to(placement.device)

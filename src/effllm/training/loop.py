@@ -135,19 +135,36 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+# What each training precision ran as, for the record.
+PRECISION_NOTES = {"fp32": "fp32",
+                   "bf16": "bf16 autocast; trainable weights, gradients and optimiser state fp32"}
+
+
+def autocast(device: str | torch.device, precision: str = "fp32"):
+    """The compute precision of a forward pass: bf16 autocast (matrix products in bf16, norms,
+    softmax and losses in fp32) or, for fp32, a context that changes nothing. Without autocast's
+    weight cache: it would keep a bf16 copy of every weight for as long as the context lasts
+    (a whole evaluation), and each weight is cast once per forward pass anyway."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16", cache_enabled=False)
+
+
 def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad_clip: float,
           window: Window, desc: str, log: StepLog | None = None,
-          checkpoint: Checkpoint | None = None) -> StepLog:
-    """Run optimiser steps up to ``steps`` (continuing ``log`` when resuming) inside ``window``.
+          checkpoint: Checkpoint | None = None, precision: str = "fp32",
+          device: str | None = None) -> StepLog:
+    """Run optimiser steps up to ``steps`` (continuing ``log`` when resuming) inside ``window``,
+    forward passes at ``precision`` (:func:`autocast`).
 
-    Batches move to the model's device. Under torchrun (``model`` wrapped in DDP or sharded by
-    FSDP, each rank fed its slice of the global batch) a rank's loss is weighed by its share of
+    Batches move to ``device`` (by default the model's; a model whose shards live on the CPU
+    while it computes on a GPU needs it said). Under torchrun (``model`` wrapped in DDP or sharded
+    by FSDP, each rank fed its slice of the global batch) a rank's loss is weighed by its share of
     the batch's predicted tokens, so the averaged gradient is the whole batch's mean, as in one
     process; the logged loss, tokens and samples are the global batch's.
     """
     log = log or StepLog()
     model.train()
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     distributed = dist.is_available() and dist.is_initialized()
     with window:
         for _ in tqdm(range(len(log.losses), steps), desc=desc, mininterval=2.0,
@@ -155,8 +172,9 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
             batch = {key: value.to(device) for key, value in next(batches).items()}
             predicted = (batch["labels"][:, 1:] != -100).sum().double()  # tokens with a loss
             with Timer() as timer:
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            labels=batch["labels"])
+                with autocast(device, precision):
+                    out = model(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"], labels=batch["labels"])
                 loss = out.loss
                 if distributed:  # DDP/FSDP average over ranks: weigh by this rank's share
                     total = predicted.clone()
@@ -227,11 +245,17 @@ def mfu_metric(flops_per_token: float | None, tokens_per_s: float, peak: float |
                             f"peak from config, not measured; {devices} device(s)")
 
 
-def step_flops_per_token(model, batch: dict) -> float:
+def step_flops_per_token(model, batch: dict, precision: str = "fp32") -> float:
     """FLOPs of one training step per real token, counted in a separate fwd+bwd pass (the
     counter is slow). Under torchrun every rank counts its slice of the batch and the sums are
     the whole batch's, as one process would count it."""
-    flops = count_flops(lambda: model(**batch).loss.backward())
+
+    def step():
+        with autocast(batch["input_ids"].device, precision):
+            loss = model(**batch).loss
+        loss.backward()
+
+    flops = count_flops(step)
     model.zero_grad(set_to_none=True)
     counted = torch.tensor([float(flops), float(batch["attention_mask"].sum())],
                            dtype=torch.float64, device=batch["input_ids"].device)

@@ -5,6 +5,11 @@ Adapter methods come from peft: LoRA, LoRA+ (its optimiser, B learning rate = ra
 RSLoRA (scale alpha / sqrt(r)), DoRA and PiSSA (exact SVD or fast randomised SVD init). Freeze
 (the first N decoder layers and the embeddings frozen; the paper freezes the first 8) and Full
 need no library.
+
+Precision (``finetune.precision``): ``fp32`` trains and stores everything in fp32; ``bf16`` is
+mixed precision as fine-tuning toolkits run it: matrix products in bf16 under autocast, trainable
+weights, their gradients and the optimiser state in fp32, and frozen weights (an adapter method's
+base, Freeze's frozen layers) stored in bf16, which halves their memory.
 """
 
 from __future__ import annotations
@@ -42,18 +47,30 @@ def _freeze_first_layers(model, n_layers: int):
     return model
 
 
-def load_base(model_dir, method: dict):
-    """The model a method starts from: fp32, or for QLoRA (an adapter method with
-    ``quantized_base``) NF4/FP4 linears frozen in bitsandbytes 4-bit, prepared for k-bit
-    training (norms and head in fp32, input gradients on). Returns (model, notes)."""
+PRECISIONS = ("fp32", "bf16")
+# Adapter methods whose initialisation never reads the base's weights (PiSSA takes their SVD,
+# DoRA their norms: those start from the fp32 base, which prepare() then stores in bf16).
+BASE_BLIND = ("lora", "lora_plus", "rslora")
+
+
+def load_base(model_dir, method: dict, precision: str = "fp32"):
+    """The model a method starts from, on the CPU: fp32; in bf16 for LoRA, LoRA+ and RSLoRA at
+    bf16 precision (their base stays frozen and peft keeps the adapter in fp32), which halves
+    the host memory of loading; or for QLoRA (an adapter method with ``quantized_base``)
+    NF4/FP4 linears frozen in bitsandbytes 4-bit, prepared for k-bit training (norms and head in
+    fp32, input gradients on), on the device. Returns (model, notes)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import effllm.models  # noqa: F401 - registers our config with the Auto classes
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"finetune.precision {precision!r} is not one of {PRECISIONS}")
     quant = method.get("quantized_base")
     if not quant:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), None
+        frozen_base = precision == "bf16" and method["name"] in BASE_BLIND
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16 if frozen_base else torch.float32), None
     from peft import prepare_model_for_kbit_training
 
     from effllm.models.quantize import load_quantised
@@ -64,9 +81,10 @@ def load_base(model_dir, method: dict):
     return model, note
 
 
-def prepare(model, method: dict, lr: float, weight_decay: float = 0.0, shard=None):
-    """Wrap ``model`` for ``method``; return (trainable model, optimiser). ``shard`` (Full on
-    several ranks) turns the model into its sharded self before the optimiser sees it."""
+def prepare(model, method: dict, lr: float, weight_decay: float = 0.0, precision: str = "fp32"):
+    """Wrap ``model`` for ``method``; return (trainable model, optimiser). At bf16 precision the
+    frozen weights are stored in bf16 (see the module's docstring); a 4-bit base keeps its own
+    dtypes."""
     import torch
 
     from effllm.training.loop import adamw
@@ -76,33 +94,42 @@ def prepare(model, method: dict, lr: float, weight_decay: float = 0.0, shard=Non
         from peft import get_peft_model
 
         model = get_peft_model(model, _lora_config(method))
-        if name == "lora_plus":
-            from peft.optimizers import create_loraplus_optimizer
-
-            return model, create_loraplus_optimizer(
-                model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=method["lr_ratio"],
-                weight_decay=weight_decay, betas=(0.9, 0.95))
     elif name == "freeze":
         model = _freeze_first_layers(model, method["layers"])
     elif name != "full":
         raise ValueError(f"fine-tuning method {name!r} is not one of {METHODS}")
-    if shard is not None:
-        model = shard(model)
+    if precision == "bf16" and not method.get("quantized_base"):
+        store_frozen(model, torch.bfloat16)
+    if name == "lora_plus":
+        from peft.optimizers import create_loraplus_optimizer
+
+        return model, create_loraplus_optimizer(
+            model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=method["lr_ratio"],
+            weight_decay=weight_decay, betas=(0.9, 0.95))
     return model, adamw(model, lr, weight_decay)
 
 
+def store_frozen(model, dtype) -> None:
+    """Keep every frozen floating-point weight in ``dtype`` (trainable ones stay as they are)."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
 def merged(model, base_dir=None):
-    """A plain model with the adapter folded in (or the model itself for Freeze and Full).
+    """A plain fp32 model with the adapter folded in (or the model itself for Freeze and Full).
+    Weights stored in bf16 are widened first: an update folded into bf16 weights would mostly
+    round away.
 
     A QLoRA adapter is folded into a fresh fp32 copy of the base from ``base_dir`` (the usual
     QLoRA practice: merging into 4-bit weights would re-quantise them); it was trained against
     the 4-bit base, so the merged model differs from the trained one by the base's quantisation
     error."""
     if not hasattr(model, "merge_and_unload"):
-        return model
+        return model.float()
     if not getattr(model, "is_loaded_in_4bit", False) and not getattr(
             model.get_base_model(), "is_loaded_in_4bit", False):
-        return model.merge_and_unload()
+        return model.float().merge_and_unload()
     import tempfile
 
     import torch

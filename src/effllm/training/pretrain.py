@@ -17,8 +17,9 @@ from effllm.measure import Timer, Window
 from effllm.models import DecoderConfig, DecoderForCausalLM
 from effllm.records import Metric, RunRecord, now_iso
 from effllm.training.loop import (
-    Checkpoint, StepLog, adamw, cosine_schedule, count_params, mfu_metric, note_rank0,
-    note_window, seed_everything, step_batches, step_flops_per_token, step_metrics, train,
+    PRECISION_NOTES, Checkpoint, StepLog, adamw, autocast, cosine_schedule, count_params,
+    mfu_metric, note_rank0, note_window, seed_everything, step_batches, step_flops_per_token,
+    step_metrics, train,
 )
 
 
@@ -41,9 +42,10 @@ def window_batch(tokens: np.ndarray, batch_size: int, seq_len: int, rank: int = 
 
 
 @torch.no_grad()
-def perplexity(model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int = 8
-               ) -> tuple[float, int]:
-    """exp(mean NLL) over non-overlapping windows of held-out tokens; returns (ppl, scored)."""
+def perplexity(model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int = 8,
+               precision: str = "fp32") -> tuple[float, int]:
+    """exp(mean NLL) over non-overlapping windows of held-out tokens, forward passes at
+    ``precision``; returns (ppl, scored)."""
     model.eval()
     n_windows = max(1, min(len(tokens), max_tokens) // seq_len)
     windows = [tokens[i * seq_len:(i + 1) * seq_len] for i in range(n_windows)]
@@ -54,7 +56,8 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_s
     for i in range(0, len(windows), batch_size):
         ids = torch.from_numpy(np.stack(windows[i:i + batch_size]).astype(np.int64))
         ids = ids.to(model.device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        with autocast(model.device, precision):
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         nll += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
         count += ids[:, 1:].numel()
@@ -117,7 +120,8 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
 
     probe = local_batch(np.random.default_rng([spec["seed"], 2**31]))  # not a training step
     probe = {key: value.to(placement.device) for key, value in probe.items()}
-    flops_per_token = step_flops_per_token(model, probe)
+    precision = train_cfg.get("precision", "fp32")
+    flops_per_token = step_flops_per_token(model, probe, precision)
 
     optimizer = adamw(model, train_cfg["lr"], train_cfg["weight_decay"])
     scheduler = cosine_schedule(optimizer, train_cfg["warmup_steps"], train_cfg["steps"],
@@ -134,13 +138,15 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
             model, device_ids=None if placement.device == "cpu" else [placement.device])
     log = train(trained, step_batches(local_batch, spec["seed"], len(log.losses)),
                 train_cfg["steps"], optimizer, scheduler, train_cfg["grad_clip"], window,
-                desc=f"pretrain {spec['run_id']}", log=log, checkpoint=checkpoint)
+                desc=f"pretrain {spec['run_id']}", log=log, checkpoint=checkpoint,
+                precision=precision)
     if placement.world > 1:
         torch.distributed.destroy_process_group()
     if not placement.main:
         return None
 
-    ppl, scored = perplexity(model, val_tokens, train_cfg["seq_len"], train_cfg["eval_tokens"])
+    ppl, scored = perplexity(model, val_tokens, train_cfg["seq_len"], train_cfg["eval_tokens"],
+                             precision=precision)
     metrics = step_metrics(log, measure["warmup_steps"], params_total, Timer.method)
     metrics.update(window.metrics())
     note_rank0(metrics, placement.world)
@@ -175,7 +181,7 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
     record = RunRecord.for_run(
         spec, start, metrics,
         series={"train_loss": log.losses, "step_seconds": log.seconds},
-        execution=placement.execution(),
+        execution={**placement.execution(), "precision": PRECISION_NOTES[precision]},
     )
     record.save(record_out)
     if checkpoint:
