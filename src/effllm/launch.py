@@ -88,10 +88,10 @@ def place() -> Placement:
         return Placement(device=device)
     import torch.distributed as dist
 
+    backend = "nccl" if use_gpu else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(PROCESS_GROUP_BACKENDS["nccl" if use_gpu else "gloo"])
-    return Placement(dist.get_rank(), dist.get_world_size(), device,
-                     "nccl" if use_gpu else "gloo")
+        dist.init_process_group(PROCESS_GROUP_BACKENDS[backend])
+    return Placement(dist.get_rank(), dist.get_world_size(), device, backend)
 
 
 def torchrun_command(nproc: int, stage: str, args_file: str | os.PathLike) -> list[str]:
