@@ -1,6 +1,7 @@
 """Invariants shared by the tests: what every decoder variant must keep, and what a drawn
 figure must be."""
 
+import numpy as np
 import torch
 
 
@@ -53,3 +54,15 @@ def assert_real_figure(pdf, png, min_width: int) -> None:
     rgb = img[..., :3]
     assert rgb.std() > 0.05 and (rgb < 0.9).any()
     assert sorted(p.name for p in pdf.parent.iterdir()) == sorted([pdf.name, png.name])
+
+
+def assert_served_tokens_are_the_pipelines(tokenizer, stdlib_tokens):
+    """The corpus test split in a served tokenizer's ids is the tokenizer stage's ``test.npy``,
+    without a pad id, and so are the timing prompts drawn from it (issue 16)."""
+    from effllm.inference.run import corpus_test_tokens, timing_prompts
+
+    ours = corpus_test_tokens(tokenizer, stdlib_tokens.parent / "corpus")
+    np.testing.assert_array_equal(ours, np.load(stdlib_tokens / "test.npy"))
+    assert tokenizer.pad_token_id not in set(ours.tolist())
+    prompts = timing_prompts(ours, 64, 4, seed=0)
+    assert prompts.shape == (4, 64) and not (prompts == tokenizer.pad_token_id).any()

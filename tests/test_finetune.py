@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from effllm.config import ConfigError, check_config, load_yaml
 from effllm.data import DataSourceError
@@ -25,6 +25,7 @@ from effllm.sweep import expand_runs
 from effllm.training import methods
 from effllm.training.loop import count_params
 from hubcache import COMMIT, REPO, fake_cache, llama
+from invariants import assert_served_tokens_are_the_pipelines
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NF4 = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "fp32"}
@@ -297,7 +298,8 @@ def test_qlora_flops_count_the_4bit_matmuls(saved_llama):
 
 # -------------------------------------------------------------------------- a whole hub run
 
-def test_qlora_run_on_a_hub_model_end_to_end(tmp_path, hub, use_cache, config, schema):
+def test_qlora_run_on_a_hub_model_end_to_end(tmp_path, hub, use_cache, config, schema,
+                                              stdlib_tokens):
     """Link the cached Llama, fine-tune it with LoRA on a 4-bit base, and read the record."""
     from effllm.data.reasoning import prepare_reasoning
     from effllm.records import load_record
@@ -328,3 +330,8 @@ def test_qlora_run_on_a_hub_model_end_to_end(tmp_path, hub, use_cache, config, s
     assert m["exact_match"].status == "measured" and math.isfinite(m["val_loss"].value)
     assert (tmp_path / "out/adapter/adapter_model.safetensors").is_file()
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out")) is LlamaForCausalLM
+    # The saved tokenizer carries no padding state from the evaluation's padded batches, so the
+    # served model's corpus tokens are the pipeline's (issue 16).
+    assert json.loads((tmp_path / "out/tokenizer.json").read_text())["padding"] is None
+    assert_served_tokens_are_the_pipelines(AutoTokenizer.from_pretrained(tmp_path / "out"),
+                                           stdlib_tokens)

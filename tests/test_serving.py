@@ -11,9 +11,12 @@ import pytest
 
 from effllm.config import ConfigError, check_config
 from effllm.data.reasoning import prepare_reasoning
-from effllm.data.tokenizer import load_tokenizer
+from transformers import AutoTokenizer
+
+from effllm.data.tokenizer import load_tokenizer, save_tokenizer, with_pad_token
 from effllm.data.hub import prepare_hub_model
-from effllm.inference.run import corpus_test_tokens, run_inference
+from effllm.inference.run import run_inference
+from invariants import assert_served_tokens_are_the_pipelines
 from effllm.records import load_record
 from effllm.sweep import expand_runs
 from hubcache import REPO
@@ -71,9 +74,46 @@ def test_uncached_served_hub_model_is_refused_up_front(config, schema, use_cache
 def test_corpus_tokens_of_our_tokenizer_are_the_pipelines(stdlib_tokens):
     """Encoding the test documents with the served model's tokenizer gives, for the pipeline's
     own tokenizer, exactly the ids the tokenizer stage wrote."""
+    assert_served_tokens_are_the_pipelines(load_tokenizer(stdlib_tokens / "tokenizer"),
+                                           stdlib_tokens)
+
+
+def test_hub_model_tokenizer_encodes_the_corpus_unpadded(hub, use_cache, stdlib_tokens, tmp_path):
+    use_cache(hub)
+    prepare_hub_model(REPO, None, tmp_path / "model")
+    assert_served_tokens_are_the_pipelines(AutoTokenizer.from_pretrained(tmp_path / "model"),
+                                            stdlib_tokens)
+
+
+@pytest.mark.parametrize("save", ["save_tokenizer", "save_pretrained"])
+def test_tokenizer_saved_after_a_padded_batch_call_encodes_documents_unpadded(
+        save, stdlib_tokens, tmp_path):
+    """Evaluation pads batches (left, longest), which leaves padding on in the backend. Saved
+    with ``save_tokenizer`` the state is gone; a folder saved by an older run with
+    ``save_pretrained`` keeps it, and documents are still encoded unpadded."""
     tokenizer = load_tokenizer(stdlib_tokens / "tokenizer")
-    ours = corpus_test_tokens(tokenizer, stdlib_tokens.parent / "corpus")
-    np.testing.assert_array_equal(ours, np.load(stdlib_tokens / "test.npy"))
+    tokenizer.padding_side = "left"
+    tokenizer(["a", "a much longer prompt than the first"], padding=True)
+    assert tokenizer.backend_tokenizer.padding is not None  # the state that caused the bug
+    if save == "save_tokenizer":
+        save_tokenizer(tokenizer, tmp_path)
+    else:
+        tokenizer.save_pretrained(tmp_path)
+    padding = json.loads((tmp_path / "tokenizer.json").read_text())["padding"]
+    assert (padding is None) == (save == "save_tokenizer")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert_served_tokens_are_the_pipelines(reloaded, stdlib_tokens)
+    batch = reloaded(["a", "a much longer prompt"], padding=True)  # padding per call still works
+    assert len(set(map(len, batch["input_ids"]))) == 1
+
+
+def test_hub_tokenizer_without_a_pad_token_gets_its_eos(stdlib_tokens):
+    tokenizer = load_tokenizer(stdlib_tokens / "tokenizer")
+    tokenizer.pad_token = None
+    assert with_pad_token(tokenizer, "x").pad_token_id == tokenizer.eos_token_id
+    tokenizer.pad_token = tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="neither a pad nor an eos token"):
+        with_pad_token(tokenizer, "x")
 
 
 @pytest.fixture(scope="module")
@@ -132,5 +172,10 @@ def test_hub_model_run_scores_harness_tasks_on_the_served_model(
     assert m["performance"].value == pytest.approx((tasks[0].value + tasks[1].value) / 2)
     assert m["perplexity"].status == "measured" and math.isfinite(m["perplexity"].value)
     assert "model's tokenizer" in m["perplexity"].note
+    test_tokens = np.load(stdlib_tokens / "test.npy").size
+    assert record.provenance["execution"]["corpus_test_tokens"] == {"count": test_tokens,
+                                                                     "pad_ids": 0}
+    for key in ("al", "prefill_latency", "decode_latency"):
+        assert m[key].status == "measured" and m[key].value > 0 and "IQR" in m[key].note
     assert m["exact_match"].status == "measured"  # the offline score is kept beside
     assert m["bits_nominal"].value == {"bf16": 16, "int4": 4}[precision]

@@ -17,6 +17,8 @@ import yaml
 from effllm.analysis.aggregate import read_table
 from effllm.analysis.claims import CLAIMS
 from effllm.records import validate_record
+from invariants import assert_served_tokens_are_the_pipelines
+from transformers import AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -204,6 +206,13 @@ def test_smoke_pipeline_end_to_end(tmp_path):
           for n in ("mha", "mqa", "gqa", "mla")}
     assert kv["mla"] < kv["mqa"] < kv["gqa"] < kv["mha"]
     assert not list(cwd.glob("results/checkpoints/pretrain/*/checkpoint.pt"))  # cleared
+    # Every served model's tokenizer encodes the corpus as the tokenizer stage did (issue 16).
+    served = sorted(cwd.glob("results/pretrain/*/model")) + sorted(cwd.glob("results/finetune/*/model"))
+    assert len(served) == len(records) - sum(p.parts[-3] == "inference" for p in records)
+    for model_dir in served:
+        assert json.loads((model_dir / "tokenizer.json").read_text())["padding"] is None
+        assert_served_tokens_are_the_pipelines(AutoTokenizer.from_pretrained(model_dir),
+                                               cwd / "results/data/tokens")
 
     runs_csv = read_table(cwd / "results/tables/runs.csv")
     pd.testing.assert_frame_equal(pd.read_parquet(cwd / "results/tables/runs.parquet")

@@ -70,14 +70,50 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
 
 
+def plain_backend(tokenizer: PreTrainedTokenizerFast) -> Tokenizer:
+    """A copy of the backend tokenizer with padding and truncation off.
+
+    A batched ``tokenizer(..., padding=True)`` call switches padding on in the backend and leaves
+    it there; a tokenizer saved afterwards carries it in ``tokenizer.json``. Documents encoded
+    through such a backend come back padded to the longest one (issue 16: 54 % pad ids).
+    """
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
 def encode_documents(
     tokenizer: PreTrainedTokenizerFast, texts: list[str], dtype: type
 ) -> np.ndarray:
-    """Token ids of the documents back to back, each followed by the end-of-text id."""
+    """Token ids of the documents back to back, each followed by the end-of-text id; never
+    padded or truncated, whatever state the tokenizer was saved in."""
     eos = tokenizer.eos_token_id
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    encodings = plain_backend(tokenizer).encode_batch(texts, add_special_tokens=False)
     ids = [token for encoding in encodings for token in (*encoding.ids, eos)]
     return np.asarray(ids, dtype=dtype)
+
+
+def with_pad_token(tokenizer: PreTrainedTokenizerFast, where) -> PreTrainedTokenizerFast:
+    """The tokenizer with a pad token: hub tokenizers (Llama's) often have none, and batched
+    generation needs one. Padding is always masked, so the end-of-text token serves."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer of {where} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | os.PathLike) -> None:
+    """Save without the padding or truncation state an evaluation left in the backend: padding is
+    asked for per call, where batched generation needs it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
+    tokenizer.save_pretrained(str(directory))
 
 
 def build_tokenizer(
@@ -97,7 +133,7 @@ def build_tokenizer(
 
     splits = {}
     with atomic_dir(out_dir) as tmp:
-        tokenizer.save_pretrained(tmp / "tokenizer")
+        save_tokenizer(tokenizer, tmp / "tokenizer")
         for split, texts in documents.items():
             tokens = encode_documents(tokenizer, texts, dtype)
             np.save(tmp / f"{split}.npy", tokens)

@@ -3,7 +3,8 @@
 Each precision is loaded fresh from the saved safetensors (never converted in place: bitsandbytes
 on CPU repacks 4-bit weights on the first eval forward, measurement.md §10). Timing follows
 measurement.md §2: fixed output length (end-of-sequence disabled), warm-up runs, then repeats until
-both a minimum count and a minimum time are reached; prefill = generate of one token.
+both a minimum count and a minimum time are reached; first-token and per-token times come from
+token timestamps inside each generate(), and are reported as medians with their spread.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 import effllm.models  # noqa: F401 - registers our config with the Auto classes
 from effllm.inference.evaluate import finite_metric, reasoning_metrics
 from effllm.launch import place
-from effllm.measure import Timer, Window, latency_summary
+from effllm.measure import Timer, Window, latency_summary, sync
 from effllm.models.quantize import DTYPES, load_quantised, model_config
 from effllm.records import Metric, RunRecord, now_iso
 from effllm.training.loop import seed_everything
 from effllm.training.pretrain import perplexity
 from effllm.data.splits import read_split
+from effllm.data.tokenizer import with_pad_token
 
 
 def load_model(model_dir: str | os.PathLike, precision: str, quant: dict):
@@ -78,41 +80,58 @@ def weight_bytes(model) -> int:
                                 *_quantisation_state(mod)], seen) for mod in model.modules())
 
 
+class _TokenClock:
+    """A ``generate`` streamer that stamps the time each token leaves the model: the prompt is
+    put first, then every new token, so first-token and per-token decode times are read
+    directly, never as a difference of two separate runs that noise can make negative."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        sync()
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def time_generation(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: int,
                     warmup: int, min_runs: int, min_seconds: float, window: Window) -> dict:
-    """Prefill and end-to-end latency of fixed-length greedy generation, repeated.
+    """Per repeat of fixed-length greedy generation: time to first token (prefill), time per
+    output token after it (decode, from the token timestamps) and end-to-end latency.
 
     Warm-up runs (which on CPU also trigger bitsandbytes' one-off 4-bit weight repack) happen
-    before ``window`` opens, so memory and energy cover only the timed repeats.
+    before ``window`` opens, so memory and energy cover only the timed repeats. Timing noise can
+    widen the spread but never fails the job.
     """
-    def gen(n: int) -> torch.Tensor:
-        # min_new_tokens = max_new_tokens suppresses end-of-sequence: the length is fixed.
-        cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               pad_token_id=pad_id)
-        return model.generate(input_ids=prompt_ids,
-                              attention_mask=torch.ones_like(prompt_ids), generation_config=cfg)
+    if new_tokens < 2:
+        raise ValueError("inference.new_tokens must be at least 2 to time decoding")
+    # min_new_tokens = max_new_tokens suppresses end-of-sequence: the length is fixed.
+    cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=pad_id)
+
+    def gen(clock=None) -> torch.Tensor:
+        return model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                              generation_config=cfg, streamer=clock)
 
     with torch.no_grad():
         for _ in range(warmup):
-            gen(new_tokens)
-            gen(1)
-        prefill, e2e = [], []
+            gen()
+        prefill, e2e, decode = [], [], []
         with window:
             begin = time.perf_counter()
             while len(e2e) < min_runs or time.perf_counter() - begin < min_seconds:
+                clock = _TokenClock()
                 with Timer() as t:
-                    gen(1)
-                prefill.append(t.seconds)
-                with Timer() as t:
-                    out = gen(new_tokens)
-                e2e.append(t.seconds)
+                    out = gen(clock)
                 produced = out.shape[1] - prompt_ids.shape[1]
-                if produced != new_tokens:
+                if produced != new_tokens or len(clock.stamps) != new_tokens + 1:
                     raise RuntimeError(f"generated {produced} tokens, expected {new_tokens}")
-    decode = [(a - b) / (new_tokens - 1) for a, b in zip(e2e, prefill)]
-    if min(decode) < 0:
-        raise RuntimeError("a generate() was faster than its own prefill: timings are noise; "
-                           "raise inference.new_tokens or inference.warmup_runs")
+                first, last = clock.stamps[1], clock.stamps[-1]
+                prefill.append(first - t.start)
+                decode.append((last - first) / (new_tokens - 1))
+                e2e.append(t.seconds)
     return {"prefill": prefill, "e2e": e2e, "decode": decode}
 
 
@@ -124,6 +143,12 @@ def corpus_test_tokens(tokenizer, corpus_dir: str | os.PathLike) -> np.ndarray:
 
     texts = [doc["text"] for doc in read_split(corpus_dir, "test")]
     return encode_documents(tokenizer, texts, np.int64)
+
+
+def timing_prompts(tokens: np.ndarray, length: int, batch: int, seed: int) -> torch.Tensor:
+    """``batch`` prompts of ``length`` corpus test tokens from seeded random offsets."""
+    starts = np.random.default_rng(seed).integers(0, len(tokens) - length, size=batch)
+    return torch.from_numpy(np.stack([tokens[s:s + length] for s in starts]).astype(np.int64))
 
 
 def harness_metrics(model, tokenizer, harness: dict, seed: int) -> dict[str, Metric]:
@@ -160,39 +185,44 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_dir: str | os
     measure = settings["measure"]
     seed_everything(spec["seed"], measure["threads"])
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_dir), model_dir)
     with Window(measure["sample_interval_s"]) as load_window:
         model, quant_note = load_model(model_dir, settings["precision"], settings["quant"])
     model.eval()
     tokens = corpus_test_tokens(tokenizer, corpus_dir)
+    pad_ids = (int((tokens == tokenizer.pad_token_id).sum())
+               if tokenizer.pad_token_id != tokenizer.eos_token_id else None)
     problems = read_split(reasoning_dir, "test")[: ev["eval_problems"]]
 
     # Timing first, in its own window; quality passes afterwards (never time under evaluation).
-    rng = np.random.default_rng(spec["seed"])
-    starts = rng.integers(0, len(tokens) - ev["prompt_tokens"], size=ev["batch_size"])
-    prompt_ids = torch.from_numpy(np.stack([tokens[s:s + ev["prompt_tokens"]]
-                                            for s in starts]).astype(np.int64))
+    prompt_ids = timing_prompts(tokens, ev["prompt_tokens"], ev["batch_size"], spec["seed"])
     prompt_ids = prompt_ids.to(model.device)
     window = Window(measure["sample_interval_s"])
     times = time_generation(model, prompt_ids, ev["new_tokens"], tokenizer.pad_token_id,
                             ev["warmup_runs"], ev["min_runs"], ev["min_seconds"], window)
-    e2e, prefill = latency_summary(times["e2e"]), latency_summary(times["prefill"])
+    e2e, prefill, decode = (latency_summary(times[k]) for k in ("e2e", "prefill", "decode"))
     generated = ev["batch_size"] * ev["new_tokens"]
     note = (f"{e2e['count']} runs after {ev['warmup_runs']} warm-up; batch {ev['batch_size']}, "
             f"prompt {ev['prompt_tokens']}, exactly {ev['new_tokens']} new tokens "
-            f"(min_new_tokens = max_new_tokens); cv {e2e['cv']:.3f}")
+            f"(min_new_tokens = max_new_tokens)")
+
+    def spread(s: dict) -> str:
+        return f"median of {s['count']} repeats, IQR {s['iqr']:.3g} s, cv {s['cv']:.3f}"
+
     metrics = window.metrics()
     if metrics["energy"].status != "unavailable":
         metrics["energy_per_token"] = Metric.measured(
             metrics["energy"].value / (generated * e2e["count"]), "J/token",
-            metrics["energy"].method, "window energy includes the prefill-only runs")
+            metrics["energy"].method, "window energy over the timed repeats")
     metrics.update({
-        "al": Metric.measured(e2e["mean"], "s", Timer.method, note),
+        "al": Metric.measured(e2e["p50"], "s", Timer.method, f"{note}; {spread(e2e)}"),
         "al_cv": Metric.measured(e2e["cv"], "1", "std/mean of repeats", note),
-        "prefill_latency": Metric.measured(prefill["mean"], "s", Timer.method,
-                                           "generate(max_new_tokens=1)"),
-        "decode_latency": Metric.measured(sum(times["decode"]) / len(times["decode"]), "s/token",
-                                          Timer.method, "(e2e - prefill) / (new_tokens - 1)"),
+        "prefill_latency": Metric.measured(prefill["p50"], "s", Timer.method + "_streamer",
+                                           f"generate() start to first token; {spread(prefill)}"),
+        "decode_latency": Metric.measured(
+            decode["p50"], "s/token", Timer.method + "_streamer",
+            f"(last token - first token) / (new_tokens - 1), timestamps in one generate(); "
+            f"{spread(decode)}"),
         "it": Metric.measured(generated * e2e["count"] / e2e["total"], "tokens/s", Timer.method,
                               note),
         "weight_bytes": Metric.measured(weight_bytes(model), "B", "tensor_bytes_with_quant_state",
@@ -219,7 +249,9 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_dir: str | os
         series={"e2e_seconds": times["e2e"], "prefill_seconds": times["prefill"],
                 "decode_seconds_per_token": times["decode"]},
         execution={**place().execution(), "precision": settings["precision"],
-                   "notes": [quant_note] if quant_note else [], "linear_weight_bytes": layers},
+                   "notes": [quant_note] if quant_note else [], "linear_weight_bytes": layers,
+                   # documents encoded unpadded (issue 16: earlier records lack this field)
+                   "corpus_test_tokens": {"count": int(tokens.size), "pad_ids": pad_ids}},
     )
     record.save(record_out)
     return record

@@ -30,7 +30,8 @@ class Timer:
 
 
 def latency_summary(samples: list[float]) -> dict[str, float]:
-    """count, total, mean, p50/p90/p95/p99, stdev and coefficient of variation of timings."""
+    """count, total, mean, p25/p50/p75/p90/p95/p99, interquartile range, stdev and coefficient of
+    variation of timings."""
     if not samples:
         raise ValueError("no timing samples")
     ordered = sorted(samples)
@@ -44,7 +45,7 @@ def latency_summary(samples: list[float]) -> dict[str, float]:
     mean = statistics.fmean(ordered)
     std = statistics.stdev(ordered) if len(ordered) > 1 else 0.0
     return {
-        "count": len(ordered), "total": sum(ordered), "mean": mean, "p50": pct(0.5),
-        "p90": pct(0.9), "p95": pct(0.95), "p99": pct(0.99), "std": std,
+        "count": len(ordered), "total": sum(ordered), "mean": mean, "p25": pct(0.25),
+        "p50": pct(0.5), "p75": pct(0.75), "iqr": pct(0.75) - pct(0.25), "p90": pct(0.9), "p95": pct(0.95), "p99": pct(0.99), "std": std,
         "cv": std / mean if mean > 0 else float("nan"),
     }

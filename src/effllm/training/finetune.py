@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 import effllm.models  # noqa: F401 - registers our config with the Auto classes
 from effllm.inference.evaluate import completion_scores, reasoning_metrics
+from effllm.data.tokenizer import save_tokenizer, with_pad_token
 from effllm.io import atomic_dir
 from effllm.launch import place
 from effllm.measure import Timer, Window
@@ -130,11 +131,7 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     settings, train_cfg = spec["settings"], spec["settings"]["train"]
     measure = settings["measure"]
     seed_everything(spec["seed"], measure["threads"])
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    if tokenizer.pad_token_id is None:  # hub models (Llama) often have none; padding is masked
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"the tokenizer of {base_dir} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(base_dir), base_dir)
     method = settings["method"]
     precision = train_cfg.get("precision", "fp32")
     placement = place()  # a GPU when torch sees one (the local rank's under torchrun), or CPU
@@ -219,7 +216,7 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
         if method["name"] in methods.ADAPTER_METHODS:
             model.save_pretrained(Path(tmp) / "adapter", safe_serialization=True)
         methods.merged(model, base_dir).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
     quant = method.get("quantized_base")
     strategy = "FSDP full shard (ZeRO-3)"
     execution = {

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from effllm.data.tokenizer import save_tokenizer
 from effllm.io import atomic_dir
 from effllm.launch import place
 from effllm.measure import Timer, Window
@@ -177,7 +178,7 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
 
     with atomic_dir(model_out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
     record = RunRecord.for_run(
         spec, start, metrics,
         series={"train_loss": log.losses, "step_seconds": log.seconds},
