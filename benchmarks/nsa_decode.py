@@ -100,7 +100,7 @@ def main() -> None:
                           # one thread: a batch-1 decode step is many small ops, and with two
                           # OpenMP threads any other process on the 2 cores stalls every op
                           ("threads", 1),
-                          # the toolkit's intended NSA hyper-parameters (protocol §3)
+                          # the toolkit's intended NSA hyper-parameters (docs/protocol.md §3)
                           ("l", 64), ("d", 32), ("l-sel", 64), ("n", 4), ("w", 128)):
         parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args()

@@ -18,12 +18,13 @@ import time
 import torch
 
 from effllm.models import DecoderConfig, DecoderForCausalLM
-from effllm.training.loop import autocast
+from effllm.precision import autocast
+from effllm.specs import MethodSpec
 from effllm.training.methods import prepare
 
-LORA = {"name": "lora", "r": 32, "alpha": 64, "dropout": 0.0,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                           "down_proj"]}
+LORA = MethodSpec("lora", r=32, alpha=64, dropout=0.0,
+                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                  "up_proj", "down_proj"))
 
 
 def build(args, method, precision):
@@ -53,7 +54,7 @@ def main():
     print(f"torch {torch.__version__}, CPU capability {cpu}, {args.threads} threads; "
           f"hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq}")
 
-    for label, method in (("full", {"name": "full"}), ("lora r=32", LORA)):
+    for label, method in (("full", MethodSpec("full")), ("lora r=32", LORA)):
         runs = {p: build(args, method, p) for p in ("fp32", "bf16")}
         times = {p: [] for p in runs}
         for step in range(args.warmup + args.steps):

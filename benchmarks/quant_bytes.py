@@ -30,6 +30,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+from effllm.specs import QuantSpec
 
 CONFIGS = {  # label -> (precision, quant settings as the pipeline passes them)
     "bf16": ("bf16", {}),
@@ -50,7 +51,7 @@ def measure(model_dir: str, precision: str, quant: dict, args: argparse.Namespac
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, _ = load_model(model_dir, precision, quant)
+    model, _ = load_model(model_dir, precision, QuantSpec.from_json(quant))
     model.eval()
     head = model.get_output_embeddings()
     layers = [n for n, m in model.named_modules()

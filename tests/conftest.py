@@ -1,4 +1,5 @@
 import os
+import sys
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,6 +12,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# Shared helpers (conftest, hubcache, invariants, examples) live here; test modules import one
+# another's fixtures across the two folders.
+sys.path[:0] = [str(ROOT / "tests" / "unit"), str(ROOT / "tests" / "integration")]
 
 
 @pytest.fixture

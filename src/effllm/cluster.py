@@ -12,17 +12,19 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-STAGES = ("pretrain", "finetune", "inference", "data")
-DEFAULTS = {"gpus": 0, "gpu_model": None, "mem_mb": 4000, "runtime": 60}  # as the schema's
+from effllm.specs import STAGES as RUN_STAGES, ResourceSpec
+
+STAGES = ("data", *RUN_STAGES)  # resource sections: data preparation, then the run stages
 ENV_PARTITION = {"cpu": "EFFLLM_CPU_PARTITION", "gpu": "EFFLLM_GPU_PARTITION"}
 ENV_ACCOUNT = "EFFLLM_ACCOUNT"
 
 
-def stage_settings(config: Mapping, stage: str) -> dict:
+def stage_settings(config: Mapping, stage: str) -> ResourceSpec:
     """One stage's ``resources`` entry with the defaults filled in."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
-    return {**DEFAULTS, **((config.get("resources") or {}).get(stage) or {})}
+    return ResourceSpec.from_json((config.get("resources") or {}).get(stage) or {},
+                                  f"resources.{stage}")
 
 
 def job_resources(config: Mapping, stage: str, threads: int,
@@ -39,16 +41,16 @@ def job_resources(config: Mapping, stage: str, threads: int,
     environ = os.environ if environ is None else environ
     section = config.get("resources") or {}
     spec = stage_settings(config, stage)
-    kind = "gpu" if spec["gpus"] else "cpu"
-    out: dict = {"mem_mb": spec["mem_mb"], "runtime": spec["runtime"]}
+    kind = "gpu" if spec.gpus else "cpu"
+    out: dict = {"mem_mb": spec.mem_mb, "runtime": spec.runtime}
     partition = environ.get(ENV_PARTITION[kind]) or (section.get("partition") or {}).get(kind)
     if partition:
         out["slurm_partition"] = partition
     account = environ.get(ENV_ACCOUNT) or section.get("account")
     if account:
         out["slurm_account"] = account
-    if spec["gpus"]:
-        out.update(gpu=spec["gpus"], cpus_per_gpu=threads, nodes=1)
-        if spec["gpu_model"]:
-            out["gpu_model"] = spec["gpu_model"]
+    if spec.gpus:
+        out.update(gpu=spec.gpus, cpus_per_gpu=threads, nodes=1)
+        if spec.gpu_model:
+            out["gpu_model"] = spec.gpu_model
     return out

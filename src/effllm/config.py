@@ -79,11 +79,11 @@ def check_semantics(config: dict) -> None:
             raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is neither a "
                               f"pretraining run ({sorted(known)}) nor one of hub_models "
                               f"({sorted(hub)})")
-        if known[base].settings["model"]["family"] != "decoder":
+        model = known[base].spec.model
+        if model.family != "decoder":
             raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is a "
-                              f"{known[base].settings['model']['family']} baseline; fine-tuning "
-                              "takes decoder models")
-        if known[base].settings["model"]["attention"] == "nsa":
+                              f"{model.family} baseline; fine-tuning takes decoder models")
+        if model.attention == "nsa":
             raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is an NSA model; "
                               "exact match decodes left-padded batches, which NSA refuses")
     inf = config["inference"]
@@ -100,8 +100,8 @@ def check_semantics(config: dict) -> None:
                           f"{harness['include_path']} is not a folder of lm-eval task YAMLs")
     if "pretrain" in config["inference"]["sources"]:
         for run in known.values():
-            model = run.settings["model"]
-            if model.get("attention") == "nsa" or model["family"] == "rwkv":
+            model = run.spec.model
+            if model.attention == "nsa" or model.family == "rwkv":
                 raise ConfigError(
                     f"config key 'inference.sources': serving pretraining runs includes "
                     f"{run.name.rsplit('-s', 1)[0]!r}, which cannot decode the left-padded "
@@ -127,7 +127,7 @@ def check_semantics(config: dict) -> None:
                                   f"{method!r} are missing")
         if method == "freeze":
             for base in (b for b in ft["bases"] if b in known):
-                layers = known[base].settings["model"]["num_hidden_layers"]
+                layers = known[base].spec.model.num_hidden_layers
                 if ft["freeze"]["layers"] >= layers:
                     raise ConfigError(f"config key 'finetune.freeze.layers': "
                                       f"{ft['freeze']['layers']} leaves no layer of {base!r} "
@@ -313,9 +313,9 @@ def check_config(config: dict, schema_path: str | os.PathLike) -> dict:
 def check_resources(config: dict) -> None:
     """Refuse, before any job, GPU counts a stage cannot use."""
     from effllm.cluster import STAGES, stage_settings
-    from effllm.launch import DISTRIBUTED
+    from effllm.specs import DISTRIBUTED
 
-    gpus = {stage: stage_settings(config, stage)["gpus"] for stage in STAGES}
+    gpus = {stage: stage_settings(config, stage).gpus for stage in STAGES}
     for stage, n in gpus.items():
         if n > 1 and stage not in DISTRIBUTED:
             raise ConfigError(

@@ -1,5 +1,6 @@
-"""How a job runs: on which device, and with more than one GPU, the torchrun command that
-starts one process (rank) per GPU inside the job.
+"""How a job is launched: in this process, or with more than one GPU, by the torchrun command
+that starts one process (rank) per GPU inside the job. Where each process then runs (device,
+rank) is :mod:`effllm.distributed`.
 
 Kept apart from what the jobs measure (as optimum-benchmark separates launchers from
 benchmarks): a stage function runs the same in one process or in each of N ranks, and
@@ -14,84 +15,18 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-ENV_GPUS = "EFFLLM_GPUS"  # the job's GPUs (set by run_stage, inherited by the ranks)
-ENV_ALLOW_CPU = "EFFLLM_ALLOW_CPU"  # "1": a job given GPUs may run on the CPU (fake GPUs)
+from effllm.distributed import ENV_GPUS
+from effllm.specs import DISTRIBUTED, STAGES
 
-# The stage functions run_stage starts: (module, function). DISTRIBUTED stages split the work
-# over torchrun ranks; the others run in one process and refuse more than one GPU.
+# The stage functions run_stage starts: (module, function), one per stage of effllm.specs.
+# DISTRIBUTED stages split the work over torchrun ranks; the others run in one process and
+# refuse more than one GPU.
 STAGE_FUNCTIONS = {"pretrain": ("effllm.training.pretrain", "run_pretrain"),
                    "finetune": ("effllm.training.finetune", "run_finetune"),
                    "inference": ("effllm.inference.run", "run_inference")}
-DISTRIBUTED = ("pretrain", "finetune")
-
-
-# The process group of a torchrun job: on GPUs NCCL, with Gloo beside it for the collectives on
-# CPU tensors (ZeRO-3 Offload clips gradients that live on the CPU; NCCL alone refuses them).
-PROCESS_GROUP_BACKENDS = {"nccl": "cpu:gloo,cuda:nccl", "gloo": "gloo"}
-
-
-@dataclass
-class Placement:
-    """Where this process trains: its rank among ``world`` data-parallel ranks and its device."""
-
-    rank: int = 0
-    world: int = 1
-    device: str = "cpu"
-    backend: str | None = None  # torch.distributed backend, None for one process
-
-    @property
-    def main(self) -> bool:
-        """Rank 0 evaluates, saves and writes the record; the other ranks only train."""
-        return self.rank == 0
-
-    def execution(self, strategy: str = "DDP") -> dict:
-        """How the run ran, for the record's provenance (``strategy``: how the ranks share the
-        work, when there are several)."""
-        import torch
-
-        name = torch.cuda.get_device_name(self.device) if self.device.startswith("cuda") else None
-        return {"backend": f"torchrun {strategy} ({self.backend})" if self.world > 1
-                else "single-process", "world_size": self.world, "device": self.device,
-                "device_name": name}
-
-
-def place() -> Placement:
-    """This process's placement, and a torchrun rank (``WORLD_SIZE`` > 1) joins the process group
-    (NCCL on GPUs, with Gloo for CPU tensors; Gloo on CPUs).
-
-    The device follows the GPUs the job was given (``EFFLLM_GPUS``, set by :func:`run_stage`):
-    none → the CPU; some → the local rank's GPU, and an error if torch sees none (a CPU build of
-    torch, a missing driver) unless ``EFFLLM_ALLOW_CPU=1``. Outside a job (unset) it is whatever
-    torch sees.
-    """
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    given = os.environ.get(ENV_GPUS)
-    cuda = torch.cuda.is_available()
-    if given is not None and int(given) > 0 and not cuda and os.environ.get(ENV_ALLOW_CPU) != "1":
-        raise RuntimeError(f"the job was given {given} GPU(s) but torch sees no CUDA device (a "
-                           f"CPU build of torch, or no driver); set {ENV_ALLOW_CPU}=1 to run on "
-                           "the CPU anyway")
-    use_gpu = cuda and (given is None or int(given) > 0)
-    if use_gpu and torch.cuda.device_count() <= local_rank:
-        raise RuntimeError(f"rank {local_rank} has no GPU: torch sees "
-                           f"{torch.cuda.device_count()}")
-    device = f"cuda:{local_rank}" if use_gpu else "cpu"
-    if use_gpu:
-        torch.cuda.set_device(device)
-    if world == 1:
-        return Placement(device=device)
-    import torch.distributed as dist
-
-    backend = "nccl" if use_gpu else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(PROCESS_GROUP_BACKENDS[backend])
-    return Placement(dist.get_rank(), dist.get_world_size(), device, backend)
+assert tuple(STAGE_FUNCTIONS) == STAGES
 
 
 def torchrun_command(nproc: int, stage: str, args_file: str | os.PathLike) -> list[str]:

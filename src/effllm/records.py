@@ -25,7 +25,6 @@ from effllm.io import read_json, write_json
 
 SCHEMA_VERSION = 1
 STATUSES = ("measured", "estimated", "unavailable")
-STAGES = ("pretrain", "finetune", "inference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +85,9 @@ METRICS: dict[str, MetricInfo] = _Catalogue({
     ),
     "performance": MetricInfo("fraction", True, "Perf", "mean of the configured task scores"),
     # memory
-    "amu": MetricInfo("GB", False, "AMU", "time-averaged memory in use over the window (GB = 1e9 B)"),
+    "amu": MetricInfo(
+        "GB", False, "AMU", "time-averaged memory in use over the window (GB = 1e9 B)"
+    ),
     "memory_peak": MetricInfo("GB", False, "Peak mem", "peak memory in use over the window"),
     "load_memory_peak": MetricInfo("GB", False, "Load peak", "peak memory while loading"),
     "memory_torch_allocated_peak": MetricInfo("GB", False, "Alloc peak", "torch allocated peak"),
@@ -108,7 +109,9 @@ METRICS: dict[str, MetricInfo] = _Catalogue({
     "tt": MetricInfo("tokens/param/s", True, "TT", "training tokens per parameter per second"),
     "st": MetricInfo("samples/param/s", True, "ST", "training samples per parameter per second"),
     "it": MetricInfo("tokens/s", True, "IT", "generated tokens per second"),
-    "tokens_per_s": MetricInfo("tokens/s", True, "tok/s", "processed (non-padding) tokens per second"),
+    "tokens_per_s": MetricInfo(
+        "tokens/s", True, "tok/s", "processed (non-padding) tokens per second"
+    ),
     "samples_per_s": MetricInfo("samples/s", True, "samples/s", "processed samples per second"),
     # energy
     "aec": MetricInfo("W", False, "AEC", "average power over the window: energy / time"),
@@ -128,7 +131,9 @@ METRICS: dict[str, MetricInfo] = _Catalogue({
     "params_total": MetricInfo("params", False, "Params", "total parameter count"),
     "params_active": MetricInfo("params", False, "Active", "parameters used per token"),
     "params_trainable": MetricInfo("params", False, "Trainable", "parameters updated by training"),
-    "kv_cache_bytes_per_token": MetricInfo("B/token", False, "KV B/tok", "KV-cache bytes per token"),
+    "kv_cache_bytes_per_token": MetricInfo(
+        "B/token", False, "KV B/tok", "KV-cache bytes per token"
+    ),
     **{name: MetricInfo("fraction", True, label, f"{label} score (lm-evaluation-harness)")
        for name, label in PAPER_TASK_METRICS.items()},
 })
@@ -154,7 +159,9 @@ class Metric:
                 raise RecordError("an unavailable metric must have value None, never a number")
         else:
             if self.value is None or not math.isfinite(float(self.value)):
-                raise RecordError(f"a {self.status} metric needs a finite value, got {self.value!r}")
+                raise RecordError(
+                    f"a {self.status} metric needs a finite value, got {self.value!r}"
+                )
             self.value = float(self.value)
 
     @classmethod
@@ -208,15 +215,16 @@ class RunRecord:
         }
 
     @classmethod
-    def for_run(cls, spec: dict[str, Any], start_time: str, metrics: dict[str, Metric],
+    def for_run(cls, spec, start_time: str, metrics: dict[str, Metric],
                 series: dict[str, list[float]], execution: dict | None = None) -> "RunRecord":
-        """The record of a sweep run (``effllm.sweep.Run.spec()``) that started at
+        """The record of a sweep run (an ``effllm.specs.RunSpec``) that started at
         ``start_time``; ``execution`` (backend, device, precision actually used) goes into the
         provenance."""
+        params = spec.to_json()
         return cls(
-            run_id=spec["run_id"], stage=spec["stage"], technique=spec["technique"],
-            model_size=spec["size"], seed=spec["seed"], config_hash=config_hash(spec),
-            params=spec, metrics=metrics, series=series,
+            run_id=spec.run_id, stage=spec.stage, technique=spec.technique,
+            model_size=spec.size, seed=spec.seed, config_hash=config_hash(params),
+            params=params, metrics=metrics, series=series,
             provenance=provenance(start_time, extra={"execution": execution} if execution
                                   else None),
         )

@@ -21,11 +21,16 @@ import dataclasses
 import json
 from typing import Any
 
+from effllm.specs import (
+    STAGES, FinetuneSpec, InferenceSpec, LongContext, MeasureSpec, ModelShape, PretrainSpec,
+    PretrainTrain, RunSpec,
+)
 from effllm.training.methods import ADAPTER_METHODS, LABELS as METHOD_LABELS
 
 LABELS = {
     "mha": "MHA", "mqa": "MQA", "gqa": "GQA", "mla": "MLA", "nsa": "NSA",
-    "rope": "RoPE", "sinusoidal": "Absolute", "learned": "Learnable Absolute", "relative": "Relative",
+    "rope": "RoPE", "sinusoidal": "Absolute", "learned": "Learnable Absolute",
+    "relative": "Relative",
     "alibi": "ALiBi", "none": "None",
     "dense": "Dense", "transformer": "Transformer", "mamba": "Mamba", "rwkv": "RWKV",
     "pythia": "Pythia",
@@ -49,19 +54,21 @@ class Membership:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    stage: str
-    name: str  # the {run} wildcard: unique within a stage
-    technique: str
-    size: str
-    seed: int
-    group: str  # comparison group (of the first membership) for normalisation and ranks
-    upstream: str | None  # run id of the model this run starts from
-    settings: dict[str, Any]
+    """One run of the grid: the typed spec its job receives, and the places it appears.
+    Memberships (display labels, the other blocks a run is in) stay out of the spec, so that
+    changing them never retrains: see the module docstring."""
+
+    spec: RunSpec
     memberships: tuple[Membership, ...] = ()
 
-    @property
-    def run_id(self) -> str:
-        return f"{self.stage}/{self.name}"
+    stage = property(lambda self: self.spec.stage)
+    name = property(lambda self: self.spec.name)  # the {run} wildcard: unique within a stage
+    technique = property(lambda self: self.spec.technique)
+    size = property(lambda self: self.spec.size)
+    seed = property(lambda self: self.spec.seed)
+    group = property(lambda self: self.spec.group)  # of the first membership: normalisation
+    upstream = property(lambda self: self.spec.upstream)  # the run id this run starts from
+    run_id = property(lambda self: self.spec.run_id)
 
     @property
     def label(self) -> str:
@@ -69,15 +76,13 @@ class Run:
             return self.memberships[0].label
         return LABELS.get(self.technique, self.technique)
 
-    def spec(self) -> dict[str, Any]:
-        """What the job receives (JSON-able). Memberships (display labels, the other blocks a
-        run is in) stay out, so that changing them never retrains: see the module docstring."""
-        return {
-            "run_id": self.run_id, "stage": self.stage, "technique": self.technique,
-            "label": LABELS.get(self.technique, self.technique), "size": self.size,
-            "seed": self.seed, "group": self.group,
-            "upstream": self.upstream, "settings": self.settings,
-        }
+
+def _identity(stage: str, name: str, technique: str, size: str, seed: int, group: str,
+              upstream: str | None) -> dict[str, Any]:
+    """The spec fields every run has (``RunSpec.ENVELOPE``)."""
+    return {"run_id": f"{stage}/{name}", "stage": stage, "technique": technique,
+            "label": LABELS.get(technique, technique), "size": size, "seed": seed,
+            "group": group, "upstream": upstream}
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -94,7 +99,7 @@ def variant_model(config: dict, variant: dict) -> dict:
                                                 if k not in ("name", "size", "label")})
 
 
-def model_shape(config: dict, size: str, variant: dict) -> dict[str, Any]:
+def model_shape(config: dict, size: str, variant: dict) -> ModelShape:
     """Constructor settings of one pretraining model: a size's shape plus the variant's parts."""
     from_size = config["sizes"][size]
     m = variant_model(config, variant)
@@ -110,7 +115,7 @@ def model_shape(config: dict, size: str, variant: dict) -> dict[str, Any]:
         "max_position_embeddings": m["max_position_embeddings"],
     }
     if m["family"] != "decoder":
-        return shape
+        return ModelShape.from_json(shape)
     attention = m["attention"]
     shape.update({
         "num_key_value_heads": {"mha": heads, "mqa": 1, "mla": heads}.get(attention,
@@ -132,16 +137,16 @@ def model_shape(config: dict, size: str, variant: dict) -> dict[str, Any]:
         shape.update(num_experts=moe["num_experts"], num_experts_per_tok=moe["top_k"],
                      moe_intermediate_size=max(32, round(width / 32) * 32),
                      router_aux_loss_coef=moe["aux_loss_coef"])
-    return shape
+    return ModelShape.from_json(shape)
 
 
 # Library modules only some models use: a run's code inputs leave out the ones its model does not
 # use, so editing nsa.py reruns only NSA runs and what depends on them (common.smk).
 VARIANT_MODULES = {
-    "effllm.models.mla": lambda m: m.get("attention") == "mla",
-    "effllm.models.nsa": lambda m: m.get("attention") == "nsa",
-    "effllm.models.moe": lambda m: bool(m.get("num_experts")),
-    "effllm.models.baselines": lambda m: m.get("family", "decoder") != "decoder",
+    "effllm.models.mla": lambda m: m.attention == "mla",
+    "effllm.models.nsa": lambda m: m.attention == "nsa",
+    "effllm.models.moe": lambda m: bool(m.num_experts),
+    "effllm.models.baselines": lambda m: m.family != "decoder",
 }
 
 
@@ -152,8 +157,7 @@ def unused_modules(runs: dict[str, dict[str, "Run"]], run: "Run") -> list[str]:
         if stage == "hub":  # a transformers model class: none of our variant modules
             return sorted(VARIANT_MODULES)
         run = runs[stage][name]
-    model = run.settings["model"]
-    return sorted(m for m, used in VARIANT_MODULES.items() if not used(model))
+    return sorted(m for m, used in VARIANT_MODULES.items() if not used(run.spec.model))
 
 
 def pretrain_variants(config: dict):
@@ -177,10 +181,15 @@ def _add_pretrain_runs(config: dict, seed: int, runs: dict[str, Run]) -> None:
     by_settings: dict[str, str] = {}
     for block, variant_name, size, variant in pretrain_variants(config):
         model_size = variant.get("size", size)
-        settings = {"model": model_shape(config, model_size, variant), "train": train,
-                    "long_context": pre.get("long_context"), "measure": config["measure"]}
+        long_context = pre.get("long_context")
+        settings = {"model": model_shape(config, model_size, variant),
+                    "train": PretrainTrain.from_json(train, "pretrain"),
+                    "long_context": LongContext.from_json(long_context, "pretrain.long_context")
+                    if long_context else None,
+                    "measure": MeasureSpec.from_json(config["measure"], "measure")}
         member = _membership(block, f"{block}-{size}", variant_name, variant.get("label"))
-        key = json.dumps(settings, sort_keys=True)
+        key = json.dumps({k: v.to_json() if v else v for k, v in settings.items()},
+                         sort_keys=True)
         if key in by_settings:  # the same model trained the same way: one run, one more place
             run = runs[by_settings[key]]
             runs[run.name] = dataclasses.replace(run, memberships=run.memberships + (member,))
@@ -191,8 +200,9 @@ def _add_pretrain_runs(config: dict, seed: int, runs: dict[str, Run]) -> None:
                 f"config key 'pretrain.blocks.{block}.variants.{variant_name}': run name "
                 f"{name!r} is already used by a different model; rename the variant")
         by_settings[key] = name
-        runs[name] = Run("pretrain", name, variant_name, model_size, seed, group=member.group,
-                         upstream=None, settings=settings, memberships=(member,))
+        spec = PretrainSpec(**_identity("pretrain", name, variant_name, model_size, seed,
+                                        member.group, None), **settings)
+        runs[name] = Run(spec, memberships=(member,))
 
 
 # Fine-tuning keys that are method settings (or the grid), not shared training settings.
@@ -250,7 +260,7 @@ def finetune_method(ft: dict, method: str) -> dict:
 def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
     """Every run of the grid, by stage and name, in a deterministic order."""
     ft, inf = config["finetune"], config["inference"]
-    runs: dict[str, dict[str, Run]] = {"pretrain": {}, "finetune": {}, "inference": {}}
+    runs: dict[str, dict[str, Run]] = {stage: {} for stage in STAGES}
     finetune_train = {**{k: v for k, v in ft.items() if k not in FINETUNE_METHOD_KEYS
                          and k != "precision" and not isinstance(v, dict)},
                       **precision_setting(ft)}
@@ -268,19 +278,18 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
                 block, group = finetune_group(base, dataset, datasets)
                 for method in ft["methods"]:
                     name = f"{method}-{group}-s{seed}"
-                    runs["finetune"][name] = Run(
-                        "finetune", name, method, size, seed, group=group, upstream=upstream_id,
-                        settings={"method": finetune_method(ft, method),
-                                  "train": {**finetune_train,
-                                            "lr": finetune_lr(ft, base, method)},
-                                  "dataset": dataset, "measure": config["measure"]},
-                        memberships=(_membership(block, group, method),),
-                    )
+                    spec = FinetuneSpec.from_json({
+                        **_identity("finetune", name, method, size, seed, group, upstream_id),
+                        "method": finetune_method(ft, method),
+                        "train": {**finetune_train, "lr": finetune_lr(ft, base, method)},
+                        "dataset": dataset, "measure": config["measure"]},
+                        f"finetune ({name})")
+                    runs["finetune"][name] = Run(spec, (_membership(block, group, method),))
         # A fine-tuned model is scored on the set it was fine-tuned on, others on the primary.
         served = []
         for stage in inf["sources"]:
             for r in runs[stage].values():
-                dataset = r.settings.get("dataset", datasets[0])
+                dataset = getattr(r.spec, "dataset", datasets[0])
                 if r.seed == seed and (stage == "pretrain" or dataset in served_sets):
                     served.append((r.name, r.run_id, r.size, dataset))
         served += [(f"{name}-s{seed}", f"hub/{name}", name, datasets[0])
@@ -292,14 +301,14 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
                 eval_keys = ("batch_size", "prompt_tokens", "new_tokens", "warmup_runs",
                              "min_runs", "min_seconds", "eval_problems", "eval_max_new_tokens",
                              "eval_max_length", "ppl_tokens")
+                spec = InferenceSpec.from_json({
+                    **_identity("inference", name, precision, size, seed, source_id, source_id),
+                    "precision": precision, "bits": BITS[precision], "quant": quant,
+                    "dataset": dataset, "eval": {k: inf[k] for k in eval_keys},
+                    "harness": inf.get("harness"), "measure": config["measure"]},
+                    f"inference ({name})")
                 runs["inference"][name] = Run(
-                    "inference", name, precision, size, seed, group=source_id,
-                    upstream=source_id,
-                    settings={"precision": precision, "bits": BITS[precision], "quant": quant,
-                              "dataset": dataset, "eval": {k: inf[k] for k in eval_keys},
-                              "harness": inf.get("harness"), "measure": config["measure"]},
-                    memberships=(_membership("inference", source_id, precision),),
-                )
+                    spec, (_membership("inference", source_id, precision),))
     return runs
 
 

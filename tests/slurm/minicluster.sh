@@ -9,7 +9,7 @@
 #
 # Use the cluster with the lines `start` prints (SLURM_CONF and PATH): PATH puts an `srun`
 # wrapper first, because Snakemake's jobstep plugin strips every SLURM_* variable (SLURM_CONF
-# too) before its nested `srun` (../shared/reference/environment.md section 7).
+# too) before its nested `srun` (profiles/slurm/README.md, "Jobs inside the job").
 set -euo pipefail
 
 die() { echo "minicluster: $*" >&2; exit 1; }

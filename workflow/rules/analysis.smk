@@ -13,6 +13,8 @@ rule aggregate:
         memberships=json.dumps(memberships(RUNS), sort_keys=True),
     log:
         "logs/analysis/aggregate.log",
+    conda:
+        "../../envs/effllm.yaml"
     localrule: True
     script:
         "../scripts/aggregate.py"
@@ -28,27 +30,32 @@ rule normalise:
         analysis=config["analysis"],
     log:
         "logs/analysis/normalise.log",
+    conda:
+        "../../envs/effllm.yaml"
     localrule: True
     script:
         "../scripts/normalise.py"
 
 
 rule paper_table:
-    """One of the paper's tables (seeds averaged, mean ± std) as CSV, Markdown and LaTeX."""
+    """A paper table of the registry (effllm.outputs), seeds averaged, as CSV, Markdown, LaTeX."""
     input:
-        normalised="results/tables/normalised.csv",
-        code=code("effllm.analysis.paper_tables"),
+        unpack(paper_output_inputs),
     output:
         csv="results/tables/{table}.csv",
         md=report(
             "results/tables/{table}.md",
             caption="../report/table.rst",
-            category="Tables",
+            category=paper_output_category,
             labels={"table": "{table}"},
         ),
         tex="results/tables/{table}.tex",
+    wildcard_constraints:
+        table="|".join(PAPER_TABLES),
     log:
         "logs/analysis/{table}.log",
+    conda:
+        "../../envs/effllm.yaml"
     localrule: True
     script:
         "../scripts/paper_table.py"
@@ -64,6 +71,8 @@ rule claims:
         csv=report("results/claims.csv", caption="../report/claims.rst", category="Claims"),
     log:
         "logs/analysis/claims.log",
+    conda:
+        "../../envs/effllm.yaml"
     localrule: True
     script:
         "../scripts/claims.py"

@@ -1,6 +1,7 @@
 # Config validation, the run grid, and input/param functions shared by every rule.
 import json
 import os
+import sys
 from pathlib import Path
 
 # No network at run time: every job reads models and data from disk only.
@@ -8,12 +9,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+BASE = Path(workflow.basedir)
+# This workflow and every job import the library from this repository's src/: in our venv (an
+# editable install of the same folder) and in a cluster's conda environment (envs/effllm.yaml),
+# which holds only the library's dependencies.
+sys.path.insert(0, str(BASE / "src"))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(BASE / "src"), os.environ.get("PYTHONPATH")) if p)
+
+from effllm import outputs
 from effllm.codedeps import module_files
 from effllm.config import ConfigError, check_config
 from effllm.cluster import job_resources
 from effllm.sweep import expand_runs, memberships, unused_modules
 
-BASE = Path(workflow.basedir)
 
 try:
     check_config(config, BASE / "workflow/schemas/config.schema.yaml")
@@ -58,7 +67,7 @@ def run_spec(stage):
     """Params function: the run's resolved spec as canonical JSON (stable for rerun checks)."""
 
     def spec(wildcards):
-        return json.dumps(RUNS[stage][wildcards.run].spec(), sort_keys=True)
+        return json.dumps(RUNS[stage][wildcards.run].spec.to_json(), sort_keys=True)
 
     return spec
 
@@ -74,7 +83,7 @@ def reasoning_data(stage):
     """Input function: the fine-tuning set a run trains or is scored on."""
 
     def path(wildcards):
-        return f"results/data/reasoning/{RUNS[stage][wildcards.run].settings['dataset']}"
+        return f"results/data/reasoning/{RUNS[stage][wildcards.run].spec.dataset}"
 
     return path
 
@@ -92,43 +101,37 @@ def blocks():
     return {name for name, block in config["pretrain"]["blocks"].items() if block}
 
 
-FIGURE_BLOCKS = {  # figure → the block it draws
-    "fig3a_attention_radar": "attention",
-    "fig3b_position_bars": "position",
-    "fig3c_moe_bubbles": "moe",
-    "fig4a_finetune_mirrored": "finetune",
-    "fig4b_finetune_area": "finetune",
-    "fig5_inference_rose": "inference",
-    "inference_radar": "inference",
-}
-FIGURES = [
-    f"paper_figures/{name}.{ext}"
-    for name, block in FIGURE_BLOCKS.items()
-    if block in blocks() or block in ("finetune", "inference")
-    for ext in ("pdf", "png")
-] + [f"paper_figures/fig2_ranking.{ext}" for ext in ("pdf", "png")]  # every block: fig. 2
+# Paper figures and tables (effllm.outputs): the ones of the blocks this configuration has.
+# Fine-tuning sets after the primary are blocks "finetune_<set>", each with its table 8.
+SET_BLOCKS = [block for block in dict.fromkeys(m.block for run in RUNS["finetune"].values()
+                                               for m in run.memberships) if block != "finetune"]
+PRESENT_BLOCKS = blocks() | {"finetune", "inference", *SET_BLOCKS}
+PAPER_FIGURES = outputs.FIGURES
+PAPER_TABLES = outputs.tables(SET_BLOCKS)
+PAPER_OUTPUTS = {**PAPER_FIGURES, **PAPER_TABLES}
+FIGURE_BLOCKS = {name: o.block for name, o in PAPER_FIGURES.items() if o.block}  # fig. 2: all
+TABLE_BLOCKS = {name: o.block for name, o in PAPER_TABLES.items()}
+FIGURES = outputs.selected(PAPER_FIGURES, PRESENT_BLOCKS)
+TABLES = outputs.selected(PAPER_TABLES, PRESENT_BLOCKS)
 CLAIMS = ["results/claims.md", "results/claims.csv"]
-TABLE_BLOCKS = {
-    "table3_attention": "attention",
-    "table4_position": "position",
-    "table5_moe": "moe",
-    "table6_attention_free": "attention_free",
-    "table7_finetune": "finetune",
-    "table9_inference": "inference",
-    "table16_tasks": "inference",
-    # Table 8: one per fine-tuning set after the primary, named after its block
-    # (effllm.sweep.finetune_group, effllm.analysis.paper_tables.table_spec).
-    **{f"table8_{block}": block
-       for block in dict.fromkeys(m.block for run in RUNS["finetune"].values()
-                                  for m in run.memberships) if block != "finetune"},
-}
-TABLES = [
-    f"results/tables/{name}.{ext}"
-    for name, block in TABLE_BLOCKS.items()
-    if block in blocks() or block.startswith(("finetune", "inference"))
-    for ext in ("csv", "md", "tex")
-]
 
 
-wildcard_constraints:
-    table="|".join(TABLE_BLOCKS),
+def paper_output(wildcards):
+    """The registry entry of a figure or table job (wildcard `figure` or `table`)."""
+    return PAPER_OUTPUTS[wildcards.get("figure") or wildcards.get("table")]
+
+
+def paper_output_inputs(wildcards):
+    """Input function (unpacked): the files the output reads and the code its function reaches."""
+    entry = paper_output(wildcards)
+    return {**entry.inputs, "code": code(*entry.code_modules)}
+
+
+def paper_output_kwargs(wildcards):
+    """Params function: the keyword arguments of the output's function under this config."""
+    return paper_output(wildcards).kwargs(config)
+
+
+def paper_output_category(wildcards):
+    """The output's report category."""
+    return paper_output(wildcards).category

@@ -15,6 +15,8 @@ rule prepare_corpus:
         **stage_resources("data"),
     log:
         "logs/data/prepare_corpus.log",
+    conda:
+        "../../envs/effllm.yaml"
     script:
         "../scripts/prepare_corpus.py"
 
@@ -31,6 +33,8 @@ rule train_tokenizer:
         **stage_resources("data"),
     log:
         "logs/data/train_tokenizer.log",
+    conda:
+        "../../envs/effllm.yaml"
     script:
         "../scripts/train_tokenizer.py"
 
@@ -51,6 +55,8 @@ rule prepare_reasoning:
         **stage_resources("data"),
     log:
         "logs/data/prepare_reasoning_{dataset}.log",
+    conda:
+        "../../envs/effllm.yaml"
     script:
         "../scripts/prepare_reasoning.py"
 
@@ -66,6 +72,8 @@ rule hub_model:
         revision=lambda wc: config["hub_models"][wc.model].get("revision"),
     log:
         "logs/data/hub_{model}.log",
+    conda:
+        "../../envs/effllm.yaml"
     localrule: True
     script:
         "../scripts/hub_model.py"

@@ -16,5 +16,7 @@ rule finetune:
         **stage_resources("finetune"),
     log:
         "logs/finetune/{run}.log",
+    conda:
+        "../../envs/effllm.yaml"
     script:
         "../scripts/finetune.py"

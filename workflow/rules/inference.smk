@@ -16,5 +16,7 @@ rule inference:
         **stage_resources("inference"),
     log:
         "logs/inference/{run}.log",
+    conda:
+        "../../envs/effllm.yaml"
     script:
         "../scripts/inference.py"

@@ -17,5 +17,7 @@ rule pretrain:
         **stage_resources("pretrain"),
     log:
         "logs/pretrain/{run}.log",
+    conda:
+        "../../envs/effllm.yaml"
     script:
         "../scripts/pretrain.py"

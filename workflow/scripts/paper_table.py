@@ -1,9 +1,12 @@
-"""Snakemake entry point: one paper table (CSV, Markdown, LaTeX) from the normalised table."""
+"""Snakemake entry point: one paper table (CSV, Markdown, LaTeX), written by its registry entry's
+function (effllm.outputs)."""
 import sys
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 
-from effllm.analysis.paper_tables import write_paper_table  # noqa: E402
+from effllm.outputs import table  # noqa: E402
 
 sm = snakemake  # noqa: F821
-write_paper_table(sm.input.normalised, sm.wildcards.table, sm.output.csv[: -len(".csv")])
+entry = table(sm.wildcards.table)
+entry.load()(**{name: sm.input[name] for name in entry.inputs}, name=entry.name,
+             out_stem=sm.output.csv[: -len(".csv")])

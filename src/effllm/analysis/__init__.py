@@ -1,1 +1,2 @@
-"""Analysis: records -> runs table -> derived compression, normalised values, scores and ranks -> tables."""
+"""Analysis: records -> runs table -> derived compression, normalised values, scores and
+ranks -> tables."""

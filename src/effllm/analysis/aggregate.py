@@ -93,7 +93,8 @@ def _row(rec, place: Mapping[str, str]) -> dict:
 
 
 def combine_status(statuses: Iterable[object], values: Iterable[float]) -> str:
-    """Status of a quantity derived from inputs: unavailable < estimated < measured (weakest wins)."""
+    """Status of a quantity derived from inputs: unavailable < estimated < measured (weakest
+    wins)."""
     statuses, values = list(statuses), list(values)
     if any(v is None or not math.isfinite(float(v)) for v in values):
         return "unavailable"
@@ -125,7 +126,7 @@ _MCR = {  # derived metric -> (size metric, method)
 def derive_compression(df: pd.DataFrame, reference: str = "bf16") -> pd.DataFrame:
     """Add MCR = (ref size / size) x (performance / ref performance) to inference rows, per group.
 
-    The paper's quoted MCR values use nominal bits (protocol §1), so both the nominal and the
+    The paper's quoted MCR values use nominal bits (docs/metrics.md §8), so both the nominal and the
     measured-bytes form are kept. The reference is the same-seed reference run when there is one.
     """
     out = df.copy()

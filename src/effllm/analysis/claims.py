@@ -1,4 +1,5 @@
-"""The paper's rank-level claims (protocol §8.1 and the abstract), checked on this run's numbers.
+"""The paper's rank-level claims (docs/protocol.md §7 and the abstract), checked on this run's
+numbers.
 
 Each :class:`Claim` says which block, metric and techniques the paper compares and in which
 direction; :func:`check_claims` reads the values from the normalised table, averages the seeds
@@ -10,7 +11,7 @@ reason (the metric is unavailable, e.g. energy on a CPU; the technique or block 
 configuration). The ``margin`` column says how much the verdict is worth: ``beyond seed spread``
 (the min-max ranges of the two values compared do not overlap), ``within seed spread`` (they
 overlap: the order could flip with another seed), ``tied`` (equal means) or ``1 seed: spread
-unknown``. The paper reports agreement per claim, not one pass/fail (protocol §8.1).
+unknown``. The paper reports agreement per claim, not one pass/fail (docs/protocol.md §7).
 """
 
 from __future__ import annotations
@@ -90,47 +91,50 @@ def base_params(rows: pd.DataFrame) -> float:
 
 CLAIMS: tuple[Claim, ...] = (
     Claim("mqa_lowest_amu", "MQA has the lowest memory (AMU) of the attention variants",
-          "abstract; §8.1 (1); Fig. 2 attention AMU rank 1", "attention", "amu", "lowest",
-          "mqa", among=PAPER_ATTENTION),
+          "abstract; docs/protocol.md §7 (1); Fig. 2 attention AMU rank 1", "attention", "amu",
+          "lowest", "mqa", among=PAPER_ATTENTION),
     Claim("mqa_lowest_al", "MQA has the lowest latency (AL) of the attention variants "
           "(\"optimal memory-latency trade-off\")", "abstract; Fig. 2 attention AL rank 1",
           "attention", "al", "lowest", "mqa", among=PAPER_ATTENTION),
     Claim("mla_lowest_ppl", "MLA has the lowest perplexity of the attention variants",
-          "abstract; §8.1 (1); table 3 (1.5B: MLA 7.79 vs GQA 8.09, MQA 8.23)", "attention",
-          "perplexity", "lowest", "mla", among=PAPER_ATTENTION),
+          "abstract; docs/protocol.md §7 (1); table 3 (1.5B: MLA 7.79 vs GQA 8.09, MQA 8.23)",
+          "attention", "perplexity", "lowest", "mla", among=PAPER_ATTENTION),
     Claim("nsa_highest_al", "NSA has the highest latency (AL) of the attention variants",
-          "§8.1 (1); Fig. 2 attention AL rank 4; table 3 (1.5B: NSA 0.596 s/iter)",
+          "docs/protocol.md §7 (1); Fig. 2 attention AL rank 4; table 3 (1.5B: NSA 0.596 s/iter)",
           "attention", "al", "highest", "nsa", among=PAPER_ATTENTION),
     Claim("nsa_lowest_aec", "NSA has the lowest average power (AEC) of the attention variants "
-          "(probably an artefact of slow kernels)", "§8.1 (1); Fig. 2 attention AEC rank 1",
+          "(probably an artefact of slow kernels)",
+          "docs/protocol.md §7 (1); Fig. 2 attention AEC rank 1",
           "attention", "aec", "lowest", "nsa", among=PAPER_ATTENTION),
     Claim("rope_lowest_ppl", "RoPE has the lowest perplexity of the positional encodings",
-          "§8.1 (2); table 4 (1.5B: RoPE 8.09); Fig. 2 PE Perf rank 1", "position",
+          "docs/protocol.md §7 (2); table 4 (1.5B: RoPE 8.09); Fig. 2 PE Perf rank 1", "position",
           "perplexity", "lowest", "rope", among=PAPER_POSITION),
     Claim("none_highest_ppl", "No positional encoding has the highest perplexity",
-          "§8.1 (2); Fig. 3b (None at the floor)", "position", "perplexity", "highest", "none",
-          among=PAPER_POSITION),
+          "docs/protocol.md §7 (2); Fig. 3b (None at the floor)", "position", "perplexity",
+          "highest", "none", among=PAPER_POSITION),
     Claim("moe_lower_ppl", "MoE has lower perplexity than a dense model of equal active "
-          "parameters", "abstract; §8.1 (3); table 5 (MoE 1.5Bx8 7.10 vs dense 1.5B 8.09)",
+          "parameters",
+          "abstract; docs/protocol.md §7 (3); table 5 (MoE 1.5Bx8 7.10 vs dense 1.5B 8.09)",
           "moe", "perplexity", "lower", pairs=moe_vs_dense),
     Claim("moe_higher_amu", "MoE uses more memory (AMU) than a dense model of equal active "
-          "parameters (\"+40% VRAM\")", "abstract; §8.1 (3); table 5 (76.53 vs 44.82 GB)",
+          "parameters (\"+40% VRAM\")",
+          "abstract; docs/protocol.md §7 (3); table 5 (76.53 vs 44.82 GB)",
           "moe", "amu", "higher", pairs=moe_vs_dense),
     Claim("mamba_lower_amu", "Mamba uses less memory (AMU) than a Transformer of equal size",
-          "§8.1 (4); table 6 (30.25 vs 44.82 GB)", "attention_free", "amu", "lower", "mamba",
-          "transformer"),
+          "docs/protocol.md §7 (4); table 6 (30.25 vs 44.82 GB)", "attention_free", "amu", "lower",
+          "mamba", "transformer"),
     Claim("mamba_lower_al", "Mamba has lower latency (AL) than a Transformer of equal size",
-          "§8.1 (4); table 6 (0.1025 vs 0.1280 s)", "attention_free", "al", "lower", "mamba",
-          "transformer"),
+          "docs/protocol.md §7 (4); table 6 (0.1025 vs 0.1280 s)", "attention_free", "al", "lower",
+          "mamba", "transformer"),
     Claim("mamba_higher_ppl", "Mamba has higher perplexity than a Transformer of equal size",
-          "§8.1 (4); table 6 (9.48 vs 8.09)", "attention_free", "perplexity", "higher", "mamba",
-          "transformer"),
+          "docs/protocol.md §7 (4); table 6 (9.48 vs 8.09)", "attention_free", "perplexity",
+          "higher", "mamba", "transformer"),
     Claim("freeze_lowest_al", "Freeze has the lowest latency (AL) of the fine-tuning methods",
-          "§8.1 (5); Fig. 2 AL rank 1 in all three size groups; table 7", FINETUNE, "al",
-          "lowest", "freeze"),
+          "docs/protocol.md §7 (5); Fig. 2 AL rank 1 in all three size groups; table 7", FINETUNE,
+          "al", "lowest", "freeze"),
     Claim("dora_highest_al", "DoRA has the highest latency (AL) of the fine-tuning methods",
-          "§8.1 (5); Fig. 2 AL rank 7 in all three size groups; table 7", FINETUNE, "al",
-          "highest", "dora"),
+          "docs/protocol.md §7 (5); Fig. 2 AL rank 7 in all three size groups; table 7", FINETUNE,
+          "al", "highest", "dora"),
     Claim("rslora_below_14b", "Below 14B parameters RSLoRA does not surpass LoRA's efficiency "
           "(Efficiency Score)", "abstract (\"RSLoRA surpasses LoRA efficiency only beyond 14B\")",
           FINETUNE, "efficiency_score", "lower", "rslora", "lora",
@@ -141,18 +145,20 @@ CLAIMS: tuple[Claim, ...] = (
           applies=lambda rows: base_params(rows) >= 14e9,
           scope="no base model of 14B parameters or more in this configuration"),
     Claim("int4_lower_amu", "int4 uses less memory (AMU) than bf16",
-          "§8.1 (6); table 9 (e.g. Qwen2.5-32B 71.33 -> 48.30 GB)", "inference", "amu", "lower",
-          "int4", "bf16"),
+          "docs/protocol.md §7 (6); table 9 (e.g. Qwen2.5-32B 71.33 -> 48.30 GB)", "inference",
+          "amu", "lower", "int4", "bf16"),
     Claim("int4_small_drop", "int4 costs at most a few points of average performance against "
-          "bf16 (\"3-5% accuracy drop\"; bound: 5 points)", "abstract; §8.1 (6); table 9",
+          "bf16 (\"3-5% accuracy drop\"; bound: 5 points)",
+          "abstract; docs/protocol.md §7 (6); table 9",
           "inference", "performance", "drop", "int4", "bf16", bound=0.05),
     Claim("int4_mcr_4x", "int4 compresses the model about 4x: MCR = 4 x performance retention "
           "(the paper's \"3.9x\", from nominal bits); checked as measured-bytes MCR >= 90% of "
-          "the nominal", "abstract; §8.1 (6); protocol §1 (MCR from nominal bits)", "inference",
-          "mcr_measured", "agree", "int4", metric2="mcr_nominal", bound=0.1),
+          "the nominal",
+          "abstract; docs/protocol.md §7 (6); docs/metrics.md §8 (MCR from nominal bits)",
+          "inference", "mcr_measured", "agree", "int4", metric2="mcr_nominal", bound=0.1),
     Claim("bf16_aec_le_fp16", "bf16 draws no more power (AEC) than fp16 (Hopper-specific: not "
-          "expected on other hardware)", "§8.1 (7); table 9 (144.39 vs 158.96 W)", "inference",
-          "aec", "lower", "bf16", "fp16"),
+          "expected on other hardware)", "docs/protocol.md §7 (7); table 9 (144.39 vs 158.96 W)",
+          "inference", "aec", "lower", "bf16", "fp16"),
 )
 
 

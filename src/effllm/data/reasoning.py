@@ -24,6 +24,8 @@ from pathlib import Path
 from effllm.data import hub
 from effllm.data.splits import SPLITS, assign_splits, write_jsonl
 from effllm.io import atomic_dir, write_json
+from effllm.specs import (ArithmeticSource, HfSetSource, ReasoningSetSpec, SyntheticSet,
+                          WordProblemsSource)
 
 ANSWER_MARKER = "####"
 OPERATIONS = {"add": "+", "sub": "-", "mul": "*"}
@@ -164,9 +166,9 @@ def _unique_splits(draw, counts: dict[str, int], seed: int) -> list[dict]:
     return splits
 
 
-def _counts(cfg: dict, capacity: int, where: str, hint: str) -> dict[str, int]:
+def _counts(settings: SyntheticSet, capacity: int, where: str, hint: str) -> dict[str, int]:
     """Samples per split (test, validation, train), refused when the problem space is smaller."""
-    counts = {split: cfg[f"n_{split}"] for split in ("test", "validation", "train")}
+    counts = settings.counts()
     wanted = sum(counts.values())
     if wanted > capacity:
         raise ValueError(
@@ -176,19 +178,20 @@ def _counts(cfg: dict, capacity: int, where: str, hint: str) -> dict[str, int]:
     return counts
 
 
-def _arithmetic(cfg: dict, seed: int, where: str) -> tuple[dict[str, list[dict]], dict]:
+def _arithmetic(settings: ArithmeticSource, seed: int,
+                where: str) -> tuple[dict[str, list[dict]], dict]:
     """Unique column-arithmetic problems, test first, then validation, then train."""
-    operations = list(cfg["operations"])
+    operations = list(settings.operations)
     unknown = sorted(set(operations) - set(OPERATIONS))
     if not operations or unknown:
         raise ValueError(f"{where}.operations must be a non-empty subset of {sorted(OPERATIONS)}")
-    low, high = cfg["min_digits"], cfg["max_digits"]
+    low, high = settings.min_digits, settings.max_digits
     if not 1 <= low <= high:
         raise ValueError(
             f"{where}.min_digits/max_digits must satisfy 1 <= min <= max, got {low}, {high}"
         )
     capacity = _capacity(operations, low, high)
-    counts = _counts(cfg, capacity, where, f"of operations {operations} with {low}-{high} "
+    counts = _counts(settings, capacity, where, f"of operations {operations} with {low}-{high} "
                      f"digits; raise {where}.max_digits or lower the counts")
 
     def draw(rng):
@@ -198,18 +201,19 @@ def _arithmetic(cfg: dict, seed: int, where: str) -> tuple[dict[str, list[dict]]
     return _unique_splits(draw, counts, seed), {"name": "arithmetic", "problem_space": capacity}
 
 
-def _word_problems(cfg: dict, seed: int, where: str) -> tuple[dict[str, list[dict]], dict]:
+def _word_problems(settings: WordProblemsSource, seed: int,
+                   where: str) -> tuple[dict[str, list[dict]], dict]:
     """Unique template word problems (by template and numbers), in the arithmetic set's frame."""
     from effllm.data import word_problems
 
-    templates = list(cfg.get("templates") or word_problems.TEMPLATES)
+    templates = list(settings.templates or word_problems.TEMPLATES)
     unknown = sorted(set(templates) - set(word_problems.TEMPLATES))
     if unknown:
         raise ValueError(f"{where}.templates: unknown {unknown}; known: "
                          f"{sorted(word_problems.TEMPLATES)}")
-    largest = cfg["max_number"]
+    largest = settings.max_number
     capacity = word_problems.capacity(templates, largest)
-    counts = _counts(cfg, capacity, where, f"of templates {templates} with numbers up to "
+    counts = _counts(settings, capacity, where, f"of templates {templates} with numbers up to "
                      f"{largest}; raise {where}.max_number or lower the counts")
 
     def draw(rng):
@@ -224,7 +228,7 @@ def _word_problems(cfg: dict, seed: int, where: str) -> tuple[dict[str, list[dic
     return splits, {"name": "word_problems", "templates": templates, "problem_space": capacity}
 
 
-def _hf(cfg: dict, seed: int, where: str) -> tuple[dict[str, list[dict]], dict]:
+def _hf(settings: HfSetSource, seed: int, where: str) -> tuple[dict[str, list[dict]], dict]:
     """Prompt/response pairs from a cached data set, split by prompt (repeated prompts dropped).
 
     Prompts get the synthetic sets' ``Q: ...\nA:`` frame. Several response fields (Medical-o1's
@@ -232,14 +236,14 @@ def _hf(cfg: dict, seed: int, where: str) -> tuple[dict[str, list[dict]], dict]:
     answer is appended after the marker unless the response's last marker already gives it, so
     ``extract_answer`` finds it.
     """
-    dataset = hub.cached_dataset(cfg["repo_id"], cfg["files"], cfg.get("cache_dir"))
-    answer_field = cfg.get("answer_field")
-    responses = cfg["response_field"]
+    dataset = hub.cached_dataset(settings.repo_id, settings.files, settings.cache_dir)
+    answer_field = settings.answer_field
+    responses = settings.response_field
     responses = [responses] if isinstance(responses, str) else list(responses)
-    fields = [cfg["prompt_field"], *responses] + ([answer_field] if answer_field else [])
+    fields = [settings.prompt_field, *responses] + ([answer_field] if answer_field else [])
     samples: dict[str, dict] = {}
-    for _, record in hub.iter_records(dataset, fields, cfg.get("max_samples")):
-        prompt = f"Q: {str(record[cfg['prompt_field']]).strip()}\nA:"
+    for _, record in hub.iter_records(dataset, fields, settings.max_samples):
+        prompt = f"Q: {str(record[settings.prompt_field]).strip()}\nA:"
         completion = " " + "\n\n".join(str(record[field]).strip() for field in responses
                                         if record[field] is not None)
         answer = record[answer_field] if answer_field else None
@@ -247,10 +251,9 @@ def _hf(cfg: dict, seed: int, where: str) -> tuple[dict[str, list[dict]], dict]:
         if answer is not None and extract_answer(completion) != answer:
             completion += f"\n{ANSWER_MARKER} {answer}"
         samples.setdefault(prompt, {"prompt": prompt, "completion": completion, "answer": answer})
-    test_fraction = cfg["test_fraction"]
-    validation_fraction = cfg.get("validation_fraction", test_fraction)
     assignment = assign_splits(
-        dict.fromkeys(samples, 1), validation_fraction, test_fraction, seed, where
+        dict.fromkeys(samples, 1), settings.validation_fraction, settings.test_fraction, seed,
+        where
     )
     splits = {split: [s for p, s in samples.items() if assignment[p] == split] for split in SPLITS}
     return splits, {"name": "hf", **dataset.describe()}
@@ -259,15 +262,18 @@ def _hf(cfg: dict, seed: int, where: str) -> tuple[dict[str, list[dict]], dict]:
 _SOURCES = {"arithmetic": _arithmetic, "word_problems": _word_problems, "hf": _hf}
 
 
-def prepare_reasoning(reasoning_cfg: dict, seed: int, out_dir: str | os.PathLike,
+def prepare_reasoning(reasoning: ReasoningSetSpec | dict, seed: int, out_dir: str | os.PathLike,
                       key: str = "data.reasoning") -> dict:
     """Build one fine-tuning set's splits and write them with a card, atomically; return the
-    card. ``key`` is the set's config key (``data.reasoning.<name>``), named in errors."""
-    source = reasoning_cfg.get("source")
+    card. ``reasoning`` is the set's spec (or its config dict) and ``key`` its config key
+    (``data.reasoning.<name>``), named in errors."""
+    reasoning = ReasoningSetSpec.of(reasoning, key)
+    source, settings = reasoning.source, reasoning.settings
     if source not in _SOURCES:
         raise ValueError(f"{key}.source must be one of {sorted(_SOURCES)}, got {source!r}")
-    settings = reasoning_cfg.get(source) or {}
-    splits, source_info = _SOURCES[source](settings, seed, f"{key}.{source}")
+    if settings is None:
+        raise ValueError(f"{key}.{source}: needed when source is {source}")
+    splits, source_info = _SOURCES[source](settings.filled(), seed, f"{key}.{source}")
     summary = {}
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
@@ -282,6 +288,7 @@ def prepare_reasoning(reasoning_cfg: dict, seed: int, out_dir: str | os.PathLike
                 ),
                 "with_answer": sum(row["answer"] is not None for row in rows),
             }
-        card = {"source": source_info, "seed": seed, "settings": settings, "splits": summary}
+        card = {"source": source_info, "seed": seed, "settings": settings.to_json(),
+                "splits": summary}
         write_json(tmp / "card.json", card)
     return card

@@ -12,6 +12,7 @@ import numpy as np
 
 from effllm.data.splits import SPLITS, read_split
 from effllm.io import atomic_dir, sha256_file, write_json
+from effllm.specs import TokenizerSpec
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -117,15 +118,16 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | os.PathL
 
 
 def build_tokenizer(
-    corpus_dir: str | os.PathLike, tok_cfg: dict, out_dir: str | os.PathLike
+    corpus_dir: str | os.PathLike, settings: TokenizerSpec | dict, out_dir: str | os.PathLike
 ) -> dict:
-    """Train on the train split only (no held-out leakage); write all splits' tokens atomically."""
+    """Train on the train split only (no held-out leakage); write all splits' tokens atomically.
+    ``settings``: the spec of ``data.tokenizer``, or that config dict."""
+    settings = TokenizerSpec.of(settings, "data.tokenizer").filled()
     corpus_dir = Path(corpus_dir)
     documents = {split: [doc["text"] for doc in read_split(corpus_dir, split)] for split in SPLITS}
     started = time.perf_counter()
-    split_digits = tok_cfg.get("split_digits", True)
-    bpe = _train_bpe(documents["train"], tok_cfg["vocab_size"], tok_cfg["min_frequency"],
-                     split_digits)
+    bpe = _train_bpe(documents["train"], settings.vocab_size, settings.min_frequency,
+                     settings.split_digits)
     tokenizer = _wrap(bpe)
     training_seconds = time.perf_counter() - started
     vocab_size = len(tokenizer)
@@ -149,9 +151,9 @@ def build_tokenizer(
         card = {
             "corpus_card_sha256": sha256_file(corpus_dir / "card.json"),
             "vocab_size": vocab_size,
-            "requested_vocab_size": tok_cfg["vocab_size"],
-            "min_frequency": tok_cfg["min_frequency"],
-            "split_digits": split_digits,
+            "requested_vocab_size": settings.vocab_size,
+            "min_frequency": settings.min_frequency,
+            "split_digits": settings.split_digits,
             "model": "byte-level BPE",
             "tokenizers_version": importlib.metadata.version("tokenizers"),
             "special_tokens": {

@@ -1,8 +1,8 @@
 """Serving a model at one precision: load, evaluate quality, time fixed-length decoding.
 
 Each precision is loaded fresh from the saved safetensors (never converted in place: bitsandbytes
-on CPU repacks 4-bit weights on the first eval forward, measurement.md §10). Timing follows
-measurement.md §2: fixed output length (end-of-sequence disabled), warm-up runs, then repeats until
+on CPU repacks 4-bit weights on the first eval forward, docs/metrics.md §8). Timing follows
+docs/metrics.md §5: fixed output length (end-of-sequence disabled), warm-up runs, then repeats until
 both a minimum count and a minimum time are reached; first-token and per-token times come from
 token timestamps inside each generate(), and are reported as medians with their spread.
 """
@@ -18,25 +18,26 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import effllm.models  # noqa: F401 - registers our config with the Auto classes
-from effllm.inference.evaluate import finite_metric, reasoning_metrics
-from effllm.launch import place
-from effllm.measure import Timer, Window, latency_summary, sync
-from effllm.models.quantize import DTYPES, load_quantised, model_config
-from effllm.records import Metric, RunRecord, now_iso
-from effllm.training.loop import seed_everything
-from effllm.training.pretrain import perplexity
 from effllm.data.splits import read_split
 from effllm.data.tokenizer import with_pad_token
+from effllm.distributed import Placement, place
+from effllm.evaluation.perplexity import finite_metric, perplexity
+from effllm.evaluation.scoring import reasoning_metrics
+from effllm.measure import Timer, Window, latency_summary, sync
+from effllm.models.quantize import DTYPES, load_quantised, model_config
+from effllm.records import Metric
+from effllm.specs import HarnessSpec, InferenceSpec, QuantSpec
+from effllm.stage import Outcome, run_job
 
 
-def load_model(model_dir: str | os.PathLike, precision: str, quant: dict):
+def load_model(model_dir: str | os.PathLike, precision: str, quant: QuantSpec):
     """The model at ``precision``; returns (model, notes about what was kept unquantised)."""
     model_config(model_dir)  # imports our Mamba/RWKV fixes before the weights load
     if precision in DTYPES:  # on the job's device (load_quantised places int8/int4 there)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision])
         return model.to(place().device), None
     # Unquantised parts (embeddings, head, norms) in the compute dtype, as the bf16 run holds them.
-    dtype = DTYPES[quant.get("compute_dtype", "bf16")] if precision == "int4" else torch.bfloat16
+    dtype = DTYPES[quant.compute_dtype or "bf16"] if precision == "int4" else torch.bfloat16
     return load_quantised(model_dir, precision, quant, dtype)
 
 
@@ -151,20 +152,20 @@ def timing_prompts(tokens: np.ndarray, length: int, batch: int, seed: int) -> to
     return torch.from_numpy(np.stack([tokens[s:s + length] for s in starts]).astype(np.int64))
 
 
-def harness_metrics(model, tokenizer, harness: dict, seed: int) -> dict[str, Metric]:
+def harness_metrics(model, tokenizer, harness: HarnessSpec, seed: int) -> dict[str, Metric]:
     """lm-evaluation-harness scores of the in-memory model, one ``task_*`` metric per task, and
     ``performance`` as their mean (the paper's "Avg performance")."""
-    from effllm.inference.harness import TaskSpec, average_performance, evaluate_tasks
+    from effllm.evaluation.harness import TaskSpec, average_performance, evaluate_tasks
     from effllm.records import task_metric
 
-    tasks = harness["tasks"]
+    tasks = harness.tasks
     if isinstance(tasks, dict):
-        tasks = {name: TaskSpec(t["task"], t["metric"]) for name, t in tasks.items()}
-    limit = harness.get("limit")
+        tasks = {name: TaskSpec(*pair) for name, pair in harness.task_pairs().items()}
+    limit = harness.limit
     scores = evaluate_tasks(
-        model, tokenizer, tasks, limit=limit, batch_size=harness.get("batch_size", 1),
-        include_path=harness.get("include_path"), num_fewshot=harness.get("num_fewshot"),
-        seed=seed, apply_chat_template=harness.get("apply_chat_template", False))
+        model, tokenizer, tasks, limit=limit, batch_size=harness.batch_size or 1,
+        include_path=harness.include_path, num_fewshot=harness.num_fewshot,
+        seed=seed, apply_chat_template=bool(harness.apply_chat_template))
     capped = f"; limit {limit} documents per task (not comparable with the paper)" if limit else ""
     metrics = {}
     for name, s in scores.items():
@@ -178,32 +179,61 @@ def harness_metrics(model, tokenizer, harness: dict, seed: int) -> dict[str, Met
     return metrics
 
 
-def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
-                  reasoning_dir: str | os.PathLike, record_out: str | os.PathLike) -> RunRecord:
-    start = now_iso()
-    settings, ev = spec["settings"], spec["settings"]["eval"]
-    measure = settings["measure"]
-    seed_everything(spec["seed"], measure["threads"])
+def run_inference(spec: InferenceSpec | dict, model_dir: str | os.PathLike,
+                  corpus_dir: str | os.PathLike, reasoning_dir: str | os.PathLike,
+                  record_out: str | os.PathLike):
+    """Serve one model at one precision: time it, score it, write its record."""
+    return run_job(spec, lambda s, placement: serve(s, placement, model_dir, corpus_dir,
+                                                    reasoning_dir), record_out)
+
+
+def serve(spec: InferenceSpec, placement: Placement, model_dir, corpus_dir, reasoning_dir
+          ) -> Outcome:
+    """Load at the precision, time decoding in its own window, then the quality passes (never
+    time under evaluation)."""
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_dir), model_dir)
-    with Window(measure["sample_interval_s"]) as load_window:
-        model, quant_note = load_model(model_dir, settings["precision"], settings["quant"])
+    with Window(spec.measure.sample_interval_s) as load_window:
+        model, quant_note = load_model(model_dir, spec.precision, spec.quant)
     model.eval()
     tokens = corpus_test_tokens(tokenizer, corpus_dir)
     pad_ids = (int((tokens == tokenizer.pad_token_id).sum())
                if tokenizer.pad_token_id != tokenizer.eos_token_id else None)
-    problems = read_split(reasoning_dir, "test")[: ev["eval_problems"]]
+    ev = spec.eval
+    prompt_ids = timing_prompts(tokens, ev.prompt_tokens, ev.batch_size, spec.seed)
+    window = Window(spec.measure.sample_interval_s)
+    times = time_generation(model, prompt_ids.to(model.device), ev.new_tokens,
+                            tokenizer.pad_token_id, ev.warmup_runs, ev.min_runs, ev.min_seconds,
+                            window)
+    metrics = timing_metrics(ev, times, window)
+    metrics.update({
+        "weight_bytes": Metric.measured(weight_bytes(model), "B", "tensor_bytes_with_quant_state",
+                                        quant_note),
+        "bits_nominal": Metric.measured(spec.bits, "bits", "nominal_bits"),
+        "load_memory_peak": load_window.metrics()["memory_peak"],
+    })
+    metrics.update(quality_metrics(spec, model, tokenizer, tokens, reasoning_dir))
+    layers = linear_weight_bytes(model)  # as served: after the CPU 4-bit repack
+    metrics["linear_weight_bytes"] = Metric.measured(
+        sum(layers.values()), "B", "tensor_bytes_with_quant_state",
+        f"{len(layers)} linear layers, weights and quantisation state (biases excluded); "
+        "per layer in provenance.execution")
+    return Outcome(
+        metrics, {"e2e_seconds": times["e2e"], "prefill_seconds": times["prefill"],
+                  "decode_seconds_per_token": times["decode"]},
+        {"precision": spec.precision, "notes": [quant_note] if quant_note else [],
+         "linear_weight_bytes": layers,
+         # documents encoded unpadded (issue 16: earlier records lack this field)
+         "corpus_test_tokens": {"count": int(tokens.size), "pad_ids": pad_ids}})
 
-    # Timing first, in its own window; quality passes afterwards (never time under evaluation).
-    prompt_ids = timing_prompts(tokens, ev["prompt_tokens"], ev["batch_size"], spec["seed"])
-    prompt_ids = prompt_ids.to(model.device)
-    window = Window(measure["sample_interval_s"])
-    times = time_generation(model, prompt_ids, ev["new_tokens"], tokenizer.pad_token_id,
-                            ev["warmup_runs"], ev["min_runs"], ev["min_seconds"], window)
+
+def timing_metrics(ev, times: dict, window: Window) -> dict[str, Metric]:
+    """Latency and throughput of the timed repeats (medians with their spread), and what the
+    window sampled while they ran."""
     e2e, prefill, decode = (latency_summary(times[k]) for k in ("e2e", "prefill", "decode"))
-    generated = ev["batch_size"] * ev["new_tokens"]
-    note = (f"{e2e['count']} runs after {ev['warmup_runs']} warm-up; batch {ev['batch_size']}, "
-            f"prompt {ev['prompt_tokens']}, exactly {ev['new_tokens']} new tokens "
+    generated = ev.batch_size * ev.new_tokens
+    note = (f"{e2e['count']} runs after {ev.warmup_runs} warm-up; batch {ev.batch_size}, "
+            f"prompt {ev.prompt_tokens}, exactly {ev.new_tokens} new tokens "
             f"(min_new_tokens = max_new_tokens)")
 
     def spread(s: dict) -> str:
@@ -225,33 +255,22 @@ def run_inference(spec: dict, model_dir: str | os.PathLike, corpus_dir: str | os
             f"{spread(decode)}"),
         "it": Metric.measured(generated * e2e["count"] / e2e["total"], "tokens/s", Timer.method,
                               note),
-        "weight_bytes": Metric.measured(weight_bytes(model), "B", "tensor_bytes_with_quant_state",
-                                        quant_note),
-        "bits_nominal": Metric.measured(settings["bits"], "bits", "nominal_bits"),
-        "load_memory_peak": load_window.metrics()["memory_peak"],
     })
+    return metrics
 
-    ppl, scored = perplexity(model, tokens, ev["eval_max_length"], ev["ppl_tokens"])
-    metrics["perplexity"] = finite_metric(ppl, "1", "exp_mean_nll_corpus_test",
-                                          f"{scored} scored tokens, the model's tokenizer")
-    metrics.update(reasoning_metrics(model, tokenizer, problems, ev["eval_max_length"],
-                                     ev["eval_max_new_tokens"], "inference.eval_max_new_tokens",
-                                     desc=f"exact match {spec['run_id']}"))
-    if settings.get("harness"):
-        metrics.update(harness_metrics(model, tokenizer, settings["harness"], spec["seed"]))
-    layers = linear_weight_bytes(model)  # as served: after the CPU 4-bit repack
-    metrics["linear_weight_bytes"] = Metric.measured(
-        sum(layers.values()), "B", "tensor_bytes_with_quant_state",
-        f"{len(layers)} linear layers, weights and quantisation state (biases excluded); "
-        "per layer in provenance.execution")
-    record = RunRecord.for_run(
-        spec, start, metrics,
-        series={"e2e_seconds": times["e2e"], "prefill_seconds": times["prefill"],
-                "decode_seconds_per_token": times["decode"]},
-        execution={**place().execution(), "precision": settings["precision"],
-                   "notes": [quant_note] if quant_note else [], "linear_weight_bytes": layers,
-                   # documents encoded unpadded (issue 16: earlier records lack this field)
-                   "corpus_test_tokens": {"count": int(tokens.size), "pad_ids": pad_ids}},
-    )
-    record.save(record_out)
-    return record
+
+def quality_metrics(spec: InferenceSpec, model, tokenizer, tokens: np.ndarray, reasoning_dir
+                    ) -> dict[str, Metric]:
+    """Corpus perplexity in the model's own tokens, held-out reasoning quality and, when
+    configured, lm-evaluation-harness task scores."""
+    ev = spec.eval
+    ppl, scored = perplexity(model, tokens, ev.eval_max_length, ev.ppl_tokens)
+    metrics = {"perplexity": finite_metric(ppl, "1", "exp_mean_nll_corpus_test",
+                                           f"{scored} scored tokens, the model's tokenizer")}
+    problems = read_split(reasoning_dir, "test")[: ev.eval_problems]
+    metrics.update(reasoning_metrics(model, tokenizer, problems, ev.eval_max_length,
+                                     ev.eval_max_new_tokens, "inference.eval_max_new_tokens",
+                                     desc=f"exact match {spec.run_id}"))
+    if spec.harness:
+        metrics.update(harness_metrics(model, tokenizer, spec.harness, spec.seed))
+    return metrics

@@ -2,7 +2,7 @@
 
 On CPU, ``F.scaled_dot_product_attention`` dispatches to
 ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward), which FlopCounterMode does
-not know and silently counts as 0 (measurement.md §7). We map those ops to torch's own SDPA
+not know and silently counts as 0 (docs/metrics.md §7). We map those ops to torch's own SDPA
 formulas. bitsandbytes' 4-bit matmuls (QLoRA's forward) are custom ops, also counted as 0; we
 count them as the dense matmul they compute. Counting runs Python per op: do it in a separate
 pass, never inside a timed loop.

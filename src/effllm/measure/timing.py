@@ -46,6 +46,7 @@ def latency_summary(samples: list[float]) -> dict[str, float]:
     std = statistics.stdev(ordered) if len(ordered) > 1 else 0.0
     return {
         "count": len(ordered), "total": sum(ordered), "mean": mean, "p25": pct(0.25),
-        "p50": pct(0.5), "p75": pct(0.75), "iqr": pct(0.75) - pct(0.25), "p90": pct(0.9), "p95": pct(0.95), "p99": pct(0.99), "std": std,
+        "p50": pct(0.5), "p75": pct(0.75), "iqr": pct(0.75) - pct(0.25), "p90": pct(0.9),
+        "p95": pct(0.95), "p99": pct(0.99), "std": std,
         "cv": std / mean if mean > 0 else float("nan"),
     }

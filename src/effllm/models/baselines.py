@@ -19,7 +19,7 @@ Each family is a stock transformers class built from a config (random init, no w
   2·hidden, our intermediate size by −12 % at 3·hidden.
 
 All tie the LM head to the input embedding, like our decoder. Sizes are reported as counted
-parameters (protocol §9, pitfall 7: the toolkit mislabelled Mamba sizes).
+parameters (docs/protocol.md §8, defect 7: the toolkit mislabelled Mamba sizes).
 
 Only the pure-PyTorch paths exist on this machine: Mamba's kernel hooks fall back to torch when
 ``mamba_ssm``/``causal_conv1d`` are not importable (one logged line each), ``use_mambapy`` stays
@@ -48,7 +48,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import (
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
@@ -61,7 +60,9 @@ from transformers import (
 from transformers.models.mamba import modeling_mamba as mamba_modeling
 from transformers.models.rwkv import modeling_rwkv as rwkv_modeling
 
-from effllm.models.decoder import DecoderConfig, DecoderForCausalLM
+from effllm.models.config import DecoderConfig
+from effllm.models.decoder import DecoderForCausalLM
+from effllm.models.params import count_params
 
 FAMILIES = ("mamba", "rwkv", "gpt_neox")
 MODEL_CLASSES = {"mamba": MambaForCausalLM, "rwkv": RwkvForCausalLM,
@@ -73,16 +74,10 @@ PARAM_TOLERANCE = {"mamba": 0.15, "rwkv": 0.02, "gpt_neox": 0.02}
 INIT_STD = 0.02  # our decoder's; also mamba_ssm's own default (transformers' MambaConfig has 0.1)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Counted parameters, tied weights once (``parameters()`` skips duplicates), as the
-    pretraining records count them: sizes are reported counted, never nominal."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def _meta_count(cls, config) -> int:
     """Parameter count without allocating or initialising weights."""
     with torch.device("meta"):
-        return count_parameters(cls(config))
+        return count_params(cls(config))[0]
 
 
 def reference_decoder_config(shape: dict, vocab_size: int) -> DecoderConfig:

@@ -12,6 +12,12 @@ A Hugging Face ``PreTrainedModel`` with its own config class, registered with th
 so ``save_pretrained`` (safetensors), ``from_pretrained``, ``generate``, peft and bitsandbytes all
 work on it. Module names follow Llama (``q_proj`` … ``down_proj``) so that peft's and
 bitsandbytes' defaults apply unchanged.
+
+Imports point one way, down: the config (:mod:`~effllm.models.config`), position encodings
+(:mod:`~effllm.models.positions`) and shared layers (:mod:`~effllm.models.layers`) sit below this
+module and the variants. The variant modules are imported only when a config asks for them, so a
+model that uses none never loads them, and the pipeline does not rerun it when they change
+(:data:`effllm.sweep.VARIANT_MODULES`).
 """
 
 from __future__ import annotations
@@ -26,135 +32,19 @@ from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
     GenerationMixin,
-    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from effllm.models.layers import (
-    AttentionInputs,
-    RMSNorm,
+from effllm.models.config import BIAS_ENCODINGS, DecoderConfig
+from effllm.models.layers import MLP, AttentionInputs, RMSNorm, causal_mask
+from effllm.models.positions import (
+    alibi_slopes,
     apply_rope,
-    causal_mask,
+    relative_bucket,
     rope_cos_sin,
     sinusoidal_table,
 )
-
-ATTENTIONS = ("mha", "mqa", "gqa", "mla", "nsa")
-POSITION_ENCODINGS = ("rope", "sinusoidal", "learned", "relative", "alibi", "none")
-BIAS_ENCODINGS = ("relative", "alibi")  # added to the attention scores
-
-
-class DecoderConfig(PretrainedConfig):
-    model_type = "effllm_decoder"
-    keys_to_ignore_at_inference = ["past_key_values"]
-
-    def __init__(
-        self,
-        vocab_size: int = 2048,
-        hidden_size: int = 64,
-        num_hidden_layers: int = 2,
-        num_attention_heads: int = 4,
-        num_key_value_heads: int = 2,
-        intermediate_size: int = 192,
-        max_position_embeddings: int = 2048,
-        rope_theta: float = 10000.0,
-        rms_norm_eps: float = 1e-6,
-        initializer_range: float = 0.02,
-        tie_word_embeddings: bool = True,
-        use_cache: bool = True,
-        attention: str = "gqa",
-        position_encoding: str = "rope",
-        # relative (T5) bias
-        relative_num_buckets: int = 32,
-        relative_max_distance: int = 128,
-        # MLA (DeepSeek-V2): None = derived from the head dim, see mla_dims
-        kv_lora_rank: int | None = None,
-        q_lora_rank: int | None = None,
-        qk_rope_head_dim: int | None = None,
-        qk_nope_head_dim: int | None = None,
-        v_head_dim: int | None = None,
-        # NSA (Yuan et al. 2025, arXiv 2502.11089)
-        nsa_compress_block: int = 32,
-        nsa_compress_stride: int = 16,
-        nsa_select_block: int = 32,
-        nsa_num_selected: int = 4,
-        nsa_window: int = 64,
-        # MoE: 0 experts = dense SwiGLU
-        num_experts: int = 0,
-        num_experts_per_tok: int = 2,
-        moe_intermediate_size: int | None = None,
-        router_aux_loss_coef: float = 0.01,
-        **kwargs,
-    ):
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention {attention!r} is not one of {ATTENTIONS}")
-        if position_encoding not in POSITION_ENCODINGS:
-            raise ValueError(f"position_encoding {position_encoding!r} is not one of "
-                             f"{POSITION_ENCODINGS}")
-        if hidden_size % num_attention_heads:
-            raise ValueError(
-                f"hidden_size {hidden_size} is not divisible by num_attention_heads "
-                f"{num_attention_heads}"
-            )
-        if attention != "mla" and num_attention_heads % num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads {num_attention_heads} is not divisible by "
-                f"num_key_value_heads {num_key_value_heads}"
-            )
-        if attention == "nsa" and position_encoding in BIAS_ENCODINGS:
-            raise ValueError(f"attention 'nsa' does not take the score bias of position_encoding "
-                             f"{position_encoding!r}; use rope, sinusoidal, learned or none")
-        if position_encoding == "relative" and relative_max_distance <= relative_num_buckets // 2:
-            raise ValueError(f"relative_max_distance {relative_max_distance} must exceed half of "
-                             f"relative_num_buckets {relative_num_buckets}")
-        if num_experts and not 0 < num_experts_per_tok <= num_experts:
-            raise ValueError(f"num_experts_per_tok {num_experts_per_tok} must be in 1 … "
-                             f"num_experts {num_experts}")
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads
-        self.intermediate_size = intermediate_size
-        self.max_position_embeddings = max_position_embeddings
-        self.rope_theta = rope_theta
-        self.rms_norm_eps = rms_norm_eps
-        self.initializer_range = initializer_range
-        self.use_cache = use_cache
-        self.attention = attention
-        self.position_encoding = position_encoding
-        self.relative_num_buckets = relative_num_buckets
-        self.relative_max_distance = relative_max_distance
-        head_dim = hidden_size // num_attention_heads
-        # DeepSeek-V2's proportions: nope = v = head dim, rope = head dim / 2; latent = hidden / 8
-        # (the EfficientLLM toolkit's stated intention).
-        self.kv_lora_rank = kv_lora_rank or max(8, hidden_size // 8)
-        self.q_lora_rank = q_lora_rank
-        self.qk_rope_head_dim = qk_rope_head_dim or max(2, head_dim // 4 * 2)  # even for RoPE
-        if attention == "mla" and position_encoding == "rope" and self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim {self.qk_rope_head_dim} must be even for RoPE")
-        self.qk_nope_head_dim = qk_nope_head_dim or head_dim
-        self.v_head_dim = v_head_dim or head_dim
-        self.nsa_compress_block = nsa_compress_block
-        self.nsa_compress_stride = nsa_compress_stride
-        self.nsa_select_block = nsa_select_block
-        self.nsa_num_selected = nsa_num_selected
-        self.nsa_window = nsa_window
-        self.num_experts = num_experts
-        self.num_experts_per_tok = num_experts_per_tok
-        self.moe_intermediate_size = moe_intermediate_size or intermediate_size
-        self.router_aux_loss_coef = router_aux_loss_coef
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def rope_dim(self) -> int:
-        """Width of the rotary tables: MLA rotates only its decoupled key/query part."""
-        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
 
 class Attention(nn.Module):
@@ -185,19 +75,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def make_attention(config: DecoderConfig, layer_idx: int) -> nn.Module:
@@ -236,32 +113,6 @@ class Block(nn.Module):
         if isinstance(h, tuple):  # MoE: (output, load-balancing loss)
             h, aux = h
         return x + h, aux
-
-
-def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """ALiBi head slopes (Press et al. 2022): a geometric sequence, interleaved for non-powers of 2."""
-
-    def powers(n):
-        start = 2 ** (-8 / n)
-        return [start ** (i + 1) for i in range(n)]
-
-    if math.log2(n_heads).is_integer():
-        return torch.tensor(powers(n_heads))
-    closest = 2 ** math.floor(math.log2(n_heads))
-    extra = powers(2 * closest)[0::2][: n_heads - closest]
-    return torch.tensor(powers(closest) + extra)
-
-
-def relative_bucket(distance: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
-    """T5's causal bucketing of ``distance`` = query index - key index (≥ 0 where visible):
-    exact buckets for small distances, logarithmic ones up to ``max_distance``."""
-    n = distance.clamp(min=0)
-    exact = num_buckets // 2
-    log_bucket = exact + (
-        torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
-        * (num_buckets - exact)
-    ).long()
-    return torch.where(n < exact, n, log_bucket.clamp(min=exact, max=num_buckets - 1))
 
 
 class DecoderPreTrainedModel(PreTrainedModel):

@@ -1,4 +1,8 @@
-"""Pieces every attention variant shares: norms, rotary tables, and what an attention layer is given.
+"""The layers the decoder and its variants share: RMSNorm, the SwiGLU MLP, and what an attention
+layer is given (:class:`AttentionInputs`, the causal mask).
+
+Shared by :mod:`~effllm.models.decoder` and the variants it builds (MLA, NSA, MoE experts), so it
+sits below all of them and imports none.
 
 Every attention module has the signature ``forward(x, inputs: AttentionInputs, cache) -> Tensor``:
 ``x`` is ``[B, T, hidden]``, ``cache`` a ``transformers.DynamicCache`` (or None) that the module
@@ -9,9 +13,9 @@ KV-cache size is measured from whatever tensors the cache layers hold.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -27,23 +31,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables ``[B, 1, T, head_dim]`` for the given positions, computed on the fly."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
-    )
-    freqs = position_ids.float()[..., None] * inv_freq  # [B, T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[B, H, T, D]`` (half-split convention, as Llama and Qwen2)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 @dataclasses.dataclass
@@ -76,11 +63,14 @@ def causal_mask(t: int, past: int, device) -> torch.Tensor:
     return (k_pos <= q_pos)[None, None]
 
 
-def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
-    """The fixed absolute encoding of Vaswani et al. (2017): sin on even, cos on odd channels."""
-    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
-    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(n_positions, dim)
-    table[:, 0::2] = torch.sin(pos * div)
-    table[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
-    return table
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -21,16 +21,13 @@ Module names follow DeepSeek (and transformers' ``DeepseekV3Attention``): weight
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effllm.models.layers import AttentionInputs, RMSNorm, apply_rope, causal_mask
-
-if TYPE_CHECKING:  # decoder.py imports this module lazily; avoid the cycle at run time
-    from effllm.models.decoder import DecoderConfig
+from effllm.models.config import DecoderConfig
+from effllm.models.layers import AttentionInputs, RMSNorm, causal_mask
+from effllm.models.positions import apply_rope
 
 
 class MultiHeadLatentAttention(nn.Module):

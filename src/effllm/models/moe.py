@@ -4,16 +4,16 @@
 Routing, as Mixtral: softmax over *all* experts, keep the k largest probabilities, renormalise
 those k weights to sum to 1, output = Σ_k weight · expert(x).
 
-Each expert is a plain :class:`~effllm.models.decoder.MLP` (``gate_proj``/``up_proj``/
+Each expert is a plain :class:`~effllm.models.layers.MLP` (``gate_proj``/``up_proj``/
 ``down_proj`` ``nn.Linear``s), not a fused 3-D weight, so that
 
 * peft's LoRA ``target_modules`` and bitsandbytes' Linear replacement reach the experts, and
 * ``FlopCounterMode`` counts the expert matmuls (transformers 5.x's default ``grouped_mm``
-  experts count 0; measurement.md §7) — the count is the *active* compute, 2·tokens·k·expert.
+  experts count 0; docs/metrics.md §7) — the count is the *active* compute, 2·tokens·k·expert.
 
 The router is ``router`` (not Mixtral's ``gate``) so no ``gate_proj``-style pattern catches it.
-The toolkit's MoE ran silently dense (paper-protocol.md §9.5): :func:`moe_param_counts` reports
-total and active parameters so a run can prove it is sparse.
+The toolkit's MoE ran silently dense (docs/protocol.md §8, defect 5): :func:`moe_param_counts`
+reports total and active parameters so a run can prove it is sparse.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from effllm.models.decoder import MLP
+from effllm.models.config import DecoderConfig
+from effllm.models.layers import MLP
+from effllm.models.params import count_params
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: int
@@ -52,7 +54,7 @@ class MoE(nn.Module):
     (and counted in the aux loss) like any other: the block sees no attention mask.
     """
 
-    def __init__(self, config):
+    def __init__(self, config: DecoderConfig):
         super().__init__()
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
@@ -100,7 +102,7 @@ def moe_param_counts(model: nn.Module) -> tuple[int, int]:
     Active = what one token uses: total minus, in every :class:`MoE` layer, the ``E − k``
     experts it skips. A dense model gives active == total.
     """
-    total = sum(p.numel() for p in model.parameters())  # parameters() de-duplicates tied ones
+    total = count_params(model)[0]
     inactive = sum(
         (m.num_experts - m.top_k) * sum(p.numel() for p in m.experts[0].parameters())
         for m in model.modules() if isinstance(m, MoE)

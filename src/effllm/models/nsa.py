@@ -34,7 +34,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from effllm.models.layers import AttentionInputs, apply_rope
+from effllm.models.config import DecoderConfig
+from effllm.models.layers import AttentionInputs
+from effllm.models.positions import apply_rope
 
 
 def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -82,7 +84,7 @@ class NativeSparseAttention(nn.Module):
     query_chunk = 128  # queries processed together; bounds every intermediate to chunk x (...)
     tile = 16  # queries per key tile in the selected branch
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config: DecoderConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads

@@ -2,7 +2,7 @@
 base (fine-tuning) and post-training int8/int4 (inference).
 
 Which layers stay in high precision is decided here, once: layers the CPU 4-bit kernels cannot
-take (measurement.md §10), the output head, MoE routers, and layers a family's forward reads
+take (docs/metrics.md §8), the output head, MoE routers, and layers a family's forward reads
 directly. A model is always loaded fresh from its safetensors with these settings, never
 converted in place.
 """
@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from effllm.specs import QuantSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # bitsandbytes' CPU 4-bit eval path repacks each weight into 32-row tiles (asserts
@@ -65,7 +69,7 @@ def exact_modules(model_dir: str | os.PathLike) -> list[str]:
                    *(name for name, mod in model.named_modules() if mod is head)})
 
 
-def bnb_config(model_dir: str | os.PathLike, precision: str, quant: dict):
+def bnb_config(model_dir: str | os.PathLike, precision: str, quant: QuantSpec):
     """(BitsAndBytesConfig for ``int8`` (LLM.int8) or ``int4`` (NF4/FP4), a note naming the
     layers kept in high precision for the kernels' sake, or None)."""
     from transformers import BitsAndBytesConfig
@@ -75,14 +79,15 @@ def bnb_config(model_dir: str | os.PathLike, precision: str, quant: dict):
     if precision == "int4":
         skips = quantisable_skips(model_dir)
         config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
-            bnb_4bit_use_double_quant=quant.get("double_quant", True),
-            bnb_4bit_compute_dtype=DTYPES[quant.get("compute_dtype", "bf16")],
+            load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type or "nf4",
+            bnb_4bit_use_double_quant=quant.double_quant is not False,
+            bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype or "bf16"],
             llm_int8_skip_modules=[*keep, *skips])
     elif precision == "int8":
         skips = []
         config = BitsAndBytesConfig(load_in_8bit=True,
-                                    llm_int8_threshold=quant.get("threshold", 6.0),
+                                    llm_int8_threshold=(6.0 if quant.threshold is None
+                                                        else quant.threshold),
                                     llm_int8_skip_modules=keep)
     else:
         raise ValueError(f"precision {precision!r} is not a bitsandbytes precision (int8, int4)")
@@ -91,13 +96,13 @@ def bnb_config(model_dir: str | os.PathLike, precision: str, quant: dict):
     return config, note
 
 
-def load_quantised(model_dir: str | os.PathLike, precision: str, quant: dict,
+def load_quantised(model_dir: str | os.PathLike, precision: str, quant: QuantSpec,
                    dtype: torch.dtype):
     """A fresh model with int8/int4 linears; other parameters in ``dtype``. Returns
     (model, note)."""
     from transformers import AutoModelForCausalLM
 
-    from effllm.launch import place
+    from effllm.distributed import place
 
     config, note = bnb_config(model_dir, precision, quant)
     # The whole model on this job's device, as the bf16/fp16 runs are (not split over GPUs).

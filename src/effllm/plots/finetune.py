@@ -12,7 +12,7 @@ print. A value that is not available is never drawn as 0: its slot carries an "n
   method: the Efficiency Score as a line with a filled area (top panel), the raw loss as a line
   (bottom panel). See :func:`area_lines` for why the loss has its own panel.
 
-The Efficiency Score is normalised within each base model (protocol §1.1-1.2), so it ranks the
+The Efficiency Score is normalised within each base model (docs/metrics.md §10), so it ranks the
 methods of one base; comparing its height across bases compares ranks, not resources.
 """
 

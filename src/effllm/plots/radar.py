@@ -57,7 +57,8 @@ def radar(ax, df: pd.DataFrame, metrics: Sequence[str], series_col: str = "label
                         label=f"_spread:{name}")  # "_": not in a legend
         if np.isfinite(r).all():
             ax.fill(theta, r, color=colour, alpha=0.12, linewidth=0)
-        gaps = [style.metric_label(m) for m, v, a in zip(metrics, r, absent) if np.isnan(v) and not a]
+        gaps = [style.metric_label(m) for m, v, a in zip(metrics, r, absent)
+                if np.isnan(v) and not a]
         if gaps:
             notes.append(f"{name}: {', '.join(gaps)}")
     ax.set_xticks(theta, [style.metric_axis_label(m) + ("\n(n/a)" if a else "")
@@ -108,7 +109,8 @@ def draw_radar_figure(
     floor = style.norm_floor(df)
     caption = CAPTION.format(floor=f", floor {floor:g}" if floor is not None else "") + (
         "\nmean over seeds; whiskers: min\u2013max over seeds" if spread else "")
-    # The caption is the legend's title: one bottom artist, so constrained layout cannot overlap them.
+    # The caption is the legend's title: one bottom artist, so constrained layout cannot overlap
+    # them.
     fig.legend(legend.values(), legend.keys(), loc="outside lower center",
                ncol=min(len(legend), 6), title=caption,
                title_fontproperties={"style": "italic", "size": "small"})

@@ -87,7 +87,8 @@ def _unsettled(summary: pd.DataFrame, m: str) -> pd.Series:
         if n[i] < 2 or not math.isfinite(summary.at[i, m]):
             flags.append(False)
             continue
-        others = [j for j in summary.index if j != i and n[j] >= 2 and math.isfinite(summary.at[j, m])]
+        others = [j for j in summary.index
+                  if j != i and n[j] >= 2 and math.isfinite(summary.at[j, m])]
         flags.append(any(lo[i] <= hi[j] and lo[j] <= hi[i] for j in others))
     return pd.Series(flags, index=summary.index)
 

@@ -279,7 +279,8 @@ def _legend(fig, df, summary, metrics, flags, width) -> None:
     ]
     if absent:
         lines.append(f"{', '.join(style.metric_label(m) for m in absent)}: {MISSING} for every "
-                     "run" + (" (no energy counter on this machine)." if absent == ["aec"] else "."))
+                     "run"
+                     + (" (no energy counter on this machine)." if absent == ["aec"] else "."))
     chars = int(width * 72 / 4.3)
     caption = "\n".join(textwrap.fill(line, chars) for line in lines)
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 9),

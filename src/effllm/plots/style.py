@@ -124,7 +124,8 @@ def norm_floor(df) -> float | None:
     return float(floors[0]) if len(floors) == 1 else None
 
 
-def save_figure(fig, out_pdf: str | os.PathLike, out_png: str | os.PathLike, dpi: int = 200) -> None:
+def save_figure(fig, out_pdf: str | os.PathLike, out_png: str | os.PathLike,
+                dpi: int = 200) -> None:
     """Write the figure as PDF and PNG, each atomically and without timestamps, then close it."""
     try:
         with atomic_file(out_pdf, "wb") as handle:

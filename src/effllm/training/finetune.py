@@ -16,19 +16,22 @@ import torch
 from transformers import AutoTokenizer
 
 import effllm.models  # noqa: F401 - registers our config with the Auto classes
-from effllm.inference.evaluate import completion_scores, reasoning_metrics
+from effllm.data.sft import collate, encode_example
+from effllm.data.splits import read_split
 from effllm.data.tokenizer import save_tokenizer, with_pad_token
-from effllm.io import atomic_dir
-from effllm.launch import place
+from effllm.distributed import Placement, end
+from effllm.evaluation.scoring import completion_scores, reasoning_metrics
 from effllm.measure import Timer, Window
-from effllm.records import Metric, RunRecord, now_iso
+from effllm.models.params import count_params
+from effllm.precision import PRECISION_NOTES, autocast
+from effllm.records import Metric
+from effllm.specs import FinetuneSpec, MethodSpec
+from effllm.stage import Outcome, run_job
 from effllm.training import methods
 from effllm.training.loop import (
-    PRECISION_NOTES, autocast, cosine_schedule, count_params, mfu_metric, note_rank0,
-    seed_everything, step_flops_per_token, step_metrics, train,
+    StepLog, cosine_schedule, mfu_metric, note_rank0, step_flops_per_token, step_metrics,
+    train,
 )
-from effllm.data.splits import read_split
-from effllm.training.sft import collate, encode_example
 
 
 def base_precision(method: str, precision: str) -> str:
@@ -86,8 +89,8 @@ def load_sharded(base_dir, placement, offload: bool = False, precision: str = "f
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    weights = methods.load_base(base_dir, {"name": "full"})[0].state_dict() if placement.main \
-        else {}
+    weights = methods.load_base(base_dir, MethodSpec("full"))[0].state_dict() \
+        if placement.main else {}
     model = empty_model(base_dir)
     buffers = {name: b.clone() for name, b in model.named_buffers(remove_duplicate=False)}
     policy = {}
@@ -125,84 +128,115 @@ def gathered(model, base_dir, placement):
     return whole
 
 
-def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | os.PathLike,
-                 model_out: str | os.PathLike, record_out: str | os.PathLike) -> RunRecord:
-    start = now_iso()
-    settings, train_cfg = spec["settings"], spec["settings"]["train"]
-    measure = settings["measure"]
-    seed_everything(spec["seed"], measure["threads"])
+def run_finetune(spec: FinetuneSpec | dict, base_dir: str | os.PathLike,
+                 reasoning_dir: str | os.PathLike, model_out: str | os.PathLike,
+                 record_out: str | os.PathLike):
+    """Fine-tune one base with one method, measure it, save the merged model and the record
+    (rank 0; under torchrun the other ranks train and score their shares, then return None)."""
+    return run_job(spec, lambda s, placement: finetune(s, placement, base_dir, reasoning_dir),
+                   record_out, model_out)
+
+
+def training_set(spec: FinetuneSpec, tokenizer, reasoning_dir) -> tuple[list[dict], int]:
+    """(encoded training examples, optimiser steps), refusing a run with no timed step."""
+    train_cfg = spec.train
+    train_set = read_split(reasoning_dir, "train")[: train_cfg.max_samples]
+    examples = [encode_example(tokenizer, p["prompt"], p["completion"], train_cfg.max_length)
+                for p in train_set]
+    if len(examples) < train_cfg.batch_size:
+        raise ValueError(f"{len(examples)} training examples, fewer than one batch of "
+                         f"{train_cfg.batch_size}")
+    steps = (len(examples) // train_cfg.batch_size) * train_cfg.epochs
+    if train_cfg.max_steps:
+        steps = min(steps, train_cfg.max_steps)
+    if steps <= spec.measure.warmup_steps:
+        raise ValueError(f"{steps} fine-tuning steps leave none after "
+                         f"{spec.measure.warmup_steps} warm-up")
+    return examples, steps
+
+
+def finetune(spec: FinetuneSpec, placement: Placement, base_dir, reasoning_dir
+             ) -> Outcome | None:
+    """Load, adapt, train, score; rank 0 gets the outcome, the other ranks None."""
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(base_dir), base_dir)
-    method = settings["method"]
-    precision = train_cfg.get("precision", "fp32")
-    placement = place()  # a GPU when torch sees one (the local rank's under torchrun), or CPU
-    device = placement.device
-    sharded = placement.world > 1 and method["name"] == "full"
-    offload = sharded and bool(method.get("offload"))
+    method, train_cfg, device = spec.method, spec.train, placement.device
+    precision = train_cfg.precision
+    sharded = placement.world > 1 and method.name == "full"
+    offload = sharded and bool(method.offload)
     if sharded:
         model, base_note = load_sharded(base_dir, placement, offload, precision), None
     else:
         model, base_note = methods.load_base(base_dir, method, precision)
-    train_set = read_split(reasoning_dir, "train")[: train_cfg["max_samples"]]
-    val_set = read_split(reasoning_dir, "validation")
-    test_set = read_split(reasoning_dir, "test")[: train_cfg["eval_problems"]]
-    examples = [encode_example(tokenizer, p["prompt"], p["completion"], train_cfg["max_length"])
-                for p in train_set]
-    batch_size = train_cfg["batch_size"]
-    if len(examples) < batch_size:
-        raise ValueError(f"{len(examples)} training examples, fewer than one batch of "
-                         f"{batch_size}")
-    steps = (len(examples) // batch_size) * train_cfg["epochs"]
-    if train_cfg.get("max_steps"):
-        steps = min(steps, train_cfg["max_steps"])
-    warmup_steps = measure["warmup_steps"]
-    if steps <= warmup_steps:
-        raise ValueError(f"{steps} fine-tuning steps leave none after {warmup_steps} warm-up")
+    examples, steps = training_set(spec, tokenizer, reasoning_dir)
 
     # Prepared on the CPU (a bf16 run's frozen weights reach the device already in bf16), then
     # placed; the optimiser's state is made on the device at its first step.
-    model, optimizer = methods.prepare(model, method, train_cfg["lr"], precision=precision)
-    if not sharded and not method.get("quantized_base"):  # a 4-bit base is placed by its loader
+    model, optimizer = methods.prepare(model, method, train_cfg.lr, precision=precision)
+    if not sharded and not method.qlora:  # a 4-bit base is placed by its loader
         model.to(device)
-    params_total, params_trainable = count_params(model)
-    batches = epoch_batches(examples, batch_size, tokenizer.pad_token_id, spec["seed"],
-                            placement.rank, placement.world)
+    params = count_params(model)
+
+    def batches(seed: int):
+        return epoch_batches(examples, train_cfg.batch_size, tokenizer.pad_token_id, seed,
+                             placement.rank, placement.world)
 
     # FLOPs of one step in a separate pass. The counter follows autograd, so frozen weights cost
     # forward + input gradient only (about 4N per token instead of 6N).
-    probe = next(epoch_batches(examples, batch_size, tokenizer.pad_token_id, spec["seed"] + 1,
-                               placement.rank, placement.world))
-    probe = {key: value.to(device) for key, value in probe.items()}
+    probe = {key: value.to(device) for key, value in next(batches(spec.seed + 1)).items()}
     flops_per_token = step_flops_per_token(model, probe, precision)
-    scheduler = cosine_schedule(optimizer, math.ceil(train_cfg["warmup_ratio"] * steps), steps,
+    scheduler = cosine_schedule(optimizer, math.ceil(train_cfg.warmup_ratio * steps), steps,
                                 0.0)
-    window = Window(measure["sample_interval_s"])
+    window = Window(spec.measure.sample_interval_s)
     trained = model
     if placement.world > 1 and not sharded:  # adapters, Freeze: replicas, gradients averaged
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=None if device == "cpu" else [device])
-    log = train(trained, batches, steps, optimizer, scheduler, 1.0, window,
-                desc=f"finetune {spec['run_id']}", precision=precision, device=device)
-
-    # Every rank scores its share (a sharded model is never gathered onto one device to be
-    # scored), at the precision it trained at.
-    with autocast(device, precision):
-        val = completion_scores(model, tokenizer, val_set, train_cfg["max_length"],
-                                device=device)
-        quality = reasoning_metrics(model, tokenizer, test_set, train_cfg["max_length"],
-                                    train_cfg["max_new_tokens"], "finetune.max_new_tokens",
-                                    desc=f"exact match {spec['run_id']}", device=device)
+    log = train(trained, batches(spec.seed), steps, optimizer, scheduler, 1.0, window,
+                desc=f"finetune {spec.run_id}", precision=precision, device=device)
+    quality = score(spec, model, tokenizer, reasoning_dir, device)
     if sharded:  # every rank hands in its shards; rank 0 saves the whole model
         model = gathered(model, base_dir, placement)
-    if placement.world > 1:
-        torch.distributed.destroy_process_group()
+    end()
     if not placement.main:
         return None
+    metrics = finetune_metrics(spec, log, window, quality, flops_per_token, params,
+                               placement.world)
 
-    metrics = step_metrics(log, warmup_steps, params_total, Timer.method)
-    metrics.update(window.metrics())
-    note_rank0(metrics, placement.world)
-    metrics["val_loss"] = Metric.measured(val["loss"], "nats/token", "completion_nll_validation",
+    def save(folder: Path) -> None:
+        if method.name in methods.ADAPTER_METHODS:
+            model.save_pretrained(folder / "adapter", safe_serialization=True)
+        methods.merged(model, base_dir).save_pretrained(folder, safe_serialization=True)
+        save_tokenizer(tokenizer, folder)
+
+    strategy = "FSDP full shard (ZeRO-3)" + (" + CPU offload" if offload else "")
+    return Outcome(metrics, {"train_loss": log.losses, "step_seconds": log.seconds},
+                   execution(spec, base_note), strategy if sharded else "DDP", save)
+
+
+def score(spec: FinetuneSpec, model, tokenizer, reasoning_dir, device) -> dict[str, Metric]:
+    """Validation loss and held-out quality. Every rank scores its share (a sharded model is
+    never gathered onto one device to be scored), at the precision it trained at."""
+    train_cfg = spec.train
+    val_set = read_split(reasoning_dir, "validation")
+    test_set = read_split(reasoning_dir, "test")[: train_cfg.eval_problems]
+    with autocast(device, train_cfg.precision):
+        val = completion_scores(model, tokenizer, val_set, train_cfg.max_length, device=device)
+        quality = reasoning_metrics(model, tokenizer, test_set, train_cfg.max_length,
+                                    train_cfg.max_new_tokens, "finetune.max_new_tokens",
+                                    desc=f"exact match {spec.run_id}", device=device)
+    quality["val_loss"] = Metric.measured(val["loss"], "nats/token", "completion_nll_validation",
                                           f"{val['tokens']} completion tokens")
+    return quality
+
+
+def finetune_metrics(spec: FinetuneSpec, log: StepLog, window: Window, quality: dict,
+                     flops_per_token: float, params: tuple[int, int], world: int
+                     ) -> dict[str, Metric]:
+    """Everything a fine-tuning record measures, on rank 0 after training."""
+    params_total, params_trainable = params
+    metrics = step_metrics(log, spec.measure.warmup_steps, params_total, Timer.method)
+    metrics.update(window.metrics())
+    note_rank0(metrics, world)
     metrics.update(quality)
     metrics["flops_per_token"] = Metric.measured(flops_per_token, "FLOP/token",
                                                  "flop_counter_fwd_bwd")
@@ -210,32 +244,19 @@ def run_finetune(spec: dict, base_dir: str | os.PathLike, reasoning_dir: str | o
     metrics["params_trainable"] = Metric.measured(params_trainable, "params",
                                                   "count_requires_grad")
     metrics["mfu"] = mfu_metric(flops_per_token, metrics["tokens_per_s"].value,
-                                measure.get("peak_flops"), placement.world)
+                                spec.measure.peak_flops, world)
+    return metrics
 
-    with atomic_dir(model_out) as tmp:
-        if method["name"] in methods.ADAPTER_METHODS:
-            model.save_pretrained(Path(tmp) / "adapter", safe_serialization=True)
-        methods.merged(model, base_dir).save_pretrained(tmp, safe_serialization=True)
-        save_tokenizer(tokenizer, tmp)
-    quant = method.get("quantized_base")
-    strategy = "FSDP full shard (ZeRO-3)"
-    execution = {
-        # How the method ran. The paper's Full* used DeepSpeed ZeRO-3 with offload on 8 GPUs
-        # (protocol §4); with resources.finetune.gpus > 1 Full runs ZeRO-3 as torch FSDP2.
-        **placement.execution((f"{strategy} + CPU offload" if offload else strategy)
-                              if sharded else "DDP"),
+
+def execution(spec: FinetuneSpec, base_note: str | None) -> dict:
+    """How the method ran, for the record. The paper's Full* used DeepSpeed ZeRO-3 with offload
+    on 8 GPUs (docs/protocol.md); with resources.finetune.gpus > 1 Full runs ZeRO-3 as FSDP2."""
+    quant, precision = spec.method.qlora, spec.train.precision
+    return {
         "precision": PRECISION_NOTES[precision],
-        "base_precision": f"{quant['quant_type']} (bitsandbytes 4-bit"
-                          f"{', double quant' if quant['double_quant'] else ''})"
-                          if quant else base_precision(method["name"], precision),
-        "lr": train_cfg["lr"],
+        "base_precision": f"{quant.quant_type} (bitsandbytes 4-bit"
+                          f"{', double quant' if quant.double_quant else ''})"
+                          if quant else base_precision(spec.method.name, precision),
+        "lr": spec.train.lr,
         "notes": [n for n in (base_note,) if n],
     }
-    record = RunRecord.for_run(
-        spec, start, metrics,
-        series={"train_loss": log.losses, "step_seconds": log.seconds},
-        execution=execution,
-    )
-    record.save(record_out)
-    return record
-

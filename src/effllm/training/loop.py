@@ -9,25 +9,18 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from effllm.distributed import all_reduce_, is_distributed, is_main, world
 from effllm.measure import Timer, Window, count_flops, latency_summary
+from effllm.precision import autocast
 from effllm.records import Metric
-
-
-def seed_everything(seed: int, threads: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)
 
 
 def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float):
@@ -99,7 +92,7 @@ class Checkpoint:
 
     def maybe_save(self, model, optimizer, scheduler, log: StepLog, steps: int) -> None:
         done = len(log.losses)
-        if not self.every or done % self.every or done >= steps or rank() != 0:
+        if not self.every or done % self.every or done >= steps or not is_main():
             return  # every rank holds the same (DDP) state: rank 0 writes it
         from torch.distributed.fsdp import FSDPModule
 
@@ -126,27 +119,9 @@ def step_batches(make_batch: Callable[[np.random.Generator], dict], seed: int, s
         step += 1
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def unwrap(model):
     """The model inside a DistributedDataParallel wrapper (its state has no ``module.`` prefix)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-# What each training precision ran as, for the record.
-PRECISION_NOTES = {"fp32": "fp32",
-                   "bf16": "bf16 autocast; trainable weights, gradients and optimiser state fp32"}
-
-
-def autocast(device: str | torch.device, precision: str = "fp32"):
-    """The compute precision of a forward pass: bf16 autocast (matrix products in bf16, norms,
-    softmax and losses in fp32) or, for fp32, a context that changes nothing. Without autocast's
-    weight cache: it would keep a bf16 copy of every weight for as long as the context lasts
-    (a whole evaluation), and each weight is cast once per forward pass anyway."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
-                          enabled=precision == "bf16", cache_enabled=False)
 
 
 def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad_clip: float,
@@ -165,10 +140,10 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
     log = log or StepLog()
     model.train()
     device = device or next(model.parameters()).device
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = is_distributed()
     with window:
         for _ in tqdm(range(len(log.losses), steps), desc=desc, mininterval=2.0,
-                      disable=rank() != 0):
+                      disable=not is_main()):
             batch = {key: value.to(device) for key, value in next(batches).items()}
             predicted = (batch["labels"][:, 1:] != -100).sum().double()  # tokens with a loss
             with Timer() as timer:
@@ -177,9 +152,8 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
                                 attention_mask=batch["attention_mask"], labels=batch["labels"])
                 loss = out.loss
                 if distributed:  # DDP/FSDP average over ranks: weigh by this rank's share
-                    total = predicted.clone()
-                    dist.all_reduce(total)
-                    loss = loss * (predicted * dist.get_world_size() / total)
+                    total = all_reduce_(predicted.clone())
+                    loss = loss * (predicted * world() / total)
                 loss.backward()
                 if grad_clip:
                     torch.nn.utils.clip_grad_norm_(
@@ -191,8 +165,7 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
                                   batch["attention_mask"].sum().double(),  # float64: exact
                                   torch.tensor(float(batch["input_ids"].shape[0]),
                                                dtype=torch.float64, device=device)])
-            if distributed:  # the global batch's loss, tokens and samples
-                dist.all_reduce(counts)
+            all_reduce_(counts)  # the global batch's loss, tokens and samples
             loss = counts[0].item() / counts[1].item() if distributed else out.loss.item()
             tokens, samples = counts[2].item(), counts[3].item()
             if not math.isfinite(loss):
@@ -259,8 +232,7 @@ def step_flops_per_token(model, batch: dict, precision: str = "fp32") -> float:
     model.zero_grad(set_to_none=True)
     counted = torch.tensor([float(flops), float(batch["attention_mask"].sum())],
                            dtype=torch.float64, device=batch["input_ids"].device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counted)
+    all_reduce_(counted)
     return (counted[0] / counted[1]).item()
 
 
@@ -276,18 +248,3 @@ def note_rank0(metrics: dict[str, Metric], world: int) -> None:
     """Memory, energy and utilisation are sampled by rank 0 alone: say so when there are more."""
     if world > 1:
         note_window(metrics, f"rank 0 of {world} ranks (its process and device)")
-
-
-def count_params(model) -> tuple[int, int]:
-    """(total, trainable) parameter counts; tied weights counted once."""
-    seen, total, trainable = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        state = getattr(p, "quant_state", None)  # bitsandbytes 4-bit: two weights per byte
-        n = state.shape.numel() if state is not None else p.numel()
-        total += n
-        trainable += n if p.requires_grad else 0
-    return total, trainable
-

@@ -14,24 +14,27 @@ base, Freeze's frozen layers) stored in bf16, which halves their memory.
 
 from __future__ import annotations
 
+from effllm.precision import PRECISIONS
+from effllm.specs import MethodSpec
+
 ADAPTER_METHODS = ("lora", "lora_plus", "rslora", "dora", "pissa")
 METHODS = ADAPTER_METHODS + ("freeze", "full")
 LABELS = {"lora": "LoRA", "lora_plus": "LoRA+", "rslora": "RSLoRA", "dora": "DoRA",
           "pissa": "PiSSA", "freeze": "Freeze", "full": "Full"}
 
 
-def _lora_config(method: dict):
+def _lora_config(method: MethodSpec):
     from peft import LoraConfig
 
-    name = method["name"]
+    name = method.name
     init = True
     if name == "pissa":
-        niter = method.get("niter")
-        init = f"pissa_niter_{niter}" if method.get("init", "fast") == "fast" and niter else "pissa"
+        fast = (method.init or "fast") == "fast" and method.niter
+        init = f"pissa_niter_{method.niter}" if fast else "pissa"
     return LoraConfig(
-        r=method["r"], lora_alpha=method["alpha"],
-        lora_dropout=0.0 if name == "pissa" else method["dropout"],  # PiSSA's init assumes none
-        target_modules=list(method["target_modules"]), task_type="CAUSAL_LM",
+        r=method.r, lora_alpha=method.alpha,
+        lora_dropout=0.0 if name == "pissa" else method.dropout,  # PiSSA's init assumes none
+        target_modules=list(method.target_modules), task_type="CAUSAL_LM",
         use_rslora=name == "rslora", use_dora=name == "dora", init_lora_weights=init,
     )
 
@@ -47,13 +50,12 @@ def _freeze_first_layers(model, n_layers: int):
     return model
 
 
-PRECISIONS = ("fp32", "bf16")
 # Adapter methods whose initialisation never reads the base's weights (PiSSA takes their SVD,
 # DoRA their norms: those start from the fp32 base, which prepare() then stores in bf16).
 BASE_BLIND = ("lora", "lora_plus", "rslora")
 
 
-def load_base(model_dir, method: dict, precision: str = "fp32"):
+def load_base(model_dir, method: MethodSpec, precision: str = "fp32"):
     """The model a method starts from, on the CPU: fp32; in bf16 for LoRA, LoRA+ and RSLoRA at
     bf16 precision (their base stays frozen and peft keeps the adapter in fp32), which halves
     the host memory of loading; or for QLoRA (an adapter method with ``quantized_base``)
@@ -66,9 +68,9 @@ def load_base(model_dir, method: dict, precision: str = "fp32"):
 
     if precision not in PRECISIONS:
         raise ValueError(f"finetune.precision {precision!r} is not one of {PRECISIONS}")
-    quant = method.get("quantized_base")
+    quant = method.qlora
     if not quant:
-        frozen_base = precision == "bf16" and method["name"] in BASE_BLIND
+        frozen_base = precision == "bf16" and method.name in BASE_BLIND
         return AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.bfloat16 if frozen_base else torch.float32), None
     from peft import prepare_model_for_kbit_training
@@ -77,11 +79,12 @@ def load_base(model_dir, method: dict, precision: str = "fp32"):
 
     model, note = load_quantised(model_dir, "int4", quant, dtype=torch.float32)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model.train()  # never evaluate a 4-bit model before training it (measurement.md §10)
+    model.train()  # never evaluate a 4-bit model before training it (docs/metrics.md §8)
     return model, note
 
 
-def prepare(model, method: dict, lr: float, weight_decay: float = 0.0, precision: str = "fp32"):
+def prepare(model, method: MethodSpec, lr: float, weight_decay: float = 0.0,
+            precision: str = "fp32"):
     """Wrap ``model`` for ``method``; return (trainable model, optimiser). At bf16 precision the
     frozen weights are stored in bf16 (see the module's docstring); a 4-bit base keeps its own
     dtypes."""
@@ -89,22 +92,22 @@ def prepare(model, method: dict, lr: float, weight_decay: float = 0.0, precision
 
     from effllm.training.loop import adamw
 
-    name = method["name"]
+    name = method.name
     if name in ADAPTER_METHODS:
         from peft import get_peft_model
 
         model = get_peft_model(model, _lora_config(method))
     elif name == "freeze":
-        model = _freeze_first_layers(model, method["layers"])
+        model = _freeze_first_layers(model, method.layers)
     elif name != "full":
         raise ValueError(f"fine-tuning method {name!r} is not one of {METHODS}")
-    if precision == "bf16" and not method.get("quantized_base"):
+    if precision == "bf16" and not method.qlora:
         store_frozen(model, torch.bfloat16)
     if name == "lora_plus":
         from peft.optimizers import create_loraplus_optimizer
 
         return model, create_loraplus_optimizer(
-            model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=method["lr_ratio"],
+            model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=method.lr_ratio,
             weight_decay=weight_decay, betas=(0.9, 0.95))
     return model, adamw(model, lr, weight_decay)
 

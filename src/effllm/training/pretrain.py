@@ -1,26 +1,28 @@
-"""Pretraining a decoder from scratch on the prepared token stream, measured."""
+"""Pretraining a model from scratch on the prepared token stream, measured."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from effllm.data.tokenizer import save_tokenizer
-from effllm.io import atomic_dir
-from effllm.launch import place
+from effllm.data.tokenizer import load_tokenizer, save_tokenizer
+from effllm.distributed import Placement, end
+from effllm.evaluation.perplexity import perplexity
 from effllm.measure import Timer, Window
 from effllm.models import DecoderConfig, DecoderForCausalLM
-from effllm.records import Metric, RunRecord, now_iso
+from effllm.models.params import count_params
+from effllm.precision import PRECISION_NOTES
+from effllm.records import Metric
+from effllm.specs import LongContext, ModelShape, PretrainSpec
+from effllm.stage import Outcome, run_job
 from effllm.training.loop import (
-    PRECISION_NOTES, Checkpoint, StepLog, adamw, autocast, cosine_schedule, count_params,
-    mfu_metric, note_rank0, note_window, seed_everything, step_batches, step_flops_per_token,
-    step_metrics, train,
+    Checkpoint, StepLog, adamw, cosine_schedule, mfu_metric, note_rank0,
+    note_window, step_batches, step_flops_per_token, step_metrics, train,
 )
 
 
@@ -42,50 +44,22 @@ def window_batch(tokens: np.ndarray, batch_size: int, seq_len: int, rank: int = 
     return make
 
 
-@torch.no_grad()
-def perplexity(model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int = 8,
-               precision: str = "fp32") -> tuple[float, int]:
-    """exp(mean NLL) over non-overlapping windows of held-out tokens, forward passes at
-    ``precision``; returns (ppl, scored)."""
-    model.eval()
-    n_windows = max(1, min(len(tokens), max_tokens) // seq_len)
-    windows = [tokens[i * seq_len:(i + 1) * seq_len] for i in range(n_windows)]
-    windows = [w for w in windows if len(w) == seq_len]
-    if not windows:
-        raise ValueError(f"held-out split has {len(tokens)} tokens, fewer than seq_len {seq_len}")
-    nll, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        ids = torch.from_numpy(np.stack(windows[i:i + batch_size]).astype(np.int64))
-        ids = ids.to(model.device)
-        with autocast(model.device, precision):
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return safe_exp(nll / count), count
-
-
-def safe_exp(x: float) -> float:
-    """exp that gives inf instead of raising for a huge (or NaN stays NaN) mean NLL."""
-    return math.exp(x) if x < 709 or math.isnan(x) else math.inf
-
-
-def build_model(model_settings: dict, tokenizer):
+def build_model(shape: ModelShape, tokenizer):
     """Our decoder (any attention, position encoding, MoE), or a transformers baseline family."""
-    settings = dict(model_settings)
-    family = settings.pop("family", "decoder")
     ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
-    if family != "decoder":
+    if shape.family != "decoder":
         from effllm.models.baselines import build_baseline
 
-        return build_baseline(family, settings, vocab_size=len(tokenizer), **ids)
-    return DecoderForCausalLM(DecoderConfig(vocab_size=len(tokenizer), **ids, **settings))
+        return build_baseline(shape.family, shape.constructor_kwargs(),
+                              vocab_size=len(tokenizer), **ids)
+    return DecoderForCausalLM(DecoderConfig(vocab_size=len(tokenizer), **ids,
+                                            **shape.constructor_kwargs()))
 
 
-def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.PathLike,
-                 record_out: str | os.PathLike,
-                 checkpoint_dir: str | os.PathLike | None = None) -> RunRecord | None:
+def run_pretrain(spec: PretrainSpec | dict, data_dir: str | os.PathLike,
+                 model_out: str | os.PathLike, record_out: str | os.PathLike,
+                 checkpoint_dir: str | os.PathLike | None = None):
     """Train one model of the sweep from scratch, measure it, save model and record.
 
     With ``checkpoint_dir`` (outside the declared outputs) the run saves its state every
@@ -94,106 +68,107 @@ def run_pretrain(spec: dict, data_dir: str | os.PathLike, model_out: str | os.Pa
     its slice of each batch (DDP) and rank 0 measures, saves and returns the record (the other
     ranks return None).
     """
-    from effllm.data.tokenizer import load_tokenizer
-    from effllm.measure.cache import cache_bytes_per_token
+    return run_job(spec, lambda s, placement: pretrain(s, placement, Path(data_dir),
+                                                       checkpoint_dir), record_out, model_out)
 
-    start = now_iso()
-    settings, train_cfg = spec["settings"], spec["settings"]["train"]
-    measure = settings["measure"]
-    seed_everything(spec["seed"], measure["threads"])
-    placement = place()
-    data_dir = Path(data_dir)
+
+def pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
+             checkpoint_dir: str | os.PathLike | None) -> Outcome | None:
+    """Build, train and measure; rank 0 gets the outcome, the other ranks None."""
+    train_cfg, shape = spec.train, spec.model
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     train_tokens = np.load(data_dir / "train.npy")
     val_tokens = np.load(data_dir / "validation.npy")
-
-    model = build_model(settings["model"], tokenizer)
-    check_variant(model, settings["model"])
+    model = build_model(shape, tokenizer)
+    check_variant(model, shape)
     params_total, _ = count_params(model)
     params_active = params_total
-    if settings["model"].get("num_experts"):
+    if shape.num_experts:
         from effllm.models.moe import moe_param_counts
 
         _, params_active = moe_param_counts(model)
-    local_batch = window_batch(train_tokens, train_cfg["batch_size"], train_cfg["seq_len"],
+    local_batch = window_batch(train_tokens, train_cfg.batch_size, train_cfg.seq_len,
                                placement.rank, placement.world)
     model.to(placement.device)
-
-    probe = local_batch(np.random.default_rng([spec["seed"], 2**31]))  # not a training step
+    probe = local_batch(np.random.default_rng([spec.seed, 2**31]))  # not a training step
     probe = {key: value.to(placement.device) for key, value in probe.items()}
-    precision = train_cfg.get("precision", "fp32")
-    flops_per_token = step_flops_per_token(model, probe, precision)
+    flops_per_token = step_flops_per_token(model, probe, train_cfg.precision)
 
-    optimizer = adamw(model, train_cfg["lr"], train_cfg["weight_decay"])
-    scheduler = cosine_schedule(optimizer, train_cfg["warmup_steps"], train_cfg["steps"],
-                                train_cfg["min_lr_ratio"])
+    optimizer = adamw(model, train_cfg.lr, train_cfg.weight_decay)
+    scheduler = cosine_schedule(optimizer, train_cfg.warmup_steps, train_cfg.steps,
+                                train_cfg.min_lr_ratio)
     checkpoint = None
-    if checkpoint_dir and train_cfg.get("checkpoint_every"):
-        fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-        checkpoint = Checkpoint(checkpoint_dir, train_cfg["checkpoint_every"], fingerprint)
+    if checkpoint_dir and train_cfg.checkpoint_every:
+        fingerprint = hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()
+                                     ).hexdigest()
+        checkpoint = Checkpoint(checkpoint_dir, train_cfg.checkpoint_every, fingerprint)
     log = checkpoint.load(model, optimizer, scheduler) if checkpoint else StepLog()
-    window = Window(measure["sample_interval_s"])
+    window = Window(spec.measure.sample_interval_s)
     trained = model
     if placement.world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=None if placement.device == "cpu" else [placement.device])
-    log = train(trained, step_batches(local_batch, spec["seed"], len(log.losses)),
-                train_cfg["steps"], optimizer, scheduler, train_cfg["grad_clip"], window,
-                desc=f"pretrain {spec['run_id']}", log=log, checkpoint=checkpoint,
-                precision=precision)
-    if placement.world > 1:
-        torch.distributed.destroy_process_group()
+    log = train(trained, step_batches(local_batch, spec.seed, len(log.losses)),
+                train_cfg.steps, optimizer, scheduler, train_cfg.grad_clip, window,
+                desc=f"pretrain {spec.run_id}", log=log, checkpoint=checkpoint,
+                precision=train_cfg.precision)
+    end()
     if not placement.main:
         return None
+    metrics = pretrain_metrics(spec, model, log, window, val_tokens, probe, flops_per_token,
+                               params_total, params_active, placement.world)
 
-    ppl, scored = perplexity(model, val_tokens, train_cfg["seq_len"], train_cfg["eval_tokens"],
-                             precision=precision)
-    metrics = step_metrics(log, measure["warmup_steps"], params_total, Timer.method)
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        save_tokenizer(tokenizer, folder)
+
+    return Outcome(metrics, {"train_loss": log.losses, "step_seconds": log.seconds},
+                   {"precision": PRECISION_NOTES[train_cfg.precision]}, save=save,
+                   cleanup=checkpoint.clear if checkpoint else None)
+
+
+def pretrain_metrics(spec: PretrainSpec, model, log: StepLog, window: Window,
+                     val_tokens: np.ndarray, probe: dict, flops_per_token: float,
+                     params_total: int, params_active: int, world: int) -> dict[str, Metric]:
+    """Everything a pretraining record measures, on rank 0 after training."""
+    from effllm.measure.cache import cache_bytes_per_token
+
+    train_cfg = spec.train
+    ppl, scored = perplexity(model, val_tokens, train_cfg.seq_len, train_cfg.eval_tokens,
+                             precision=train_cfg.precision)
+    metrics = step_metrics(log, spec.measure.warmup_steps, params_total, Timer.method)
     metrics.update(window.metrics())
-    note_rank0(metrics, placement.world)
+    note_rank0(metrics, world)
     if len(log.starts) > 1:
         note_window(metrics, f"window covers the steps after the resume at step "
                              f"{log.starts[-1]}")
     metrics["perplexity"] = Metric.measured(ppl, "1", "exp_mean_nll_validation",
                                             f"{scored} scored tokens, seq_len "
-                                            f"{train_cfg['seq_len']}")
+                                            f"{train_cfg.seq_len}")
     metrics["flops_per_token"] = Metric.measured(flops_per_token, "FLOP/token",
-                                                 "flop_counter_fwd_bwd", flop_note(settings))
-    n_active = params_active - embedding_params(model)
+                                                 "flop_counter_fwd_bwd", flop_note(spec.model))
     metrics["flops_per_token_6n"] = Metric.estimated(
-        6 * n_active, "FLOP/token", "analytic_6N",
+        6 * (params_active - embedding_params(model)), "FLOP/token", "analytic_6N",
         "6 x active non-embedding parameters, attention FLOPs not included")
     metrics["params_total"] = Metric.measured(params_total, "params", "count_unique_parameters")
     metrics["params_active"] = Metric.measured(
         params_active, "params", "total - unrouted experts" if params_active != params_total
         else "dense: all parameters")
     metrics["mfu"] = mfu_metric(flops_per_token, metrics["tokens_per_s"].value,
-                                measure.get("peak_flops"), placement.world)
+                                spec.measure.peak_flops, world)
     metrics["kv_cache_bytes_per_token"] = Metric.measured(
         cache_bytes_per_token(model, probe["input_ids"][:1]), "B/token",
         "cache_tensor_bytes_growth", f"model dtype {model.dtype}; growth of every tensor the "
         "decoding cache holds, per token (0 = constant-size state)")
-    metrics["decode_latency_long"] = long_context_decode(model, val_tokens,
-                                                         settings.get("long_context"))
-
-    with atomic_dir(model_out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        save_tokenizer(tokenizer, tmp)
-    record = RunRecord.for_run(
-        spec, start, metrics,
-        series={"train_loss": log.losses, "step_seconds": log.seconds},
-        execution={**placement.execution(), "precision": PRECISION_NOTES[precision]},
-    )
-    record.save(record_out)
-    if checkpoint:
-        checkpoint.clear()
-    return record
+    metrics["decode_latency_long"] = long_context_decode(model, val_tokens, spec.long_context)
+    return metrics
 
 
-def check_variant(model, model_settings: dict) -> None:
+def check_variant(model, shape: ModelShape) -> None:
     """Assert the requested variant is really in the model (the paper's toolkit trained plain
-    attention under every label and a dense model as 'MoE': protocol §9.1, §9.5)."""
-    family = model_settings.get("family", "decoder")
+    attention under every label and a dense model as 'MoE': docs/protocol.md §8, defects 1
+    and 5)."""
+    family = shape.family
     if family != "decoder":
         from effllm.models.baselines import FAMILIES
 
@@ -203,23 +178,20 @@ def check_variant(model, model_settings: dict) -> None:
         return
     attn = model.model.layers[0].self_attn
     expected = {"mla": "MultiHeadLatentAttention", "nsa": "NativeSparseAttention"}.get(
-        model_settings["attention"], "Attention")
+        shape.attention, "Attention")
     if type(attn).__name__ != expected:
-        raise AssertionError(f"attention {model_settings['attention']!r} built "
-                             f"{type(attn).__name__}")
-    if expected == "Attention" and attn.n_kv != model_settings["num_key_value_heads"]:
-        raise AssertionError(f"{attn.n_kv} KV heads, expected "
-                             f"{model_settings['num_key_value_heads']}")
-    experts = model_settings.get("num_experts", 0)
+        raise AssertionError(f"attention {shape.attention!r} built {type(attn).__name__}")
+    if expected == "Attention" and attn.n_kv != shape.num_key_value_heads:
+        raise AssertionError(f"{attn.n_kv} KV heads, expected {shape.num_key_value_heads}")
+    experts = shape.num_experts or 0
     mlp = model.model.layers[0].mlp
     if experts and len(getattr(mlp, "experts", ())) != experts:
         raise AssertionError(f"expected an MoE layer with {experts} experts, got "
                              f"{type(mlp).__name__}")
 
 
-def flop_note(settings: dict) -> str:
-    family = settings["model"].get("family", "decoder")
-    if family in ("mamba", "rwkv"):
+def flop_note(shape: ModelShape) -> str:
+    if shape.family in ("mamba", "rwkv"):
         return ("matmul and convolution FLOPs of one fwd+bwd step; the recurrent scan's "
                 "elementwise work is not counted")
     return "one fwd+bwd step, counted per non-padding token"
@@ -230,12 +202,12 @@ def embedding_params(model) -> int:
 
 
 @torch.no_grad()
-def long_context_decode(model, tokens: np.ndarray, cfg: dict | None) -> Metric:
+def long_context_decode(model, tokens: np.ndarray, cfg: LongContext | None) -> Metric:
     """Time per generated token after a long prefilled context (beyond the paper): where
     sparse attention and small caches pay off. Fixed length, greedy, EOS disabled."""
-    if not cfg or not cfg.get("tokens"):
+    if not cfg or not cfg.tokens:
         return Metric.unavailable("s/token", "none", "pretrain.long_context.tokens not set")
-    context, new = cfg["tokens"], cfg["new_tokens"]
+    context, new, repeats = cfg.tokens, cfg.new_tokens, cfg.repeats
     limit = getattr(model.config, "max_position_embeddings", None)
     if getattr(model.config, "position_encoding", None) == "learned" and context + new > limit:
         return Metric.unavailable("s/token", "none", f"learned positions end at {limit}; a "
@@ -251,7 +223,7 @@ def long_context_decode(model, tokens: np.ndarray, cfg: dict | None) -> Metric:
     try:
         generate(ids[:, :64], 2)  # warm-up
         per_token = []
-        for _ in range(cfg["repeats"]):
+        for _ in range(repeats):
             with Timer() as prefill:
                 generate(ids, 1)
             with Timer() as full:
@@ -262,8 +234,8 @@ def long_context_decode(model, tokens: np.ndarray, cfg: dict | None) -> Metric:
         return Metric.unavailable("s/token", "none", f"long-context decoding failed: {err}")
     if not per_token:
         return Metric.unavailable("s/token", "none", f"decode time not above prefill time in "
-                                  f"any of {cfg['repeats']} repeats (timing noise)")
+                                  f"any of {repeats} repeats (timing noise)")
     per_token.sort()
     return Metric.measured(per_token[len(per_token) // 2], "s/token", Timer.method + "_generate",
-                           f"median of {len(per_token)}/{cfg['repeats']} repeats: (generate "
+                           f"median of {len(per_token)}/{repeats} repeats: (generate "
                            f"{new + 1} - generate 1) / {new} after a {context}-token context")

@@ -1,0 +1,51 @@
+"""Perplexity of held-out token streams, and metrics that stay honest when a value overflows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from effllm.precision import autocast
+from effllm.records import Metric
+
+
+def safe_exp(x: float) -> float:
+    """exp that gives inf instead of raising for a huge (or NaN stays NaN) mean NLL."""
+    return math.exp(x) if x < 709 or math.isnan(x) else math.inf
+
+
+def finite_metric(value: float, unit: str, method: str, note: str | None = None) -> Metric:
+    """A measured value, or ``unavailable`` saying why when the computation overflowed.
+
+    Low precisions can overflow (fp16's largest value is 65504): a NaN or infinite loss is a real
+    finding about that precision, recorded with its reason, never a crash and never a number.
+    """
+    if math.isfinite(value):
+        return Metric.measured(value, unit, method, note)
+    return Metric.unavailable(unit, method, f"non-finite result ({value}): the model's logits "
+                              f"overflowed at this precision; {note or ''}".rstrip("; "))
+
+
+@torch.no_grad()
+def perplexity(model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int = 8,
+               precision: str = "fp32") -> tuple[float, int]:
+    """exp(mean NLL) over non-overlapping windows of held-out tokens, forward passes at
+    ``precision``; returns (ppl, scored)."""
+    model.eval()
+    n_windows = max(1, min(len(tokens), max_tokens) // seq_len)
+    windows = [tokens[i * seq_len:(i + 1) * seq_len] for i in range(n_windows)]
+    windows = [w for w in windows if len(w) == seq_len]
+    if not windows:
+        raise ValueError(f"held-out split has {len(tokens)} tokens, fewer than seq_len {seq_len}")
+    nll, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        ids = torch.from_numpy(np.stack(windows[i:i + batch_size]).astype(np.int64))
+        ids = ids.to(model.device)
+        with autocast(model.device, precision):
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        nll += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return safe_exp(nll / count), count
