@@ -44,6 +44,22 @@ def validate_schema(config: dict, schema_path: str | os.PathLike) -> None:
 
 
 def check_semantics(config: dict) -> None:
+    """What the schema cannot say, checked in order; the first problem is raised, naming its
+    key. Fills in empty int4/int8 blocks for the precisions served."""
+    _check_sizes_and_steps(config)
+    known = _pretrained_bases(config)
+    _check_bases(config, known)
+    _check_serving(config, known)
+    _check_lengths(config)
+    _check_methods(config, known)
+    _check_finetune_sets(config)
+    _check_analysis_and_split(config)
+    for precision in config["inference"]["precisions"]:
+        if precision in ("int4", "int8") and precision not in config["inference"]:
+            config["inference"][precision] = {}
+
+
+def _check_sizes_and_steps(config: dict) -> None:
     for name, size in config["sizes"].items():
         key = f"sizes.{name}"
         if size["hidden_size"] % size["num_heads"]:
@@ -59,14 +75,22 @@ def check_semantics(config: dict) -> None:
     if pre["steps"] <= config["measure"]["warmup_steps"]:
         raise ConfigError(f"config key 'measure.warmup_steps': {config['measure']['warmup_steps']}"
                           f" leaves no timed step of pretrain.steps {pre['steps']}")
+
+
+def _pretrained_bases(config: dict) -> dict:
+    """Pretraining runs by base name (``<variant>-<size>``), from the sweep."""
     from effllm.sweep import expand_runs
 
     try:
-        known = {run.name.rsplit("-s", 1)[0]: run
-                 for run in expand_runs({**config, "finetune": {**config["finetune"], "bases": []}}
-                                        )["pretrain"].values()}
+        return {run.name.rsplit("-s", 1)[0]: run
+                for run in expand_runs({**config, "finetune": {**config["finetune"], "bases": []}}
+                                       )["pretrain"].values()}
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _check_bases(config: dict, known: dict) -> None:
+    """Every fine-tuning base is a hub model or one of our decoders that can be fine-tuned."""
     hub = config.get("hub_models") or {}
     for name in hub:
         if name in known:
@@ -86,6 +110,12 @@ def check_semantics(config: dict) -> None:
         if model.attention == "nsa":
             raise ConfigError(f"config key 'finetune.bases.{i}': {base!r} is an NSA model; "
                               "exact match decodes left-padded batches, which NSA refuses")
+
+
+def _check_serving(config: dict, known: dict) -> None:
+    """Something is served, every served hub model is declared, and every served pretraining
+    run can decode the padded exact-match batches."""
+    hub = config.get("hub_models") or {}
     inf = config["inference"]
     if not inf["sources"] and not inf.get("hub_models"):
         raise ConfigError("config key 'inference.sources': empty, and inference.hub_models names "
@@ -98,7 +128,7 @@ def check_semantics(config: dict) -> None:
     if harness and harness.get("include_path") and not Path(harness["include_path"]).is_dir():
         raise ConfigError(f"config key 'inference.harness.include_path': "
                           f"{harness['include_path']} is not a folder of lm-eval task YAMLs")
-    if "pretrain" in config["inference"]["sources"]:
+    if "pretrain" in inf["sources"]:
         for run in known.values():
             model = run.spec.model
             if model.attention == "nsa" or model.family == "rwkv":
@@ -107,6 +137,11 @@ def check_semantics(config: dict) -> None:
                     f"{run.name.rsplit('-s', 1)[0]!r}, which cannot decode the left-padded "
                     "batches of the exact-match evaluation (NSA refuses them, RWKV lets the "
                     "padding into its state)")
+
+
+def _check_lengths(config: dict) -> None:
+    """Every downstream length fits the positions the models are built with."""
+    pre, inf = config["pretrain"], config["inference"]
     limit = pre["model"]["max_position_embeddings"]
     for what, length in (("pretrain.seq_len", pre["seq_len"]),
                          ("finetune.max_length", config["finetune"]["max_length"]),
@@ -115,6 +150,10 @@ def check_semantics(config: dict) -> None:
         if length > limit:
             raise ConfigError(f"config key 'pretrain.model.max_position_embeddings': {limit} "
                               f"positions cannot hold {what} ({length} tokens)")
+
+
+def _check_methods(config: dict, known: dict) -> None:
+    """Each method has its settings, and the per-method and per-base rates name real ones."""
     from effllm.training.methods import ADAPTER_METHODS
 
     ft = config["finetune"]
@@ -148,7 +187,9 @@ def check_semantics(config: dict) -> None:
                               f"finetune.bases ({ft['bases']})")
     if config["data"]["corpus"]["source"] == "hf" and "hf" not in config["data"]["corpus"]:
         raise ConfigError("config key 'data.corpus.hf': needed when source is hf")
-    _check_finetune_sets(config)
+
+
+def _check_analysis_and_split(config: dict) -> None:
     from effllm.records import METRICS
 
     for stage, weights in config["analysis"]["efficiency_score"].items():
@@ -160,9 +201,6 @@ def check_semantics(config: dict) -> None:
     if split["validation_fraction"] + split["test_fraction"] >= 0.5:
         raise ConfigError("config key 'data.split': validation_fraction + test_fraction must "
                           "stay below 0.5")
-    for precision in config["inference"]["precisions"]:
-        if precision in ("int4", "int8") and precision not in config["inference"]:
-            config["inference"][precision] = {}
 
 
 def _check_finetune_sets(config: dict) -> None:

@@ -97,7 +97,8 @@ METRICS: dict[str, MetricInfo] = _Catalogue({
     "mfu": MetricInfo("fraction", True, "MFU", "model FLOP/s divided by the device's dense peak"),
     "flops_per_token": MetricInfo("FLOP/token", False, "FLOPs/tok", "FLOPs per processed token"),
     # latency
-    "al": MetricInfo("s", False, "AL", "mean latency per iteration (training) or per request"),
+    "al": MetricInfo("s", False, "AL",
+                     "mean latency per iteration (training); median per request (inference)"),
     "al_p90": MetricInfo("s", False, "AL p90", "90th percentile of per-iteration latency"),
     "al_cv": MetricInfo("1", False, "AL CV", "coefficient of variation of repeated latencies"),
     "prefill_latency": MetricInfo("s", False, "TTFT", "time to first token per request"),

@@ -69,29 +69,33 @@ def bars_with_line(ax, members: pd.DataFrame, metrics: Sequence[str],
                            by=[series_col])
     names = summary[series_col].astype(str).tolist()
     x = np.arange(len(names), dtype=float)
+    notes = _draw_bars(ax, summary, metrics, names, x)
+    _style_bar_axis(ax, x, names, style.norm_floor(members))
+    ax2 = ax.twinx()
+    notes += _draw_raw_line(ax2, summary, members, line_metric, names, x)
+    if notes:
+        _title_notes(ax, notes)
+    return ax2
+
+
+def _draw_bars(ax, summary: pd.DataFrame, metrics: Sequence[str], names: list[str],
+               x: np.ndarray) -> list[str]:
+    """The bars, metric by metric (so each metric's colour sits at the same offset in every
+    slot), with an "n/a" mark where a value is missing; return the notes for the panel title:
+    what is missing, and which means stand on fewer seeds than the variant ran."""
     width = BAR_FILL / max(len(metrics), 1)
-    floor = style.norm_floor(members)
     notes: list[str] = []
     for j, m in enumerate(metrics):
         offset = (j - (len(metrics) - 1) / 2) * width
-        norm = companion(m, "norm")
         missing_for = []
         for i, row in summary.iterrows():
             xi = x[i] + offset
-            value = row[norm]
-            if not math.isfinite(value):
+            if not math.isfinite(row[companion(m, "norm")]):
                 ax.text(xi, 0.015, MISSING, rotation=90, ha="center", va="bottom", fontsize=5,
                         color="0.35", gid=f"n/a:{names[i]}:{m}")
                 missing_for.append(names[i])
                 continue
-            estimated = row[companion(m, "status")] == "estimated"
-            ax.bar(xi, value, width * 0.9, color=metric_colour(j), edgecolor="white",
-                   linewidth=0.3, hatch=ESTIMATED_HATCH if estimated else None,
-                   gid=f"bar:{names[i]}:{m}", zorder=2)
-            lo, hi = row[f"{norm}__lo"], row[f"{norm}__hi"]
-            if hi - lo > 1e-9:
-                ax.errorbar(xi, value, yerr=[[value - lo], [hi - value]], fmt="none",
-                            ecolor="0.15", elinewidth=0.6, capsize=1.2, capthick=0.6, zorder=3)
+            _draw_bar(ax, row, m, xi, width, metric_colour(j), names[i])
             if 0 < row[companion(m, "n")] < row["runs"]:
                 notes.append(f"{names[i]} {style.metric_label(m)}: "
                              f"{row[companion(m, 'n')]}/{row['runs']} seeds")
@@ -99,6 +103,28 @@ def bars_with_line(ax, members: pd.DataFrame, metrics: Sequence[str],
             notes.insert(0, f"{style.metric_label(m)} for all")
         elif missing_for:
             notes.append(f"{', '.join(missing_for)}: {style.metric_label(m)}")
+    return notes
+
+
+def _draw_bar(ax, row: pd.Series, m: str, xi: float, width: float, colour: str,
+              name: str) -> None:
+    """One available value: its seed-mean bar (hatched when estimated) and, when the seeds
+    disagree, a min-max whisker."""
+    norm = companion(m, "norm")
+    value = row[norm]
+    estimated = row[companion(m, "status")] == "estimated"
+    ax.bar(xi, value, width * 0.9, color=colour, edgecolor="white",
+           linewidth=0.3, hatch=ESTIMATED_HATCH if estimated else None,
+           gid=f"bar:{name}:{m}", zorder=2)
+    lo, hi = row[f"{norm}__lo"], row[f"{norm}__hi"]
+    if hi - lo > 1e-9:
+        ax.errorbar(xi, value, yerr=[[value - lo], [hi - value]], fmt="none",
+                    ecolor="0.15", elinewidth=0.6, capsize=1.2, capthick=0.6, zorder=3)
+
+
+def _style_bar_axis(ax, x: np.ndarray, names: list[str], floor: float | None) -> None:
+    """The normalised axis: variant names below, a fixed 0-1 range so that panels compare,
+    and the normalisation floor as a dotted line (values below it were clipped up to it)."""
     ax.set_xticks(x, [_wrap(n) for n in names])
     ax.tick_params(axis="x", length=0, pad=2)
     ax.set_xlim(x[0] - 0.5, x[-1] + 0.5)
@@ -109,7 +135,11 @@ def bars_with_line(ax, members: pd.DataFrame, metrics: Sequence[str],
     if floor is not None:
         ax.axhline(floor, color="0.5", linewidth=0.5, linestyle=":", zorder=1)
 
-    ax2 = ax.twinx()
+
+def _draw_raw_line(ax2, summary: pd.DataFrame, members: pd.DataFrame, line_metric: str,
+                   names: list[str], x: np.ndarray) -> list[str]:
+    """The raw metric's seed means as a line on the secondary axis ``ax2``, in the line colour
+    so the axis it belongs to is plain; return the note naming variants without a value."""
     raw, lo, hi = (summary[c].astype(float).to_numpy()
                    for c in (line_metric, f"{line_metric}__lo", f"{line_metric}__hi"))
     ax2.plot(x, raw, color=LINE_COLOUR, marker="o", markersize=3.5, linewidth=1.2, zorder=4,
@@ -120,22 +150,25 @@ def bars_with_line(ax, members: pd.DataFrame, metrics: Sequence[str],
                      fmt="none", ecolor=LINE_COLOUR, elinewidth=0.7, capsize=2, capthick=0.7,
                      zorder=4)
     no_line = [n for n, v in zip(names, raw) if not math.isfinite(v)]
-    if no_line:
-        notes.append(f"{', '.join(no_line)}: raw {style.metric_label(line_metric)}")
+    notes = [f"{', '.join(no_line)}: raw {style.metric_label(line_metric)}"] if no_line else []
     unit = members.get(companion(line_metric, "unit"))
     unit = unit.dropna().iloc[0] if unit is not None and unit.notna().any() else None
     ax2.set_ylabel(line_axis_label(line_metric, unit), color=LINE_COLOUR)
     ax2.tick_params(axis="y", colors=LINE_COLOUR)
     ax2.spines["right"].set_color(LINE_COLOUR)
-    if np.isfinite(raw).any():
+    if np.isfinite(raw).any():  # whiskers included, padded so markers clear the frame
         top, bottom = np.nanmax(np.where(spread, hi, raw)), np.nanmin(np.where(spread, lo, raw))
         pad = max(top - bottom, abs(top) * 0.01, 1e-12) * 0.15
         ax2.set_ylim(bottom - pad, top + pad)
-    if notes:  # right of the group title, wrapped to about 60% of the figure's width
-        chars = max(30, int(ax.figure.get_figwidth() * 72 * 0.6 / 3.4))
-        ax.set_title(textwrap.fill(f"{MISSING} (not drawn): " + "; ".join(notes), chars),
-                     loc="right", fontsize=6, color="0.3", ha="right")
-    return ax2
+    return notes
+
+
+def _title_notes(ax, notes: list[str]) -> None:
+    """What was not drawn, as a small title right of the group title, wrapped to about 60% of
+    the figure's width so that it never runs into the group name."""
+    chars = max(30, int(ax.figure.get_figwidth() * 72 * 0.6 / 3.4))
+    ax.set_title(textwrap.fill(f"{MISSING} (not drawn): " + "; ".join(notes), chars),
+                 loc="right", fontsize=6, color="0.3", ha="right")
 
 
 def draw_bars_with_line(

@@ -68,43 +68,69 @@ def bubble_grid(ax, members: pd.DataFrame, metrics: Sequence[str], s_max: float,
     missing_xy, scale_xy = [], []
     spread_any = False
     for i, row in summary.iterrows():
-        colour = style.technique_colour(names[i])
-        xs, ys, sizes = [], [], []
-        for j, m in enumerate(metrics):
-            norm = companion(m, "norm")
-            value = row[norm]
-            if not math.isfinite(value):
-                missing_xy.append((i, j))
-                ax.text(i, j, MISSING, ha="center", va="center", fontsize=6, color="0.35",
-                        gid=f"n/a:{names[i]}:{m}")
-                continue
-            xs.append(i), ys.append(j), sizes.append(s_max * value)
-            scale_xy.append((i, j))
-            estimated = row[companion(m, "status")] == "estimated"
-            text = f"{value:.2f}" + (ESTIMATED if estimated else "")
-            lo, hi = row[f"{norm}__lo"], row[f"{norm}__hi"]
-            n, runs = row[companion(m, "n")], row["runs"]
-            spread = (f"{lo:.2f}\u2013{hi:.2f}" if hi - lo >= 0.005 else
-                      f"{n}/{runs} seeds" if n < runs else None)
-            spread_any |= spread is not None
-            # A small bubble would be hidden under its number: put the number to its right.
-            dx = 0.0 if value >= SMALL else math.sqrt(s_max * value) / 2 + 2.0
-            ha = "center" if dx == 0 else "left"
-            ax.annotate(text, (i, j), xytext=(dx, 2.6 if spread else 0), textcoords="offset points",
-                        ha=ha, va="center", fontsize=6, color="0.1", zorder=4,
-                        gid=f"value:{names[i]}:{m}")
-            if spread:
-                ax.annotate(spread, (i, j), xytext=(dx, -3.6), textcoords="offset points",
-                            ha=ha, va="center", fontsize=4.5, color="0.25", zorder=4)
-        if xs:
-            ax.scatter(xs, ys, s=sizes, facecolors=[to_rgba(colour, 0.5)], edgecolors=[colour],
-                       linewidths=0.8, zorder=3, gid=f"bubble:{names[i]}", label=names[i])
+        spread_any |= _draw_column(ax, row, i, names[i], metrics, s_max, missing_xy, scale_xy)
     if scale_xy:
         ax.scatter(*zip(*scale_xy), s=s_max, facecolors="none", edgecolors="0.85",
                    linewidths=0.5, zorder=2, gid="scale")
     if missing_xy:
         ax.scatter(*zip(*missing_xy), s=s_max, facecolors="none", edgecolors="0.45",
                    linewidths=0.6, linestyles="--", zorder=2, gid="n/a")
+    _label_grid(ax, summary, names, metrics)
+    summary.attrs["spread"] = spread_any
+    return summary
+
+
+def _draw_column(ax, row: pd.Series, i: int, name: str, metrics: Sequence[str], s_max: float,
+                 missing_xy: list, scale_xy: list) -> bool:
+    """One variant's column: a single scatter of its available values (one legend entry per
+    variant), their numbers, an "n/a" text per missing value. Appends the cells that get a
+    scale circle or a missing-value circle; returns whether any value has a seed spread."""
+    colour = style.technique_colour(name)
+    xs, ys, sizes = [], [], []
+    spread_any = False
+    for j, m in enumerate(metrics):
+        value = row[companion(m, "norm")]
+        if not math.isfinite(value):
+            missing_xy.append((i, j))
+            ax.text(i, j, MISSING, ha="center", va="center", fontsize=6, color="0.35",
+                    gid=f"n/a:{name}:{m}")
+            continue
+        xs.append(i), ys.append(j), sizes.append(s_max * value)
+        scale_xy.append((i, j))
+        spread_any |= _annotate_value(ax, row, m, (i, j), s_max, name)
+    if xs:
+        ax.scatter(xs, ys, s=sizes, facecolors=[to_rgba(colour, 0.5)], edgecolors=[colour],
+                   linewidths=0.8, zorder=3, gid=f"bubble:{name}", label=name)
+    return spread_any
+
+
+def _annotate_value(ax, row: pd.Series, m: str, xy: tuple[int, int], s_max: float,
+                    name: str) -> bool:
+    """Print a bubble's value (areas are hard to compare exactly) and, below it in small print,
+    its seed range or how many seeds have it; return whether that small print was needed."""
+    norm = companion(m, "norm")
+    value = row[norm]
+    estimated = row[companion(m, "status")] == "estimated"
+    text = f"{value:.2f}" + (ESTIMATED if estimated else "")
+    lo, hi = row[f"{norm}__lo"], row[f"{norm}__hi"]
+    n, runs = row[companion(m, "n")], row["runs"]
+    spread = (f"{lo:.2f}\u2013{hi:.2f}" if hi - lo >= 0.005 else
+              f"{n}/{runs} seeds" if n < runs else None)
+    # A small bubble would be hidden under its number: put the number to its right.
+    dx = 0.0 if value >= SMALL else math.sqrt(s_max * value) / 2 + 2.0
+    ha = "center" if dx == 0 else "left"
+    ax.annotate(text, xy, xytext=(dx, 2.6 if spread else 0), textcoords="offset points",
+                ha=ha, va="center", fontsize=6, color="0.1", zorder=4,
+                gid=f"value:{name}:{m}")
+    if spread:
+        ax.annotate(spread, xy, xytext=(dx, -3.6), textcoords="offset points",
+                    ha=ha, va="center", fontsize=4.5, color="0.25", zorder=4)
+    return spread is not None
+
+
+def _label_grid(ax, summary: pd.DataFrame, names: list[str], metrics: Sequence[str]) -> None:
+    """Metric names on the left (marked when no variant has the metric), variant names on top,
+    their parameter counts below, light row separators instead of a grid."""
     absent = [summary[companion(m, "norm")].isna().all() for m in metrics]
     ax.set_yticks(range(len(metrics)), [style.metric_axis_label(m) + (f" ({MISSING})" if a else "")
                                         for m, a in zip(metrics, absent)])
@@ -123,8 +149,6 @@ def bubble_grid(ax, members: pd.DataFrame, metrics: Sequence[str], s_max: float,
         spine.set_color("0.8")
     for y in np.arange(0.5, len(metrics) - 1):
         ax.axhline(y, color="0.92", linewidth=0.5, zorder=0)
-    summary.attrs["spread"] = spread_any
-    return summary
 
 
 def draw_bubbles(

@@ -85,7 +85,27 @@ def finetune_summary(
     if "block" not in rows:
         rows = rows.assign(block=block)
     table = block_table(rows, block, [score, loss])
+    bases, sizes, params = _ordered_bases(rows, size_order)
+    techniques = list(dict.fromkeys([*(methods or []), *rows["technique"]]))
+    labels = dict(zip(rows["technique"], rows["label"]))
 
+    out = []
+    for x, group in enumerate(bases):
+        for technique in techniques:
+            label = labels.get(technique, technique)
+            found = table[(table["group"] == group) & (table["variant"] == label)]
+            row = {"group": group, "size": sizes[group], "base_params": params.get(group, np.nan),
+                   "x": x, "technique": technique, "label": label,
+                   "seeds": int(found["seeds"].iloc[0]) if len(found) else 0}
+            out.append(row | _cell_values(found, (score, loss)))
+    summary = pd.DataFrame(out)
+    summary.attrs.update(score=score, loss=loss)
+    return summary
+
+
+def _ordered_bases(rows: pd.DataFrame, size_order: Sequence[str] | None):
+    """The base models (groups) in x order, with each one's size name(s) and parameter count:
+    by parameters first, because the x axis of 4b reads as model scale."""
     bases = list(dict.fromkeys(rows["group"]))
     sizes = {g: ",".join(dict.fromkeys(rows.loc[rows["group"] == g, "model_size"].astype(str)))
              for g in bases}
@@ -98,27 +118,19 @@ def finetune_summary(
         p = params.get(g, np.nan)
         return (p if math.isfinite(p) else math.inf, rank.get(sizes[g], len(rank)), seen[g])
 
-    bases = sorted(bases, key=base_key)
-    techniques = list(dict.fromkeys([*(methods or []), *rows["technique"]]))
-    labels = dict(zip(rows["technique"], rows["label"]))
+    return sorted(bases, key=base_key), sizes, params
 
-    out = []
-    for x, group in enumerate(bases):
-        for technique in techniques:
-            label = labels.get(technique, technique)
-            found = table[(table["group"] == group) & (table["variant"] == label)]
-            row = {"group": group, "size": sizes[group], "base_params": params.get(group, np.nan),
-                   "x": x, "technique": technique, "label": label,
-                   "seeds": int(found["seeds"].iloc[0]) if len(found) else 0}
-            for m in (score, loss):
-                for col in (m, companion(m, "std"), companion(m, "n"), companion(m, "status")):
-                    row[col] = found[col].iloc[0] if len(found) else (
-                        0 if col.endswith("__n") else
-                        "unavailable" if col.endswith("__status") else np.nan)
-            out.append(row)
-    summary = pd.DataFrame(out)
-    summary.attrs.update(score=score, loss=loss)
-    return summary
+
+def _cell_values(found: pd.DataFrame, metrics: Sequence[str]) -> dict:
+    """The block-table columns of one (base, method) cell; a cell without a run gets NaN, 0
+    seeds and "unavailable", so that it is marked rather than dropped."""
+    row = {}
+    for m in metrics:
+        for col in (m, companion(m, "std"), companion(m, "n"), companion(m, "status")):
+            row[col] = found[col].iloc[0] if len(found) else (
+                0 if col.endswith("__n") else
+                "unavailable" if col.endswith("__status") else np.nan)
+    return row
 
 
 def score_definition(df: pd.DataFrame, score: str = SCORE) -> str:
@@ -193,7 +205,6 @@ def mirrored_bars(ax_score, ax_loss, summary: pd.DataFrame) -> dict[str, bool]:
     """
     score, loss = summary.attrs["score"], summary.attrs["loss"]
     techniques = list(dict.fromkeys(summary["technique"]))
-    n_bases = int(summary["x"].max()) + 1
     width = BAR_FILL / len(techniques)
     flags = {"estimated": False, "spread": False}
     ticks, tick_labels = [], []
@@ -203,28 +214,44 @@ def mirrored_bars(ax_score, ax_loss, summary: pd.DataFrame) -> dict[str, bool]:
         ticks.append(xi), tick_labels.append(row["label"])
         colour = style.technique_colour(row["label"])
         for ax, m, sign in ((ax_score, score, 1.0), (ax_loss, loss, -1.0)):
-            value, std = float(row[m]), float(row[companion(m, "std")])
-            name = "score" if m == score else "loss"
-            if not math.isfinite(value):
-                ax.annotate(MISSING, (xi, 0.0), xytext=(0, 2 * sign), textcoords="offset points",
-                            rotation=90, ha="center", va="bottom" if sign > 0 else "top",
-                            fontsize=5, color="0.35", gid=f"n/a:{row['group']}:{row['label']}:{m}")
-                continue
-            estimated = row[companion(m, "status")] == "estimated"
-            flags["estimated"] |= estimated
-            ax.bar(xi, sign * value, width * 0.9, color=colour, edgecolor="white", linewidth=0.3,
-                   hatch=ESTIMATED_HATCH if estimated else None, zorder=2,
-                   gid=f"{name}:{row['group']}:{row['label']}")
-            if math.isfinite(std) and std > 0:
-                flags["spread"] = True
-                ax.errorbar(xi, sign * value, yerr=std, fmt="none", zorder=3, **ERR_KW)
+            _mirrored_bar(ax, row, m, "score" if m == score else "loss", sign, xi, width, colour,
+                          flags)
+    _join_at_zero(ax_score, ax_loss, summary)
+    _mirrored_frame(ax_score, ax_loss, summary, ticks, tick_labels)
+    return flags
 
-    def top(m):
-        hi = (summary[m].astype(float) + summary[companion(m, "std")].astype(float).fillna(0.0))
-        return float(np.nanmax(hi)) if hi.notna().any() else 1.0
 
-    ax_score.set_ylim(0.0, max(top(score), 1.0 if score == SCORE else 0.0) * 1.08)
-    ax_loss.set_ylim(-top(loss) * 1.12, 0.0)
+def _mirrored_bar(ax, row: pd.Series, m: str, name: str, sign: float, xi: float, width: float,
+                  colour, flags: dict[str, bool]) -> None:
+    """One method's bar of metric ``m`` (pointing up for ``sign`` 1, down for -1) with its s.d.
+    whisker, or an "n/a" mark at the zero line; ``flags`` records what the legend must explain."""
+    value, std = float(row[m]), float(row[companion(m, "std")])
+    if not math.isfinite(value):
+        ax.annotate(MISSING, (xi, 0.0), xytext=(0, 2 * sign), textcoords="offset points",
+                    rotation=90, ha="center", va="bottom" if sign > 0 else "top",
+                    fontsize=5, color="0.35", gid=f"n/a:{row['group']}:{row['label']}:{m}")
+        return
+    estimated = row[companion(m, "status")] == "estimated"
+    flags["estimated"] |= estimated
+    ax.bar(xi, sign * value, width * 0.9, color=colour, edgecolor="white", linewidth=0.3,
+           hatch=ESTIMATED_HATCH if estimated else None, zorder=2,
+           gid=f"{name}:{row['group']}:{row['label']}")
+    if math.isfinite(std) and std > 0:
+        flags["spread"] = True
+        ax.errorbar(xi, sign * value, yerr=std, fmt="none", zorder=3, **ERR_KW)
+
+
+def _bar_top(summary: pd.DataFrame, m: str) -> float:
+    """The highest bar end of metric ``m`` including its whisker (1 when nothing is drawn)."""
+    hi = (summary[m].astype(float) + summary[companion(m, "std")].astype(float).fillna(0.0))
+    return float(np.nanmax(hi)) if hi.notna().any() else 1.0
+
+
+def _join_at_zero(ax_score, ax_loss, summary: pd.DataFrame) -> None:
+    """Scale both axes from the shared zero line, each to its own metric's range."""
+    score, loss = summary.attrs["score"], summary.attrs["loss"]
+    ax_score.set_ylim(0.0, max(_bar_top(summary, score), 1.0 if score == SCORE else 0.0) * 1.08)
+    ax_loss.set_ylim(-_bar_top(summary, loss) * 1.12, 0.0)
     # The loss axis reads in loss units (no minus sign). The shared 0 is one label outside the
     # layout: tick labels at the joint would make the layout engine open a gap there.
     ax_score.yaxis.set_major_formatter(FuncFormatter(lambda v, _: "" if v == 0 else f"{v:g}"))
@@ -233,6 +260,13 @@ def mirrored_bars(ax_score, ax_loss, summary: pd.DataFrame) -> dict[str, bool]:
                             xytext=(-3.5, 0), textcoords="offset points", ha="right",
                             va="center", fontsize=plt.rcParams["ytick.labelsize"])
     zero.set_in_layout(False)
+
+
+def _mirrored_frame(ax_score, ax_loss, summary: pd.DataFrame, ticks: list[float],
+                    tick_labels: list[str]) -> None:
+    """Make the two axes read as one: no spines at the joint, the zero line, method names
+    below, base-model names on top, a separator between base models."""
+    n_bases = int(summary["x"].max()) + 1
     for ax in (ax_score, ax_loss):
         ax.set_xlim(-0.5, n_bases - 0.5)
         ax.yaxis.grid(True, zorder=0)
@@ -249,8 +283,7 @@ def mirrored_bars(ax_score, ax_loss, summary: pd.DataFrame) -> dict[str, bool]:
     names = ax_score.secondary_xaxis("top")
     names.set_xticks(range(n_bases), base_labels(summary))
     names.tick_params(length=0, pad=2, labelsize=7)
-    ax_score.set_ylabel(metric_axis(score))
-    return flags
+    ax_score.set_ylabel(metric_axis(summary.attrs["score"]))
 
 
 def _mirrored_figure(df: pd.DataFrame, summary: pd.DataFrame, loss: str,
@@ -298,39 +331,11 @@ def area_lines(ax_score, ax_loss, summary: pd.DataFrame) -> dict[str, bool]:
     missing: dict[tuple[int, str], int] = {}
     for j, technique in enumerate(techniques):
         rows = summary[summary["technique"] == technique].sort_values("x")
-        label = rows["label"].iloc[0]
-        colour = style.technique_colour(label)
         x = rows["x"].to_numpy(float)
         if single:
             x = x + (j - (len(techniques) - 1) / 2) * (0.8 / len(techniques))
         for ax, m, name in ((ax_score, score, "score"), (ax_loss, loss, "loss")):
-            y = rows[m].to_numpy(float)
-            std = rows[companion(m, "std")].to_numpy(float)
-            ok = np.isfinite(y)
-            ax.plot(x, y, color=colour, marker="o", markersize=3.5,
-                    linestyle="none" if single else "-", zorder=3, gid=f"{name}:{label}",
-                    label=label)
-            if name == "score" and not single and ok.any():
-                ax.fill_between(x, 0.0, np.where(ok, y, 0.0), where=ok, color=colour,
-                                alpha=AREA_ALPHA, linewidth=0, zorder=1, gid=f"area:{label}")
-            spread = ok & np.isfinite(std) & (std > 0)
-            if spread.any():
-                flags["spread"] = True
-                ax.errorbar(x[spread], y[spread], yerr=std[spread], fmt="none", zorder=3,
-                            **(ERR_KW | {"ecolor": colour}))
-            estimated = ok & (rows[companion(m, "status")] == "estimated").to_numpy()
-            if estimated.any():  # hollow marker over the filled one
-                flags["estimated"] = True
-                ax.plot(x[estimated], y[estimated], linestyle="none", marker="o",
-                        markersize=3.5, markerfacecolor="white", markeredgecolor=colour,
-                        zorder=4, gid=f"estimated:{name}:{label}")
-            for xi, (_, row) in zip(x[~ok], rows[~ok].iterrows()):
-                k = missing.get((row["x"], m), 0)
-                missing[(row["x"], m)] = k + 1
-                ax.annotate(f"{label} {MISSING}", (xi, 0.0), xycoords=("data", "axes fraction"),
-                            xytext=(0, 2 + 6.5 * k), textcoords="offset points", ha="center",
-                            va="bottom", fontsize=5, color=colour,
-                            gid=f"n/a:{row['group']}:{label}:{m}")
+            _area_series(ax, rows, x, m, name, single, flags, missing)
     ax_score.set_ylim(0.0, max(1.0 if score == SCORE else 0.0,
                                np.nanmax(np.append(summary[score].to_numpy(float), 0.0))) * 1.1)
     ax_loss.margins(y=0.2)
@@ -342,6 +347,41 @@ def area_lines(ax_score, ax_loss, summary: pd.DataFrame) -> dict[str, bool]:
     ax_score.tick_params(axis="x", labelbottom=False)
     ax_score.set_ylabel(metric_axis(score))
     return flags
+
+
+def _area_series(ax, rows: pd.DataFrame, x: np.ndarray, m: str, name: str, single: bool,
+                 flags: dict[str, bool], missing: dict[tuple[int, str], int]) -> None:
+    """One method's series of metric ``m`` on ``ax``: the line (points when ``single``), the
+    area under the score, s.d. whiskers, hollow markers over estimated values and stacked
+    "n/a" labels (``missing`` counts the labels already at each base, so they do not overlap)."""
+    label = rows["label"].iloc[0]
+    colour = style.technique_colour(label)
+    y = rows[m].to_numpy(float)
+    std = rows[companion(m, "std")].to_numpy(float)
+    ok = np.isfinite(y)
+    ax.plot(x, y, color=colour, marker="o", markersize=3.5,
+            linestyle="none" if single else "-", zorder=3, gid=f"{name}:{label}", label=label)
+    if name == "score" and not single and ok.any():
+        ax.fill_between(x, 0.0, np.where(ok, y, 0.0), where=ok, color=colour,
+                        alpha=AREA_ALPHA, linewidth=0, zorder=1, gid=f"area:{label}")
+    spread = ok & np.isfinite(std) & (std > 0)
+    if spread.any():
+        flags["spread"] = True
+        ax.errorbar(x[spread], y[spread], yerr=std[spread], fmt="none", zorder=3,
+                    **(ERR_KW | {"ecolor": colour}))
+    estimated = ok & (rows[companion(m, "status")] == "estimated").to_numpy()
+    if estimated.any():  # hollow marker over the filled one
+        flags["estimated"] = True
+        ax.plot(x[estimated], y[estimated], linestyle="none", marker="o",
+                markersize=3.5, markerfacecolor="white", markeredgecolor=colour,
+                zorder=4, gid=f"estimated:{name}:{label}")
+    for xi, (_, row) in zip(x[~ok], rows[~ok].iterrows()):
+        k = missing.get((row["x"], m), 0)
+        missing[(row["x"], m)] = k + 1
+        ax.annotate(f"{label} {MISSING}", (xi, 0.0), xycoords=("data", "axes fraction"),
+                    xytext=(0, 2 + 6.5 * k), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=5, color=colour,
+                    gid=f"n/a:{row['group']}:{label}:{m}")
 
 
 def _area_figure(df: pd.DataFrame, summary: pd.DataFrame, loss: str, title: str | None):

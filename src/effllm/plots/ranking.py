@@ -122,46 +122,60 @@ def rank_panel(ax, table: pd.DataFrame, metrics: Sequence[str], title: str) -> d
         row = table.loc[what]
         ylabels.append(str(row["label"]))
         for x, m in enumerate(metrics):
-            gid = f"{row['group']}:{row['label']}:{m}"
-            rank = row.get(companion(m, "rank"))
-            if rank is None or pd.isna(rank):
-                ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor=NA_FACE,
-                                       edgecolor="white", hatch=NA_HATCH, linewidth=0.8,
-                                       gid=f"n/a:{gid}"))
-                ax.text(x, y, MISSING, ha="center", va="center", fontsize=4.5, color="0.4")
-                used["n/a"] = True
-                continue
-            ranked = table.loc[table["group"] == row["group"], companion(m, "rank")].notna().sum()
-            frac = (int(rank) - 1) / (ranked - 1) if ranked > 1 else 0.0
-            colour = CMAP(SHADE[0] + (SHADE[1] - SHADE[0]) * frac)
-            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor=colour, edgecolor="white",
-                                   linewidth=0.8, gid=f"rank:{gid}"))
-            text = str(int(rank))
-            if row[companion(m, "status")] == "estimated":
-                text += ESTIMATED
-                used["estimated"] = True
-            if row[companion(m, "unsettled")]:
-                text += UNSETTLED
-                used["unsettled"] = True
-            dark = frac < 0.55
-            ax.text(x, y, text, ha="center", va="center", fontsize=6,
-                    color="white" if dark else "0.1", fontweight="bold" if rank == 1 else None)
+            _rank_cell(ax, table, row, m, x, y, used)
+    _label_panel(ax, table, metrics, ylabels)
+    single = "" if len(groups) > 1 else f" ({_short(groups[0])})"
+    ax.set_title(title + single, loc="left", fontsize=7, fontweight="bold", pad=12)
+    return used
+
+
+def _rank_cell(ax, table: pd.DataFrame, row: pd.Series, m: str, x: int, y: int,
+               used: dict[str, bool]) -> None:
+    """One cell at (``x``, ``y``): shaded by the rank's place between best and worst of the
+    row's group with the rank printed, or hatched "n/a" without a rank; ``used`` records
+    the marks the legend must explain."""
+    gid = f"{row['group']}:{row['label']}:{m}"
+    rank = row.get(companion(m, "rank"))
+    if rank is None or pd.isna(rank):
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor=NA_FACE,
+                               edgecolor="white", hatch=NA_HATCH, linewidth=0.8,
+                               gid=f"n/a:{gid}"))
+        ax.text(x, y, MISSING, ha="center", va="center", fontsize=4.5, color="0.4")
+        used["n/a"] = True
+        return
+    ranked = table.loc[table["group"] == row["group"], companion(m, "rank")].notna().sum()
+    frac = (int(rank) - 1) / (ranked - 1) if ranked > 1 else 0.0
+    colour = CMAP(SHADE[0] + (SHADE[1] - SHADE[0]) * frac)
+    ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor=colour, edgecolor="white",
+                           linewidth=0.8, gid=f"rank:{gid}"))
+    text = str(int(rank))
+    if row[companion(m, "status")] == "estimated":
+        text += ESTIMATED
+        used["estimated"] = True
+    if row[companion(m, "unsettled")]:
+        text += UNSETTLED
+        used["unsettled"] = True
+    dark = frac < 0.55
+    ax.text(x, y, text, ha="center", va="center", fontsize=6,
+            color="white" if dark else "0.1", fontweight="bold" if rank == 1 else None)
+
+
+def _label_panel(ax, table: pd.DataFrame, metrics: Sequence[str], ylabels: list[str]) -> None:
+    """Metric names on top (marked when no technique has the metric), technique names on the
+    left, no frame: the cells themselves delimit the table."""
     absent = [table[m].isna().all() if m in table else True for m in metrics]
     ax.set_xlim(-0.5, len(metrics) - 0.5)
-    ax.set_ylim(len(lines) - 0.5, -0.5)
+    ax.set_ylim(len(ylabels) - 0.5, -0.5)
     ax.set_xticks(range(len(metrics)),
                   [style.metric_label(m) + (f"\n({MISSING})" if a else "")
                    for m, a in zip(metrics, absent)])
     ax.xaxis.tick_top()
-    ax.set_yticks(range(len(lines)), ylabels)
+    ax.set_yticks(range(len(ylabels)), ylabels)
     ax.tick_params(length=0, pad=2)
     ax.tick_params(axis="x", labelsize=6)
     ax.tick_params(axis="y", labelsize=6)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    single = "" if len(groups) > 1 else f" ({_short(groups[0])})"
-    ax.set_title(title + single, loc="left", fontsize=7, fontweight="bold", pad=12)
-    return used
 
 
 def draw_ranking(

@@ -146,33 +146,48 @@ def rose(ax, cells: pd.DataFrame, metrics: Sequence[str] | None = None,
     ax.set_theta_offset(np.pi / 2)
     ax.set_theta_direction(-1)
     for i, (_, cell) in enumerate(cells.iterrows()):
-        model = cell["model"]
         centre = i * sector
         if cell["seeds"] == 0:
             ax.bar(centre, top, sector * SECTOR_FILL, fill=False, hatch=NA_HATCH,
-                   edgecolor=NA_COLOUR, linewidth=0, zorder=1, gid=f"no run:{model}")
+                   edgecolor=NA_COLOUR, linewidth=0, zorder=1, gid=f"no run:{cell['model']}")
             ax.text(centre, top * 0.55, "no run", ha="center", va="center", fontsize=6,
                     color="0.2", zorder=4, bbox=LABEL_BOX)
             flags["n/a"] = True
             continue
         for j, m in enumerate(metrics):
             theta = centre + (j - (n_metrics - 1) / 2) * width
-            value, std = float(cell[m]), float(cell[companion(m, "std")])
-            if not math.isfinite(value):
-                flags["n/a"] = True
-                ax.bar(theta, top, width, fill=False, hatch=NA_HATCH, edgecolor=NA_COLOUR,
-                       linewidth=0, zorder=1, gid=f"n/a:{model}:{m}")
-                continue
-            estimated = cell[companion(m, "status")] == "estimated"
-            flags["estimated"] |= estimated
-            ax.bar(theta, value, width * 0.92, color=metric_colour(m, metrics),
-                   edgecolor="white", linewidth=0.3, hatch=ESTIMATED_HATCH if estimated else None,
-                   zorder=2, gid=f"{m}:{model}")
-            if math.isfinite(std) and std > 0:
-                flags["spread"] = True
-                bars = ax.errorbar(theta, value, yerr=std, fmt="none", zorder=3, **ERR_KW)
-                bars.lines[2][0].set_gid(f"sd:{m}:{model}")
-    centres = np.arange(n_models) * sector
+            _petal(ax, cell, m, metrics, theta, width, top, flags)
+    _label_sectors(ax, cells, sector, top)
+    _radial_scale(ax, sector, top)
+    return flags
+
+
+def _petal(ax, cell: pd.Series, m: str, metrics: Sequence[str], theta: float, width: float,
+           top: float, flags: dict[str, bool]) -> None:
+    """One metric's petal of a model at angle ``theta`` (hatched when estimated) with its s.d.
+    as a radial line, or a hatched full-radius outline when the value is missing (a short bar
+    would read as a bad value); ``flags`` records what the legend must explain."""
+    model = cell["model"]
+    value, std = float(cell[m]), float(cell[companion(m, "std")])
+    if not math.isfinite(value):
+        flags["n/a"] = True
+        ax.bar(theta, top, width, fill=False, hatch=NA_HATCH, edgecolor=NA_COLOUR,
+               linewidth=0, zorder=1, gid=f"n/a:{model}:{m}")
+        return
+    estimated = cell[companion(m, "status")] == "estimated"
+    flags["estimated"] |= estimated
+    ax.bar(theta, value, width * 0.92, color=metric_colour(m, metrics),
+           edgecolor="white", linewidth=0.3, hatch=ESTIMATED_HATCH if estimated else None,
+           zorder=2, gid=f"{m}:{model}")
+    if math.isfinite(std) and std > 0:
+        flags["spread"] = True
+        bars = ax.errorbar(theta, value, yerr=std, fmt="none", zorder=3, **ERR_KW)
+        bars.lines[2][0].set_gid(f"sd:{m}:{model}")
+
+
+def _label_sectors(ax, cells: pd.DataFrame, sector: float, top: float) -> None:
+    """Sector boundaries as angular grid lines and each model's name outside its sector."""
+    centres = np.arange(len(cells)) * sector
     ax.set_xticks(centres + sector / 2)  # sector boundaries, as grid lines
     ax.xaxis.grid(True, color="0.6", linewidth=0.5)
     ax.tick_params(axis="x", length=0, labelbottom=False)
@@ -183,6 +198,11 @@ def rose(ax, cells: pd.DataFrame, metrics: Sequence[str] | None = None,
         ax.text(theta, top * 1.05, name, fontsize=6, clip_on=False, gid=f"model:{model}",
                 ha="left" if x > 0.25 else "right" if x < -0.25 else "center",
                 va="bottom" if y > 0.25 else "top" if y < -0.25 else "center")
+
+
+def _radial_scale(ax, sector: float, top: float) -> None:
+    """The radius from 0 to ``top`` over an empty centre disc, with ring grid lines and two
+    labelled rings."""
     ax.set_ylim(0.0, top)
     ax.set_rorigin(R_ORIGIN * top)
     ax.set_yticks(R_TICKS, [])
@@ -191,7 +211,6 @@ def rose(ax, cells: pd.DataFrame, metrics: Sequence[str] | None = None,
                 zorder=6, bbox=LABEL_BOX)
     ax.yaxis.grid(True, color="0.8", linewidth=0.4)
     ax.set_axisbelow(True)
-    return flags
 
 
 def panel_columns(n_panels: int, n_models: int) -> int:
