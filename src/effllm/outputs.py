@@ -97,20 +97,26 @@ INFERENCE_METRICS = ["performance", "amu", "al", "it", "aec", "mcr_nominal"]
 
 
 def _ranking_params(config: Mapping) -> dict[str, Any]:
+    from effllm.sweep import grid_order  # at DAG time, where the sweep is loaded anyway
+
+    order = grid_order(config)
     return {
         "metrics": {"pretrain": PRETRAIN_METRICS, "finetune": FINETUNE_METRICS,
                     "inference": INFERENCE_METRICS},
         # Rows in the config's order: variants of each block, methods, precisions.
-        "order": [v["name"] for b in config["pretrain"]["blocks"].values() if b
-                  for v in b["variants"]]
-        + config["finetune"]["methods"] + config["inference"]["precisions"],
+        "order": [*order.variants, *order.methods, *order.precisions],
     }
 
 
 def _finetune_params(kind: str) -> Callable[[Mapping], dict[str, Any]]:
-    return lambda config: {"kind": kind, "loss": "val_loss",
-                           "methods": config["finetune"]["methods"],
-                           "size_order": list(config["sizes"])}
+    def params(config: Mapping) -> dict[str, Any]:
+        from effllm.sweep import grid_order
+
+        order = grid_order(config)
+        return {"kind": kind, "loss": "val_loss", "methods": list(order.methods),
+                "size_order": list(order.sizes)}
+
+    return params
 
 
 FIGURES: dict[str, Output] = {o.name: o for o in (

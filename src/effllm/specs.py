@@ -472,6 +472,16 @@ class ReasoningSetSpec(SourcedBlock):
 
 
 @dataclasses.dataclass(frozen=True)
+class GridOrder(Spec):
+    """The grid's names in config order, for ordering the rows and series of figures."""
+
+    variants: tuple[str, ...]  # pretraining variants, block by block
+    methods: tuple[str, ...]
+    precisions: tuple[str, ...]
+    sizes: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class ResourceSpec(Spec):
     """What one stage's jobs ask a cluster scheduler for (``resources.<stage>``), with the
     schema's defaults."""

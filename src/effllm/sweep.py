@@ -22,8 +22,8 @@ import json
 from typing import Any
 
 from effllm.specs import (
-    STAGES, FinetuneSpec, InferenceSpec, LongContext, MeasureSpec, ModelShape, PretrainSpec,
-    PretrainTrain, RunSpec,
+    STAGES, FinetuneSpec, GridOrder, InferenceSpec, LongContext, MeasureSpec, ModelShape,
+    PretrainSpec, PretrainTrain, RunSpec,
 )
 from effllm.training.methods import ADAPTER_METHODS, LABELS as METHOD_LABELS
 
@@ -310,6 +310,15 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
                 runs["inference"][name] = Run(
                     spec, (_membership("inference", source_id, precision),))
     return runs
+
+
+def grid_order(config: dict) -> GridOrder:
+    """The grid's names in config order (variants, methods, precisions, sizes)."""
+    return GridOrder(
+        variants=tuple(v["name"] for b in config["pretrain"]["blocks"].values() if b
+                       for v in b["variants"]),
+        methods=tuple(config["finetune"]["methods"]),
+        precisions=tuple(config["inference"]["precisions"]), sizes=tuple(config["sizes"]))
 
 
 def memberships(runs: dict[str, dict[str, Run]]) -> dict[str, list[dict[str, str]]]:
