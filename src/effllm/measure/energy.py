@@ -30,20 +30,34 @@ class EnergyMeter:
     """``start()`` / ``stop()`` around a window; ``joules`` and ``method`` afterwards."""
 
     def __init__(self, rapl_root: Path = RAPL_ROOT):
-        self._gpus = [h for h in nvml.device_handles() if nvml.energy_mj(h) is not None]
-        self._rapl = [] if self._gpus else _rapl_zones(rapl_root)
+        devices = nvml.job_devices()
+        self._gpus = list(devices.handles)
+        self._rapl, self.method, self.reason = [], None, None
         if self._gpus:
-            self.method = "nvml_energy_counter"
-        elif self._rapl:
+            missing = [n for h, n in zip(self._gpus, devices.names) if nvml.energy_mj(h) is None]
+            if missing:  # a partial sum would be no job's energy
+                self._gpus = []
+                self.reason = (f"no NVML energy counter on GPU(s) {', '.join(missing)} "
+                               "(older than Volta)")
+            else:
+                self.method = "nvml_energy_counter"
+                self.note = devices.describe()
+            self.joules: float | None = None
+            return
+        self._rapl = _rapl_zones(rapl_root)
+        if self._rapl:
             self.method = "rapl_energy_uj"
+            self.note = "CPU package energy (RAPL), the whole socket"
         else:
-            self.method = None
-        self.joules: float | None = None
+            self.reason = "no NVML energy counter and no readable RAPL on this machine"
+        self.joules = None
 
     def _read(self) -> list[int]:
         if self._gpus:
             return [nvml.energy_mj(h) for h in self._gpus]
         return [int((z / "energy_uj").read_text()) for z in self._rapl]
+
+    note: str | None = None
 
     def start(self) -> "EnergyMeter":
         self._begin = self._read() if self.method else None

@@ -55,7 +55,8 @@ class MemorySampler:
         self.gpu_util: list[float] = []  # NVML duty cycle, mean over devices (for PCU)
         self._stop = threading.Event()
         self._proc = psutil.Process()
-        self._handles = nvml.device_handles()
+        self.devices = nvml.job_devices()
+        self._handles = self.devices.handles
 
     def _sample(self) -> None:
         self.times.append(time.perf_counter())

@@ -36,9 +36,11 @@ class Window:
         m = self.memory
         out: dict[str, Metric] = {}
         if m.gpu_used:
+            where = f"device memory used on {m.devices.describe()}"
             out["amu"] = Metric.measured(time_weighted_mean(m.times, m.gpu_used) / GB, "GB",
-                                         "nvml_used_poll", "device-wide, all GPUs")
-            out["memory_peak"] = Metric.measured(max(m.gpu_used) / GB, "GB", "nvml_used_poll")
+                                         "nvml_used_poll", where)
+            out["memory_peak"] = Metric.measured(max(m.gpu_used) / GB, "GB", "nvml_used_poll",
+                                                 where)
             out["memory_torch_reserved_peak"] = Metric.measured(
                 m.torch_reserved_peak / GB, "GB", "torch_max_reserved")
             out["memory_torch_allocated_peak"] = Metric.measured(
@@ -52,18 +54,20 @@ class Window:
             else:
                 out["memory_peak"] = Metric.measured(max(m.rss) / GB, "GB", "host_rss_poll", note)
         if self.energy.joules is not None and self.seconds > 0:
-            out["energy"] = Metric.measured(self.energy.joules, "J", self.energy.method)
+            out["energy"] = Metric.measured(self.energy.joules, "J", self.energy.method,
+                                            self.energy.note)
             out["aec"] = Metric.measured(self.energy.joules / self.seconds, "W",
-                                         self.energy.method)
+                                         self.energy.method, self.energy.note)
         else:
-            why = "no NVML energy counter and no readable RAPL on this machine"
+            why = self.energy.reason or "the window measured no time"
             out["energy"] = Metric.unavailable("J", "none", why)
             out["aec"] = Metric.unavailable("W", "none", why)
         if m.gpu_util:
             out["pcu"] = Metric.measured(time_weighted_mean(m.times, m.gpu_util), "fraction",
                                          "nvml_utilization_poll",
-                                         "duty cycle: share of time any kernel ran, not FLOP use")
+                                         "duty cycle: share of time any kernel ran, not FLOP "
+                                         f"use; mean over {m.devices.describe()}")
         else:
             out["pcu"] = Metric.unavailable("fraction", "none",
-                                            "no accelerator duty cycle on a CPU-only machine")
+                                            f"no accelerator duty cycle: {m.devices.reason}")
         return out

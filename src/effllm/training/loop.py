@@ -245,6 +245,8 @@ def note_window(metrics: dict[str, Metric], text: str) -> None:
 
 
 def note_rank0(metrics: dict[str, Metric], world: int) -> None:
-    """Memory, energy and utilisation are sampled by rank 0 alone: say so when there are more."""
+    """Rank 0 alone samples the window: host memory is its process's, while NVML figures cover
+    all the job's GPUs. Say so when there are several ranks."""
     if world > 1:
-        note_window(metrics, f"rank 0 of {world} ranks (its process and device)")
+        note_window(metrics, f"sampled by rank 0 of {world} ranks (host memory: its process; "
+                             "NVML: the job's GPUs)")
