@@ -217,3 +217,24 @@ def test_sinusoidal_encoding_is_the_transformer_papers():
     hook.remove()
     expected = model.model.embed_tokens(ids) * math.sqrt(32) + sinusoidal_table(5, 32)[None]
     torch.testing.assert_close(captured["x"], expected)
+
+
+def test_sinusoidal_table_is_built_once_not_per_forward(monkeypatch):
+    """Rebuilding the table on the CPU at every forward would charge that PE's latency for it
+    (issue 19, item 7): one build serves every forward, and decoding past its end grows it."""
+    import effllm.models.decoder as decoder
+
+    built = []
+    real = decoder.sinusoidal_table
+    monkeypatch.setattr(decoder, "sinusoidal_table", lambda n, d: built.append(n) or real(n, d))
+    model = tiny(position_encoding="sinusoidal").eval()
+    ids = torch.randint(2, 97, (2, 7))
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    torch.testing.assert_close(first, again)
+    assert built == [model.config.max_position_embeddings]
+    longer = torch.randint(2, 97, (1, model.config.max_position_embeddings + 3))
+    with torch.no_grad():
+        model(input_ids=longer)
+    assert built[1:] == [model.config.max_position_embeddings + 3]

@@ -151,10 +151,22 @@ class DecoderModel(DecoderPreTrainedModel):
                                               config.num_attention_heads)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._sinusoids = None  # the fixed table, built once per device and dtype (not saved)
         for name, module in self.named_modules():
             if name.endswith(("o_proj", "down_proj")):
                 module._is_residual_out = True
         self.post_init()
+
+    def _sinusoid_table(self, n_positions: int, like: torch.Tensor) -> torch.Tensor:
+        """The sinusoidal table on ``like``'s device and dtype, rebuilt only when it must grow or
+        move: rebuilding it on the CPU at every forward would charge that PE's latency for it."""
+        table = self._sinusoids
+        if (table is None or table.shape[0] < n_positions or table.device != like.device
+                or table.dtype != like.dtype):
+            n = max(n_positions, self.config.max_position_embeddings)
+            table = sinusoidal_table(n, self.config.hidden_size).to(like.device, like.dtype)
+            self._sinusoids = table
+        return table
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=None):
@@ -180,8 +192,8 @@ class DecoderModel(DecoderPreTrainedModel):
         elif pe == "sinusoidal":
             # Vaswani et al. (2017, §3.4) scale the embeddings by sqrt(d) before adding the
             # unit-amplitude table; unscaled (std 0.02) they would drown in it.
-            table = sinusoidal_table(int(position_ids.max()) + 1, config.hidden_size)
-            x = x * math.sqrt(config.hidden_size) + table.to(x.device, x.dtype)[position_ids]
+            table = self._sinusoid_table(int(position_ids.max()) + 1, x)
+            x = x * math.sqrt(config.hidden_size) + table[position_ids]
         padded = attention_mask is not None and not bool(attention_mask.all())
         inputs = AttentionInputs(
             position_ids=position_ids, past=past,
