@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from effllm.evaluation.logprobs import token_scores
 from effllm.precision import autocast
 from effllm.records import Metric
 
@@ -32,7 +33,7 @@ def finite_metric(value: float, unit: str, method: str, note: str | None = None)
 def perplexity(model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int = 8,
                precision: str = "fp32") -> tuple[float, int]:
     """exp(mean NLL) over non-overlapping windows of held-out tokens, forward passes at
-    ``precision``; returns (ppl, scored)."""
+    ``precision``, never holding a batch's full logits; returns (ppl, scored)."""
     model.eval()
     n_windows = max(1, min(len(tokens), max_tokens) // seq_len)
     windows = [tokens[i * seq_len:(i + 1) * seq_len] for i in range(n_windows)]
@@ -43,9 +44,9 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_s
     for i in range(0, len(windows), batch_size):
         ids = torch.from_numpy(np.stack(windows[i:i + batch_size]).astype(np.int64))
         ids = ids.to(model.device)
+        targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
         with autocast(model.device, precision):
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-        count += ids[:, 1:].numel()
+            part, _, scored = token_scores(model, ids, torch.ones_like(ids), targets)
+        nll += part
+        count += scored
     return safe_exp(nll / count), count

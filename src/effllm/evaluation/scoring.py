@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from effllm.data.sft import collate, encode_example
 from effllm.distributed import is_distributed, is_main, rank_share, summed
+from effllm.evaluation.logprobs import token_scores
 from effllm.evaluation.perplexity import finite_metric, safe_exp
 from effllm.records import Metric
 
@@ -23,8 +24,8 @@ from effllm.records import Metric
 @torch.no_grad()
 def completion_scores(model, tokenizer, problems: list[dict], max_length: int,
                       batch_size: int = 16, device=None) -> dict[str, float]:
-    """Teacher-forced mean NLL and next-token accuracy on the completions (prompts excluded).
-    Inputs go to ``device`` (by default the model's)."""
+    """Teacher-forced mean NLL and next-token accuracy on the completions (prompts excluded),
+    never holding a batch's full logits. Inputs go to ``device`` (by default the model's)."""
     model.eval()
     device = device or model.device
     share, counted = rank_share(problems)
@@ -33,15 +34,11 @@ def completion_scores(model, tokenizer, problems: list[dict], max_length: int,
         chunk = share[i:i + batch_size]
         batch = collate([encode_example(tokenizer, p["prompt"], p["completion"], max_length)
                          for p in chunk], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device),
-                       use_cache=False).logits[:, :-1].float()
-        target = batch["labels"][:, 1:].to(logits.device)
-        keep = target != -100
-        keep[max(0, counted - i):] = False  # padding rows of this rank's share
-        nll += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
-        correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
-        count += int(keep.sum())
+        targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+        targets[max(0, counted - i):] = -100  # padding rows of this rank's share
+        part, hits, scored = token_scores(model, batch["input_ids"].to(device),
+                                          batch["attention_mask"].to(device), targets.to(device))
+        nll, correct, count = nll + part, correct + hits, count + scored
     nll, correct, count = summed(nll, correct, count)
     return {"loss": nll / count, "token_accuracy": correct / count, "tokens": int(count)}
 
