@@ -3,6 +3,7 @@ figure must be."""
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @torch.no_grad()
@@ -66,3 +67,20 @@ def assert_served_tokens_are_the_pipelines(tokenizer, stdlib_tokens):
     assert tokenizer.pad_token_id not in set(ours.tolist())
     prompts = timing_prompts(ours, 64, 4, seed=0)
     assert prompts.shape == (4, 64) and not (prompts == tokenizer.pad_token_id).any()
+
+
+class LargestTensor(TorchDispatchMode):
+    """Bytes of the largest tensor any op produces while the mode is on (a zero-strided view,
+    which holds nothing, is not counted): a dense T x S score matrix or a batch's full logits
+    would show here."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and 0 not in t.stride():
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out

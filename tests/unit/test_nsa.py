@@ -9,13 +9,12 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from effllm.models import DecoderConfig, DecoderForCausalLM
 from effllm.models.layers import AttentionInputs
 from effllm.models.positions import apply_rope, rope_cos_sin
 from effllm.models.nsa import NativeSparseAttention
-from invariants import assert_causal
+from invariants import LargestTensor, assert_causal
 
 # Small blocks so that T ~ 20 exercises every branch: l=4, d=2, l'=4, n=2, w=4.
 NSA = dict(nsa_compress_block=4, nsa_compress_stride=2, nsa_select_block=4, nsa_num_selected=2,
@@ -233,21 +232,6 @@ def test_right_padding_is_ignored_and_left_padding_is_refused():
     torch.testing.assert_close(together[1:, :8], alone_b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="NSA does not support left-padded batches"):
         model(input_ids=batch, attention_mask=mask.flip(-1))
-
-
-class LargestTensor(TorchDispatchMode):
-    """Bytes of the largest tensor any op produces: a dense T x S score matrix would show here."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(o, torch.Tensor):
-                self.largest = max(self.largest, o.numel() * o.element_size())
-        return out
 
 
 def largest_tensor(fn, t):
