@@ -84,3 +84,14 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and 0 not in t.stride():
                 self.largest = max(self.largest, t.numel() * t.element_size())
         return out
+
+
+def train_steps(model, optimizer, vocab: int, length: int, steps: int = 3) -> None:
+    """A few optimiser steps on fixed random tokens (seeded), as a method would train."""
+    torch.manual_seed(1)
+    ids = torch.randint(2, vocab, (4, length))
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 ENV_GPUS = "EFFLLM_GPUS"  # the job's GPUs (set by run_stage, inherited by the ranks)
 ENV_ALLOW_CPU = "EFFLLM_ALLOW_CPU"  # "1": a job given GPUs may run on the CPU (fake GPUs)
@@ -47,25 +46,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
-    if is_distributed():
-        _dist().barrier()
-
-
 def all_reduce_(tensor):
     """Sum ``tensor`` over the ranks in place (unchanged in one process); returns it."""
     if is_distributed():
         _dist().all_reduce(tensor)
     return tensor
-
-
-def broadcast_object(value: Any, src: int = 0) -> Any:
-    """``value`` of rank ``src`` on every rank (a picklable object)."""
-    if not is_distributed():
-        return value
-    box = [value]
-    _dist().broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def summed(*values: float) -> list[float]:

@@ -21,6 +21,7 @@ from effllm.specs import MethodSpec
 from effllm.sweep import expand_runs
 from effllm.training import methods
 from effllm.models.params import count_params
+import invariants
 from hubcache import COMMIT, REPO, fake_cache, llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -154,13 +155,7 @@ def lora_spec(**kw):
 
 
 def train_steps(model, optimizer, steps=3):
-    torch.manual_seed(1)
-    ids = torch.randint(2, 256, (4, 16))
-    model.train()
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    invariants.train_steps(model, optimizer, vocab=256, length=16, steps=steps)
 
 
 def linears4bit(model):

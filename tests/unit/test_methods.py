@@ -8,6 +8,7 @@ import torch
 
 from effllm.models import DecoderConfig, DecoderForCausalLM
 from effllm.specs import MethodSpec
+from invariants import train_steps
 from effllm.training.methods import ADAPTER_METHODS, METHODS, merged, prepare
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -27,13 +28,7 @@ def spec(name, **kw):
 
 
 def train(m, optimizer, steps=3):
-    torch.manual_seed(1)
-    ids = torch.randint(2, 64, (4, 12))
-    m.train()
-    for _ in range(steps):
-        m(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(m, optimizer, vocab=64, length=12, steps=steps)
 
 
 def base_state(m):
