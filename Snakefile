@@ -14,6 +14,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/tune.smk"
 include: "workflow/rules/inference.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/figures.smk"
@@ -42,6 +43,12 @@ rule tables:
     input:
         TABLES,
         CLAIMS,
+
+
+rule tune:
+    """Learning rates per fine-tuning method (results/tune/tuned_lr.yaml); not part of all."""
+    input:
+        "results/tune/tuned_lr.yaml",
 
 
 rule figures:

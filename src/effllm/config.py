@@ -53,6 +53,7 @@ def check_semantics(config: dict) -> None:
     _check_lengths(config)
     _check_methods(config, known)
     _check_finetune_sets(config)
+    _check_tuning(config)
     _check_analysis_and_split(config)
     for precision in config["inference"]["precisions"]:
         if precision in ("int4", "int8") and precision not in config["inference"]:
@@ -233,6 +234,24 @@ def _check_finetune_sets(config: dict) -> None:
         if name not in ft["datasets"]:
             raise ConfigError(f"config key 'inference.finetune_datasets.{i}': {name!r} is not "
                               f"one of finetune.datasets ({ft['datasets']})")
+
+
+def _check_tuning(config: dict) -> None:
+    """The tuned-rates file reads, and the tune grid has a base and a timed step."""
+    from effllm.sweep import tuned_rates
+
+    ft = config["finetune"]
+    try:
+        tuned_rates(ft)
+    except ValueError as err:
+        raise ConfigError(f"config key 'finetune.lr_file': {err}") from None
+    tune = ft.get("tune") or {}
+    if tune.get("base") and tune["base"] not in ft["bases"]:
+        raise ConfigError(f"config key 'finetune.tune.base': {tune['base']!r} is not one of "
+                          f"finetune.bases ({ft['bases']})")
+    if "steps" in tune and tune["steps"] <= config["measure"]["warmup_steps"]:
+        raise ConfigError(f"config key 'finetune.tune.steps': {tune['steps']} leaves no timed "
+                          f"step after measure.warmup_steps {config['measure']['warmup_steps']}")
 
 
 def check_renamed(config: dict) -> None:

@@ -79,6 +79,12 @@ METRICS: dict[str, MetricInfo] = _Catalogue({
     ),
     "loss": MetricInfo("nats/token", False, "Loss", "final training loss (mean of the last steps)"),
     "val_loss": MetricInfo("nats/token", False, "Val loss", "mean token NLL on the validation set"),
+    "loss_start": MetricInfo("nats/token", False, "Loss 0",
+                             "training loss of the first steps (mean of the first 10 %)"),
+    "val_loss_start": MetricInfo("nats/token", False, "Val loss 0",
+                                 "validation loss before the first training step"),
+    "diverged": MetricInfo("1", False, "Diverged", "1 when training diverged (non-finite loss, "
+                           "or a final loss above its start), else 0"),
     "exact_match": MetricInfo("fraction", True, "EM", "exact-match accuracy on held-out problems"),
     "token_accuracy": MetricInfo(
         "fraction", True, "Tok acc", "teacher-forced next-token accuracy on held-out completions"
@@ -89,6 +95,20 @@ METRICS: dict[str, MetricInfo] = _Catalogue({
         "GB", False, "AMU", "time-averaged memory in use over the window (GB = 1e9 B)"
     ),
     "memory_peak": MetricInfo("GB", False, "Peak mem", "peak memory in use over the window"),
+    "amu_rss": MetricInfo("GB", False, "AMU (RSS)",
+                          "time-averaged process RSS: the CPU's second, labelled figure"),
+    "memory_peak_rss": MetricInfo("GB", False, "Peak RSS", "peak process RSS over the window"),
+    "memory_tensor_peak": MetricInfo("GB", False, "Tensor peak",
+                                     "largest total of live tensors in one unit of the work"),
+    "memory_tensor_mean": MetricInfo("GB", False, "Tensor mean",
+                                     "time-weighted mean of live tensors in one unit of the work"),
+    "memory_weights": MetricInfo("GB", False, "Weights mem",
+                                 "parameters, buffers and quantisation state as held"),
+    "memory_grads": MetricInfo("GB", False, "Grads mem", "gradients at their largest"),
+    "memory_optimizer": MetricInfo("GB", False, "Opt mem", "optimiser state at its largest"),
+    "memory_activations": MetricInfo("GB", False, "Act mem",
+                                     "activations and temporaries together at their largest"),
+    "memory_kv_cache": MetricInfo("GB", False, "KV mem", "decoding state after generation"),
     "load_memory_peak": MetricInfo("GB", False, "Load peak", "peak memory while loading"),
     "memory_torch_allocated_peak": MetricInfo("GB", False, "Alloc peak", "torch allocated peak"),
     "memory_torch_reserved_peak": MetricInfo("GB", False, "Reserved peak", "torch reserved peak"),

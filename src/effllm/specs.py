@@ -94,6 +94,9 @@ class MeasureSpec(Spec):
     warmup_steps: int
     peak_flops: float | None
     threads: int
+    # W per busy core for the CPU-time energy estimate (Green Algorithms' default, no RAPL and
+    # no NVML); None: energy stays unavailable there. Omitted from the JSON at the default.
+    watts_per_core: float | None = opt(12.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +151,9 @@ class PretrainTrain(Spec):
     eval_tokens: int
     checkpoint_every: int
     precision: str = opt("fp32")
+    micro_batch_size: int | None = opt()  # rows per forward/backward pass (accumulation)
+    gradient_checkpointing: bool | None = opt()  # recompute each layer in backward
+    sharding: str | None = opt()  # "fsdp": ZeRO-3 over the ranks; absent: DDP replicas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +211,11 @@ class FinetuneTrain(Spec):
     max_new_tokens: int
     max_steps: int | None = opt()
     precision: str = opt("fp32")
+    micro_batch_size: int | None = opt()  # rows per forward/backward pass (accumulation)
+    gradient_checkpointing: bool | None = opt()  # recompute each layer in backward
+    # Where ``lr`` came from (effllm.sweep.resolve_lr): a config key, the tuned-rates file, or a
+    # tune grid point. Recorded with the run, so a table can say how each rate was chosen.
+    lr_source: str | None = opt()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,11 +414,25 @@ class SplitSpec(DataBlock):
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerSpec(DataBlock):
-    """``data.tokenizer``: the byte-level BPE trained on the corpus's train split."""
+    """``data.tokenizer``: the byte-level BPE trained on the first ``sample_documents`` of the
+    corpus's train split (None: all), or with ``hub`` (a ``hub_models`` name or a repo id) that
+    cached model's tokenizer instead."""
 
     vocab_size: int
     min_frequency: int | _Absent = given(2)
     split_digits: bool | _Absent = given(True)
+    sample_documents: int | None | _Absent = given(None)
+    hub: str | None | _Absent = given(None)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenBudget(DataBlock):
+    """``data.tokens``: the most tokens each split's file holds: a count, ``auto`` (what the
+    configured runs read) or None (all the corpus gives)."""
+
+    train: int | str | None | _Absent = given(None)
+    validation: int | str | None | _Absent = given(None)
+    test: int | str | None | _Absent = given(None)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -498,6 +523,7 @@ class AnalysisSpec(Spec):
 
     efficiency_score: dict[str, dict[str, float]]
     normalise_floor: float = 0.1
+    use_estimates: bool = True  # False: estimated values count as unavailable in the analysis
 
 
 # The pipeline's stages that run jobs, in order, each with its spec type: the one list.

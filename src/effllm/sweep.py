@@ -174,12 +174,47 @@ def _membership(block: str, group: str, technique: str, label: str | None = None
     return Membership(block, group, technique, label or LABELS.get(technique, technique))
 
 
+def block_seeds(config: dict, block: str) -> list[int]:
+    """Seeds of a pretraining block: ``pretrain.blocks.<block>.seeds``, else ``seeds``."""
+    return list((config["pretrain"]["blocks"][block] or {}).get("seeds") or config["seeds"])
+
+
+def stage_seeds(config: dict, stage: str) -> list[int]:
+    """Seeds of the fine-tuning or inference stage: ``<stage>.seeds``, else ``seeds``."""
+    return list(config[stage].get("seeds") or config["seeds"])
+
+
+def all_seeds(config: dict) -> list[int]:
+    """Every seed some block or stage runs: ``seeds`` first, then the others in config order."""
+    lists = [config["seeds"], *(block_seeds(config, b) for b, spec in
+                                config["pretrain"]["blocks"].items() if spec),
+             stage_seeds(config, "finetune"), stage_seeds(config, "inference")]
+    return list(dict.fromkeys(seed for seeds in lists for seed in seeds))
+
+
+def base_run(pretrain: dict[str, Run], base: str, seed: int) -> Run:
+    """The pretraining run that fine-tuning ``base`` at ``seed`` starts from: the base trained
+    with that seed, else (its blocks run fewer seeds than fine-tuning) with its first seed, so
+    that the extra fine-tuning seeds vary the fine-tuning only."""
+    run = pretrain.get(f"{base}-s{seed}")
+    if run is None:
+        run = next((r for r in pretrain.values() if r.name == f"{base}-s{r.seed}"), None)
+    if run is None:
+        raise ValueError(f"config key 'finetune.bases': {base!r} is not a pretraining run")
+    return run
+
+
 def _add_pretrain_runs(config: dict, seed: int, runs: dict[str, Run]) -> None:
     pre = config["pretrain"]
     train = {**{k: pre.get(k, 0) for k in TRAIN_KEYS},  # checkpoint_every is optional
-             **precision_setting(pre)}
-    by_settings: dict[str, str] = {}
+             **precision_setting(pre), **memory_settings(pre)}
+    # The first place of each model in config order, whether or not that block runs this seed:
+    # a run's name and spec never depend on which blocks have the seed, so adding a seed to a
+    # block later retrains nothing that exists.
+    first: dict[str, tuple[str, str, str, str]] = {}  # key -> name, variant, size, group
+
     for block, variant_name, size, variant in pretrain_variants(config):
+        in_block = seed in block_seeds(config, block)
         model_size = variant.get("size", size)
         long_context = pre.get("long_context")
         settings = {"model": model_shape(config, model_size, variant),
@@ -190,24 +225,28 @@ def _add_pretrain_runs(config: dict, seed: int, runs: dict[str, Run]) -> None:
         member = _membership(block, f"{block}-{size}", variant_name, variant.get("label"))
         key = json.dumps({k: v.to_json() if v else v for k, v in settings.items()},
                          sort_keys=True)
-        if key in by_settings:  # the same model trained the same way: one run, one more place
-            run = runs[by_settings[key]]
-            runs[run.name] = dataclasses.replace(run, memberships=run.memberships + (member,))
+        if key not in first:
+            name = f"{variant_name}-{model_size}-s{seed}"  # the size it trains at
+            if name in runs or name in (f[0] for f in first.values()):
+                raise ValueError(
+                    f"config key 'pretrain.blocks.{block}.variants.{variant_name}': run name "
+                    f"{name!r} is already used by a different model; rename the variant")
+            first[key] = (name, variant_name, model_size, member.group)
+        if not in_block:
             continue
-        name = f"{variant_name}-{model_size}-s{seed}"  # the size it trains at
-        if name in runs:
-            raise ValueError(
-                f"config key 'pretrain.blocks.{block}.variants.{variant_name}': run name "
-                f"{name!r} is already used by a different model; rename the variant")
-        by_settings[key] = name
-        spec = PretrainSpec(**_identity("pretrain", name, variant_name, model_size, seed,
-                                        member.group, None), **settings)
+        name, technique, trained_size, group = first[key]
+        if name in runs:  # the same model trained the same way: one run, one more place
+            run = runs[name]
+            runs[name] = dataclasses.replace(run, memberships=run.memberships + (member,))
+            continue
+        spec = PretrainSpec(**_identity("pretrain", name, technique, trained_size, seed, group,
+                                        None), **settings)
         runs[name] = Run(spec, memberships=(member,))
 
 
 # Fine-tuning keys that are method settings (or the grid), not shared training settings.
 FINETUNE_METHOD_KEYS = ("bases", "methods", "datasets", "lr_by_base", "lr_by_method",
-                        "quantized_base", "base_quant")
+                        "lr_file", "tune", "quantized_base", "base_quant", "seeds")
 
 
 def precision_setting(section: dict) -> dict:
@@ -217,20 +256,61 @@ def precision_setting(section: dict) -> dict:
     return {} if precision == "fp32" else {"precision": precision}
 
 
-def finetune_lr(ft: dict, base: str, method: str) -> float:
-    """The learning rate of one (base, method) run.
+def memory_settings(section: dict) -> dict:
+    """Micro-batching, gradient checkpointing and sharding as run settings, present only when
+    set: they change memory, not the result (up to rounding), and leave the other runs'
+    settings as they were."""
+    settings = {k: section[k] for k in ("micro_batch_size", "gradient_checkpointing")
+                if section.get(k)}
+    if section.get("sharding", "ddp") != "ddp":
+        settings["sharding"] = section["sharding"]
+    return settings
 
-    ``lr_by_base`` sets a base's rate (larger models train at smaller rates) and ``lr_by_method``
-    a method's rate relative to ``lr``: with both, the base's rate is scaled by the method's
-    ratio to ``lr``, so a method tuned at one size keeps its relation at every size. With one
-    of them, that rate exactly; with neither, ``lr``.
+
+def tuned_rates(ft: dict) -> dict[str, float]:
+    """The rates of the tuned-rates file ``finetune.lr_file`` (written by the ``tune`` target),
+    by method; none without the key. Raises ValueError when the file is missing or malformed."""
+    from effllm.training.tune import read_rates
+
+    return read_rates(ft["lr_file"]) if ft.get("lr_file") else {}
+
+
+def resolve_lr(ft: dict, base: str, method: str, tuned: dict[str, float] | None = None
+               ) -> tuple[float, str]:
+    """(learning rate, where it came from) of one (base, method) run.
+
+    A method's rate is ``lr_by_method`` (set by hand), else the tuned rate of ``tuned`` (read
+    from ``finetune.lr_file``), else ``lr``. ``lr_by_base`` sets a base's rate (larger models
+    train at smaller rates): with a method rate too, the base's rate is scaled by the method's
+    ratio to ``lr``, so a method tuned at one size keeps its relation at every size.
     """
     by_base, by_method = ft.get("lr_by_base") or {}, ft.get("lr_by_method") or {}
+    if method in by_method:
+        rate, source = by_method[method], f"finetune.lr_by_method.{method}"
+    elif method in (tuned or {}):
+        rate, source = tuned[method], f"finetune.lr_file ({ft['lr_file']})"
+    else:
+        rate, source = ft["lr"], "finetune.lr"
     if base not in by_base:
-        return by_method.get(method, ft["lr"])
-    if method not in by_method:
-        return by_base[base]
-    return by_base[base] * (by_method[method] / ft["lr"])
+        return rate, source
+    if source == "finetune.lr":
+        return by_base[base], f"finetune.lr_by_base.{base}"
+    return (by_base[base] * (rate / ft["lr"]),
+            f"finetune.lr_by_base.{base} x {source} / finetune.lr")
+
+
+def finetune_lr(ft: dict, base: str, method: str, tuned: dict[str, float] | None = None
+                ) -> float:
+    """The learning rate of one (base, method) run (:func:`resolve_lr`)."""
+    return resolve_lr(ft, base, method, tuned)[0]
+
+
+def lr_settings(ft: dict, base: str, method: str, tuned: dict[str, float] | None = None
+                ) -> dict:
+    """``lr`` and ``lr_source`` of a run's training settings; the source is left out when it
+    is plain ``finetune.lr`` (the spec's default), so such runs keep their settings."""
+    rate, source = resolve_lr(ft, base, method, tuned)
+    return {"lr": rate} if source == "finetune.lr" else {"lr": rate, "lr_source": source}
 
 
 def finetune_group(base: str, dataset: str, datasets: list[str]) -> tuple[str, str]:
@@ -262,18 +342,22 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
     ft, inf = config["finetune"], config["inference"]
     runs: dict[str, dict[str, Run]] = {stage: {} for stage in STAGES}
     finetune_train = {**{k: v for k, v in ft.items() if k not in FINETUNE_METHOD_KEYS
-                         and k != "precision" and not isinstance(v, dict)},
-                      **precision_setting(ft)}
+                         and k not in ("precision", "micro_batch_size", "gradient_checkpointing")
+                         and not isinstance(v, dict)},
+                      **precision_setting(ft), **memory_settings(ft)}
     datasets = ft["datasets"]
+    tuned = tuned_rates(ft) if ft["bases"] else {}
     served_sets = inf.get("finetune_datasets") or datasets[:1]
-    for seed in config["seeds"]:
+    seeds = all_seeds(config)
+    for seed in seeds:  # every seed's first: a fine-tuning seed may start from another's base
         _add_pretrain_runs(config, seed, runs["pretrain"])
-        for dataset in datasets:
+    for seed in seeds:
+        for dataset in datasets if seed in stage_seeds(config, "finetune") else ():
             for base in ft["bases"]:
                 if base in config.get("hub_models", {}):  # a Hugging Face model from the cache
                     upstream_id, size = f"hub/{base}", base
                 else:
-                    upstream = runs["pretrain"][f"{base}-s{seed}"]
+                    upstream = base_run(runs["pretrain"], base, seed)
                     upstream_id, size = upstream.run_id, upstream.size
                 block, group = finetune_group(base, dataset, datasets)
                 for method in ft["methods"]:
@@ -281,10 +365,12 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
                     spec = FinetuneSpec.from_json({
                         **_identity("finetune", name, method, size, seed, group, upstream_id),
                         "method": finetune_method(ft, method),
-                        "train": {**finetune_train, "lr": finetune_lr(ft, base, method)},
+                        "train": {**finetune_train, **lr_settings(ft, base, method, tuned)},
                         "dataset": dataset, "measure": config["measure"]},
                         f"finetune ({name})")
                     runs["finetune"][name] = Run(spec, (_membership(block, group, method),))
+        if seed not in stage_seeds(config, "inference"):
+            continue
         # A fine-tuned model is scored on the set it was fine-tuned on, others on the primary.
         served = []
         for stage in inf["sources"]:
@@ -310,6 +396,61 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
                 runs["inference"][name] = Run(
                     spec, (_membership("inference", source_id, precision),))
     return runs
+
+
+# The tune target's settings (finetune.tune) where the config leaves them out.
+TUNE_DEFAULTS = {"factors": [0.25, 0.5, 1, 2, 4], "steps": 300, "eval_problems": 20,
+                 "base": None, "centre": {}}
+
+
+def tune_settings(config: dict, runs: dict[str, dict[str, Run]] | None = None) -> dict:
+    """``finetune.tune`` with defaults, and what the grid runs on: one base (``base``, else
+    the one whose size comes first in ``sizes``; hub models after ours), the primary set, the
+    first fine-tuning seed."""
+    ft = config["finetune"]
+    tune = {**TUNE_DEFAULTS, **(ft.get("tune") or {})}
+    seed = stage_seeds(config, "finetune")[0]
+    if not tune["base"]:
+        runs = runs or expand_runs(config)
+        order = list(config["sizes"])
+
+        def rank(base: str) -> tuple[int, int]:
+            run = next((r for r in runs["pretrain"].values() if r.name == f"{base}-s{r.seed}"),
+                        None)
+            return (0, order.index(run.size)) if run else (1, 0)
+
+        tune["base"] = min(ft["bases"], key=rank)  # min keeps the first of equals
+    return {**tune, "dataset": ft["datasets"][0], "seed": seed}
+
+
+def tune_runs(config: dict, runs: dict[str, dict[str, Run]] | None = None) -> dict[str, Run]:
+    """The ``tune`` target's runs, by name: every method at each of ``finetune.tune.factors``
+    times its centre (``finetune.tune.centre.<method>``, else its rate without the tuned file:
+    ``lr_by_method``, ``lr_by_base``, ``lr``), for ``steps`` steps (the run's own ``max_steps``
+    when fewer) and ``eval_problems`` exact-match problems. Each is that method's fine-tuning run of the tune base, set and seed with those
+    settings changed; its record goes under ``results/tune/`` and it saves no model."""
+    runs = runs or expand_runs(config)
+    ft = config["finetune"]
+    tune = tune_settings(config, runs)
+    _, group = finetune_group(tune["base"], tune["dataset"], ft["datasets"])
+    out = {}
+    for method in ft["methods"]:
+        run = runs["finetune"][f"{method}-{group}-s{tune['seed']}"]
+        centre, source = resolve_lr(ft, tune["base"], method)
+        if method in (tune["centre"] or {}):
+            centre, source = tune["centre"][method], f"finetune.tune.centre.{method}"
+        train = run.spec.train
+        steps = min(train.max_steps or tune["steps"], tune["steps"])
+        for factor in tune["factors"]:
+            name = f"{method}-{group}-x{factor:g}-s{tune['seed']}"
+            spec = dataclasses.replace(
+                run.spec, run_id=f"tune/{name}", group=f"tune-{group}",
+                train=dataclasses.replace(
+                    train, lr=float(f"{centre * factor:.6g}"), max_steps=steps,
+                    lr_source=f"tune: {factor:g} x {source}",
+                    eval_problems=min(train.eval_problems, tune["eval_problems"])))
+            out[name] = Run(spec, (_membership("tune", spec.group, method),))
+    return out
 
 
 def grid_order(config: dict) -> GridOrder:

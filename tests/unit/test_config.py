@@ -305,6 +305,7 @@ def test_learning_rate_per_base_and_method(config, schema):
     config["finetune"]["bases"] = ["gqa-small", "gqa-medium"]
     config["finetune"]["lr_by_base"] = {"gqa-medium": 1e-3}
     config["finetune"]["lr_by_method"] = {"lora_plus": 3e-4}
+    config["finetune"]["lr_file"] = None  # the hand-set maps alone (the file: test_finetune)
     runs = expand_runs(check_config(config, schema))["finetune"]
     lr = {name: run.spec.train.lr for name, run in runs.items()}
     assert lr["lora-gqa-small-s0"] == 3e-3 and lr["lora_plus-gqa-small-s0"] == 3e-4

@@ -9,8 +9,10 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from effllm.config import ConfigError, check_config
@@ -122,6 +124,7 @@ def test_bad_finetune_config_names_the_key(config, schema, hub, use_cache, mutat
 
 
 def test_lr_by_method_and_quantized_base_touch_only_their_methods(config, schema):
+    config["finetune"]["lr_file"] = None  # rates from finetune.lr and lr_by_method only
     plain = expand_runs(check_config(copy.deepcopy(config), schema))["finetune"]
     changed = copy.deepcopy(config)
     changed["finetune"]["methods"] = [m for m in config["finetune"]["methods"] if m != "pissa"]
@@ -265,3 +268,269 @@ def test_qlora_flops_count_the_4bit_matmuls(saved_llama):
         model.train()
         counts.append(count_flops(lambda: model(input_ids=ids, labels=ids).loss.backward()))
     assert counts[0] == counts[1]
+
+
+# ------------------------------------------------- learning rates per method, tuning, divergence
+
+def rates_file(path: Path, rates: dict) -> Path:
+    path.write_text(yaml.safe_dump({"lr_by_method": rates, "provenance": {"rule": "test"}}))
+    return path
+
+
+def test_tuned_rates_reach_the_runs_with_their_source(config, schema, tmp_path):
+    """The rates file sets a method's rate below lr_by_method; lr_by_base scales it; a method
+    the file leaves out runs at finetune.lr; every run's spec says where its rate came from."""
+    path = rates_file(tmp_path / "tuned.yaml", {"lora": 1e-3, "lora_plus": 2e-4, "full": 5e-4})
+    config = copy.deepcopy(config)
+    ft = config["finetune"]
+    ft.update(lr_file=str(path), lr_by_method={"full": 4e-3},
+              bases=["gqa-small", "gqa-medium"], lr_by_base={"gqa-medium": 1e-3})
+    runs = expand_runs(check_config(config, schema))["finetune"]
+    train = {name: run.spec.train for name, run in runs.items()}
+    assert (train["lora-gqa-small-s0"].lr, train["lora-gqa-small-s0"].lr_source) == (
+        1e-3, f"finetune.lr_file ({path})")
+    assert train["lora_plus-gqa-small+word_problems-s0"].lr == 2e-4
+    assert (train["full-gqa-small-s0"].lr, train["full-gqa-small-s0"].lr_source) == (
+        4e-3, "finetune.lr_by_method.full")  # set by hand: above the file
+    assert (train["dora-gqa-small-s0"].lr, train["dora-gqa-small-s0"].lr_source) == (
+        ft["lr"], None)  # not in the file: finetune.lr, the spec's default source
+    medium = train["lora-gqa-medium-s0"]
+    assert medium.lr == pytest.approx(1e-3 * 1e-3 / ft["lr"])
+    assert medium.lr_source.startswith("finetune.lr_by_base.gqa-medium x finetune.lr_file")
+    assert train["dora-gqa-medium-s0"].lr_source == "finetune.lr_by_base.gqa-medium"
+
+
+@pytest.mark.parametrize("content, error", [
+    (None, "does not exist"),
+    ({"lr_by_method": {"qlora": 1e-3}}, "qlora is not a method"),
+    ({"lr_by_method": {"lora": -1.0}}, "not a positive rate"),
+    ({"provenance": {}}, "no lr_by_method"),
+])
+def test_bad_rates_file_names_the_key(config, schema, tmp_path, content, error):
+    path = tmp_path / "tuned.yaml"
+    if content is not None:
+        path.write_text(yaml.safe_dump(content))
+    config = copy.deepcopy(config)
+    config["finetune"]["lr_file"] = str(path)
+    with pytest.raises(ConfigError, match=f"'finetune.lr_file'.*{error}"):
+        check_config(config, schema)
+
+
+def test_method_rate_reaches_the_optimiser_with_lora_plus_ratio_on_top(config, schema,
+                                                                       tmp_path):
+    """The rate a run's spec resolves is the optimiser's: LoRA's A and B at the tuned rate,
+    LoRA+'s B at lr_ratio times its own tuned rate."""
+    from effllm.models import DecoderConfig, DecoderForCausalLM
+
+    config = copy.deepcopy(config)
+    config["finetune"]["lr_file"] = str(rates_file(tmp_path / "t.yaml",
+                                                   {"lora": 7e-4, "lora_plus": 1e-4}))
+    runs = expand_runs(check_config(config, schema))["finetune"]
+    for method, a_rate, b_rate in (("lora", 7e-4, 7e-4), ("lora_plus", 1e-4, 16e-4)):
+        spec = runs[f"{method}-gqa-small-s0"].spec
+        torch.manual_seed(0)
+        model = DecoderForCausalLM(DecoderConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64))
+        model, optimizer = methods.prepare(model, spec.method, spec.train.lr)
+        lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        named = dict(model.named_parameters())
+        for part, rate in (("lora_A", a_rate), ("lora_B", b_rate)):
+            rates = [lr_of[id(p)] for n, p in named.items() if part in n]
+            assert rates and rates == pytest.approx([rate] * len(rates)), (method, part)
+
+
+def test_tune_runs_are_the_methods_runs_at_scaled_rates_on_one_base(config, schema):
+    from effllm.sweep import tune_runs
+
+    config = copy.deepcopy(config)
+    config["finetune"].update(bases=["gqa-medium", "gqa-small"],
+                              tune={"factors": [0.5, 2], "steps": 40, "eval_problems": 7,
+                                    "centre": {"rslora": 1e-4}})
+    runs = expand_runs(check_config(config, schema))
+    tune = tune_runs(config, runs)
+    assert len(tune) == 2 * len(config["finetune"]["methods"])
+    lora = tune["lora-gqa-small-x2-s0"].spec  # gqa-small: the size that comes first
+    plain = runs["finetune"]["lora-gqa-small-s0"].spec
+    assert lora.run_id == "tune/lora-gqa-small-x2-s0" and lora.dataset == "arithmetic"
+    assert (lora.train.lr, lora.train.max_steps, lora.train.eval_problems) == (
+        2 * config["finetune"]["lr"], 40, 7)
+    assert lora.train.lr_source == "tune: 2 x finetune.lr"
+    assert lora.method == plain.method and lora.upstream == plain.upstream
+    rslora = tune["rslora-gqa-small-x0.5-s0"].spec.train
+    assert (rslora.lr, rslora.lr_source) == (5e-5, "tune: 0.5 x finetune.tune.centre.rslora")
+
+
+def tune_record(method: str, lr: float, val_loss: float | None, diverged: str | None = None):
+    from effllm.records import Metric, RunRecord
+
+    metrics = {"diverged": Metric.measured(float(diverged is not None), "1", "test", diverged),
+               "val_loss": Metric.measured(val_loss, "nats/token", "test") if val_loss is not None
+               else Metric.unavailable("nats/token", "test", f"run diverged: {diverged}")}
+    return RunRecord(f"finetune/{method}-{lr}", "finetune", method, "small", 0, "0" * 16,
+                     {"settings": {"train": {"lr": lr}}, "upstream": "pretrain/b"}, {}, metrics)
+
+
+def test_pick_takes_the_lowest_validation_loss_that_did_not_diverge(tmp_path):
+    from effllm.training.tune import choose, read_rates, write_rates
+
+    records = [tune_record("lora", 1e-3, 1.5), tune_record("lora", 2e-3, 1.2),
+               tune_record("lora", 4e-3, None, "the training loss became non-finite at step 9"),
+               tune_record("full", 1e-3, 0.9), tune_record("full", 2e-3, 0.95),
+               tune_record("rslora", 1e-3, None, "val loss up"),
+               tune_record("rslora", 2e-3, None, "val loss up")]
+    chosen = choose(records)
+    assert list(chosen) == ["lora", "rslora", "full"]  # the methods' order
+    assert chosen["lora"]["chosen"] == {"lr": 2e-3, "val_loss": 1.2}
+    assert chosen["lora"]["grid"][2]["diverged"].startswith("the training loss")
+    assert chosen["full"]["chosen"] == {"lr": 1e-3, "val_loss": 0.9,
+                                        "edge": "lowest rate of the grid"}
+    assert chosen["rslora"]["chosen"]["lr"] is None  # every rate diverged: no rate
+    written = write_rates(tmp_path / "rates.yaml", chosen, {"steps": 10})
+    assert read_rates(tmp_path / "rates.yaml") == {"lora": 2e-3, "full": 1e-3}
+    assert written["provenance"]["methods"]["lora"]["grid"][0] == {"lr": 1e-3, "val_loss": 1.5}
+
+
+def test_divergence_rules():
+    from effllm.training.loop import divergence
+
+    falling = [3.0] * 5 + [2.0] * 45
+    assert divergence(falling, [], 3.1, 2.5) is None
+    assert "non-finite at step 7" in divergence(falling[:7], [7], 3.1, None)
+    assert "above its start" in divergence(falling[::-1], [], 3.1, 2.5)  # rising training loss
+    assert "validation loss 3.2 above" in divergence(falling, [], 3.1, 3.2)
+    assert "not finite" in divergence(falling, [], 3.1, None)
+    assert divergence(falling, [], None, 2.5) is None  # no start measured: that test skipped
+
+
+def test_train_stops_at_a_nonfinite_loss_when_asked():
+    """By default a NaN loss raises; with stop_on_nonfinite training ends there and says so."""
+    from effllm.measure import Window
+    from effllm.models import DecoderConfig, DecoderForCausalLM
+    from effllm.training.loop import StepLog, adamw, cosine_schedule, step_metrics, train
+
+    def batches(model):
+        ids = torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+        for step in range(100):
+            if step == 6:  # the weights turn to NaN before the seventh step
+                with torch.no_grad():
+                    model.model.layers[0].mlp.up_proj.weight.fill_(float("nan"))
+            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    for stop in (False, True):
+        torch.manual_seed(0)
+        model = DecoderForCausalLM(DecoderConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64))
+        optimizer = adamw(model, 1e-3, 0.0)
+        args = (model, batches(model), 20, optimizer, cosine_schedule(optimizer, 2, 20, 0.0), 1.0,
+                Window(0.05), "nan test")
+        if not stop:
+            with pytest.raises(FloatingPointError, match="at step 6"):
+                train(*args)
+            continue
+        log = train(*args, stop_on_nonfinite=True)
+        assert (len(log.losses), log.nonfinite) == (6, [6])
+        assert StepLog.from_state(log.state()).nonfinite == [6]  # survives a checkpoint
+        assert "stopped at step 6" in step_metrics(log, 2, 1000, "t")["al"].note
+
+
+@pytest.fixture(scope="module")
+def tiny_finetune(stdlib_tokens, tmp_path_factory):
+    """A tiny decoder and an arithmetic set, the inputs of a fine-tuning job."""
+    from effllm.data.reasoning import prepare_reasoning
+    from effllm.data.tokenizer import load_tokenizer
+    from effllm.models import DecoderConfig, DecoderForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny_finetune")
+    tokenizer = load_tokenizer(stdlib_tokens / "tokenizer")
+    torch.manual_seed(0)
+    DecoderForCausalLM(DecoderConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id)).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    prepare_reasoning({"source": "arithmetic", "arithmetic": {
+        "operations": ["add"], "min_digits": 1, "max_digits": 2, "n_train": 64,
+        "n_validation": 8, "n_test": 4}}, 0, root / "reasoning")
+    return root
+
+
+def tiny_spec(method: dict, lr: float, source: str | None = None) -> dict:
+    train = {"epochs": 1, "batch_size": 8, "lr": lr, "warmup_ratio": 0.1, "max_samples": 64,
+             "max_length": 64, "eval_problems": 4, "max_new_tokens": 40, "max_steps": 12}
+    return {"run_id": f"finetune/{method['name']}-t-s0", "stage": "finetune",
+            "technique": method["name"], "label": method["name"], "size": "tiny", "seed": 0,
+            "group": "t", "upstream": "pretrain/t",
+            "settings": {"method": method, "dataset": "arithmetic",
+                         "train": {**train, **({"lr_source": source} if source else {})},
+                         "measure": {"sample_interval_s": 0.05, "warmup_steps": 2,
+                                     "peak_flops": None, "threads": 1}}}
+
+
+@pytest.mark.parametrize("method, lr, reason", [
+    ({"name": "full"}, 3e-3, None),
+    ({"name": "full"}, 30.0, "the training loss became non-finite"),
+    ({"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]}, 1e3,
+     "final training loss"),
+])
+def test_diverged_run_is_marked_and_its_quality_unavailable(tiny_finetune, tmp_path, method,
+                                                            lr, reason):
+    """A run at a sane rate learns (validation loss below its start, not diverged); at a huge
+    rate it diverges (a NaN loss ends it, or its loss climbs), the record says why, and its
+    quality metrics are unavailable, never reported; the record names the rate and source."""
+    from effllm.records import load_record
+    from effllm.training.finetune import QUALITY, run_finetune
+
+    run_finetune(tiny_spec(method, lr, "finetune.lr_file (t.yaml)"), tiny_finetune / "base",
+                 tiny_finetune / "reasoning", None, tmp_path / "record.json")
+    record = load_record(tmp_path / "record.json")
+    m, execution = record.metrics, record.provenance["execution"]
+    assert (execution["lr"], execution["lr_source"]) == (lr, "finetune.lr_file (t.yaml)")
+    assert record.params["settings"]["train"]["lr_source"] == "finetune.lr_file (t.yaml)"
+    assert m["val_loss_start"].status == "measured"
+    assert m["diverged"].status == "measured" and m["loss_start"].status == "measured"
+    if reason is None:
+        assert m["diverged"].value == 0 and m["diverged"].note is None
+        assert m["val_loss"].value < m["val_loss_start"].value
+        assert all(m[name].status == "measured" for name in QUALITY)
+        return
+    assert m["diverged"].value == 1 and m["diverged"].note.startswith(reason)
+    for name in QUALITY:
+        assert m[name].status == "unavailable" and m[name].value is None, name
+        assert m[name].note.startswith(f"run diverged: {reason}"), name
+    assert m["al"].status == "measured"  # what it cost is still measured
+    assert not (tmp_path / "model").exists()
+
+
+def test_models_served_from_a_diverged_run_report_no_quality(tmp_path):
+    """The runs table: a fine-tuning run's own record already hides its quality; a model
+    served from it has its quality metrics unavailable too, naming the diverged run."""
+    from effllm.analysis.aggregate import runs_table
+    from effllm.records import Metric, RunRecord, now_iso, provenance
+
+    def record(run_id, stage, upstream, metrics):
+        params = {"group": "g", "label": "l", "upstream": upstream}
+        path = tmp_path / f"{run_id.replace('/', '_')}.json"
+        RunRecord(run_id, stage, "t", "small", 0, "0" * 16, params, provenance(now_iso()),
+                  metrics).save(path)
+        return path
+
+    em = Metric.measured(0.5, "fraction", "greedy_final_answer_match")
+    al = Metric.measured(0.1, "s", "timer")
+    paths = [record("finetune/bad", "finetune", "pretrain/b",
+                    {"diverged": Metric.measured(1, "1", "t", "loss rose"), "al": al}),
+             record("finetune/good", "finetune", "pretrain/b",
+                    {"diverged": Metric.measured(0, "1", "t"), "al": al}),
+             record("inference/int4-bad", "inference", "finetune/bad",
+                    {"exact_match": em, "task_bbh": em, "al": al}),
+             record("inference/int4-good", "inference", "finetune/good",
+                    {"exact_match": em, "task_bbh": em, "al": al})]
+    df = runs_table(paths).set_index("run_id")
+    assert df.loc["inference/int4-good", "exact_match"] == 0.5
+    for name in ("exact_match", "task_bbh"):
+        assert np.isnan(df.loc["inference/int4-bad", name])
+        assert df.loc["inference/int4-bad", f"{name}__status"] == "unavailable"
+        assert df.loc["inference/int4-bad", f"{name}__note"] == "finetune/bad diverged: loss rose"
+    assert df.loc["inference/int4-bad", "al"] == 0.1  # its cost is still measured

@@ -32,6 +32,7 @@ FLOORS = [
     "analysis",  # aggregating records into tables
     "plots",  # figures from those tables
     "sweep",  # orchestration: which runs exist,
+    "plan",  # what each of them needs on a GPU (simulated),
     "launch",  # how a job starts,
     "cluster",  # where it runs,
     "config",  # checking the pipeline config against all of the above, before any job

@@ -1,4 +1,5 @@
-"""Measurement: time-weighted means, energy status, FLOP counting on CPU, latency statistics."""
+"""Measurement: time-weighted means, energy (counters and the CPU-time estimate), the peak
+FLOP/s benchmark and MFU/PCU, FLOP counting on CPU, latency statistics."""
 
 import sys
 import time
@@ -22,11 +23,13 @@ def test_window_sees_an_allocation():
         block = torch.ones(50_000_000)  # 200 MB
         time.sleep(0.2)
         del block
-    m = w.metrics()
-    assert m["memory_peak"].status == "measured"
-    assert m["memory_peak"].value > m["amu"].value * 0.5
-    assert m["memory_peak"].value > 0.2  # GB, the allocation is in the peak
+    m = w.metrics()  # on a CPU the process's RSS is the second, labelled figure
+    assert m["memory_peak_rss"].status == "measured"
+    assert m["memory_peak_rss"].value > m["amu_rss"].value * 0.5
+    assert m["memory_peak_rss"].value > 0.2  # GB, the allocation is in the peak
     assert w.seconds >= 0.2
+    # AMU and peak come from a tensor account of the work, never from RSS: none attached here
+    assert m["amu"].status == m["memory_peak"].status == "unavailable"
 
 
 def test_energy_is_unavailable_not_zero_without_counters(tmp_path, monkeypatch):
@@ -34,11 +37,11 @@ def test_energy_is_unavailable_not_zero_without_counters(tmp_path, monkeypatch):
 
     monkeypatch.setattr(nvml, "job_devices", lambda: nvml.JobDevices(reason="no GPU"))
     monkeypatch.setattr(energy, "RAPL_ROOT", tmp_path)  # an empty powercap tree
-    monkeypatch.setattr(EnergyMeter.__init__, "__defaults__", (tmp_path,))
     meter = EnergyMeter().start()
     meter.stop()
     assert meter.method is None and meter.joules is None
-    with Window(0.01) as w:
+    assert "measure.watts_per_core" in meter.reason
+    with Window(0.01) as w:  # watts_per_core None: no estimate either
         time.sleep(0.05)
     m = w.metrics()
     for name in ("aec", "energy"):
@@ -58,6 +61,160 @@ def test_energy_reads_rapl_with_wraparound(tmp_path, monkeypatch):
     meter.stop()
     assert meter.method == "rapl_energy_uj"
     assert meter.joules == pytest.approx(200e-6)
+
+
+def _cpu_only(monkeypatch, tmp_path):
+    """No GPU and an empty powercap tree: the machine this project's CI runs on."""
+    from effllm.measure import energy, nvml
+
+    monkeypatch.setattr(nvml, "job_devices", lambda: nvml.JobDevices(reason="no GPU"))
+    monkeypatch.setattr(energy, "RAPL_ROOT", tmp_path)
+
+
+def test_energy_estimate_is_cpu_seconds_times_watts_per_core(tmp_path, monkeypatch):
+    _cpu_only(monkeypatch, tmp_path)
+    clock = iter([100.0, 102.5])  # process CPU seconds at start and stop
+    meter = EnergyMeter(watts_per_core=7.0, cpu_clock=lambda: next(clock)).start()
+    meter.stop()
+    assert meter.method == "cpu_time_x_watts_per_core" and meter.status == "estimated"
+    assert meter.cpu_seconds == pytest.approx(2.5) and meter.joules == pytest.approx(17.5)
+    assert "2.5 s CPU time" in meter.note and "7 W per core" in meter.note
+
+
+def test_window_reports_the_cpu_estimate_as_estimated(tmp_path, monkeypatch):
+    from effllm.measure import energy
+
+    _cpu_only(monkeypatch, tmp_path)
+    clock = iter([10.0, 13.0])
+    monkeypatch.setattr(energy, "process_cpu_seconds", lambda: next(clock))
+    with Window(0.01, watts_per_core=5.0) as w:
+        time.sleep(0.05)
+    m = w.metrics()
+    assert m["energy"].status == m["aec"].status == "estimated"
+    assert m["energy"].value == pytest.approx(15.0)  # 3 CPU seconds x 5 W
+    assert m["aec"].value == pytest.approx(15.0 / w.seconds)
+    assert m["aec"].method == "cpu_time_x_watts_per_core" and "wall time" in m["aec"].note
+
+
+def test_process_cpu_time_covers_busy_work_of_every_thread(tmp_path, monkeypatch):
+    """The real clock: two threads spinning for 0.3 s each are all in the estimate (the machine
+    has 2 cores, shared, so only a lower bound holds)."""
+    import threading
+
+    _cpu_only(monkeypatch, tmp_path)
+
+    def spin():
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+
+    meter = EnergyMeter(watts_per_core=10.0).start()
+    threads = [threading.Thread(target=spin) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    meter.stop()
+    assert meter.cpu_seconds >= 0.6 and meter.joules == pytest.approx(meter.cpu_seconds * 10)
+
+
+def test_readable_rapl_wins_over_the_estimate(tmp_path, monkeypatch):
+    _cpu_only(monkeypatch, tmp_path)
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "energy_uj").write_text("1000")
+    meter = EnergyMeter(watts_per_core=12.0).start()
+    (zone / "energy_uj").write_text("3000000")
+    meter.stop()
+    assert meter.method == "rapl_energy_uj" and meter.status == "measured"
+    assert meter.joules == pytest.approx(2.999)
+
+
+# ------------------------------------------------------------------ peak FLOP/s benchmark
+
+def test_peak_benchmark_is_cached_per_thread_count(tmp_path, monkeypatch):
+    from effllm.measure import peak
+
+    monkeypatch.setenv(peak.CACHE_ENV, str(tmp_path))
+    before = torch.get_num_threads()
+    runs = []
+    real = peak.benchmark
+    monkeypatch.setattr(peak, "benchmark", lambda *a, **k: runs.append(a) or real(*a, **k))
+    first = peak.measured_peak("fp32", threads=1, sizes=(64, 128), repeats=3)
+    assert first.flops > 1e6 and first.source == "matmul_benchmark"  # any CPU does 1 MFLOP/s
+    assert "fp32 matmul benchmark" in first.note and "1 torch thread" in first.note
+    again = peak.measured_peak("fp32", threads=1, sizes=(64, 128), repeats=3)
+    assert again.flops == first.flops and len(runs) == 1  # read back, not re-measured
+    other = peak.measured_peak("fp32", threads=2, sizes=(64,), repeats=3)
+    assert len(runs) == 2 and "2 torch thread" in other.note
+    files = sorted(p.name for p in (tmp_path / "peak_flops").glob("*.json"))
+    assert len(files) == 2 and all(f.startswith("fp32-t") for f in files)
+    assert not list((tmp_path / "peak_flops").glob(".*"))  # no temp files left behind
+    assert torch.get_num_threads() == before  # the job's own setting is restored
+
+
+def test_jobs_racing_for_the_peak_benchmark_once(tmp_path, monkeypatch):
+    """Two jobs (here threads, each with its own lock handle) want the same uncached peak: one
+    measures, the other waits and reads its result."""
+    import threading
+
+    from effllm.measure import peak
+
+    monkeypatch.setenv(peak.CACHE_ENV, str(tmp_path))
+    calls = []
+
+    def slow_benchmark(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.3)
+        return {"flops": 1e9 * len(calls), "size": 64, "repeats": 1}
+
+    monkeypatch.setattr(peak, "benchmark", slow_benchmark)
+    results = []
+    jobs = [threading.Thread(target=lambda: results.append(peak.measured_peak("bf16", 1)))
+            for _ in range(2)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert len(calls) == 1 and [r.flops for r in results] == [1e9, 1e9]
+
+
+def test_peak_cache_survives_a_torn_file_and_a_config_peak_wins(tmp_path, monkeypatch):
+    from effllm.measure import peak
+
+    monkeypatch.setenv(peak.CACHE_ENV, str(tmp_path))
+    p = peak.measured_peak("fp32", threads=1, sizes=(64,), repeats=2)
+    (path,) = (tmp_path / "peak_flops").glob("*.json")
+    path.write_text("{\"flops\": ")  # a torn write (cannot happen with os.replace; still safe)
+    again = peak.measured_peak("fp32", threads=1, sizes=(64,), repeats=2)
+    assert again.flops > 0 and peak.read_json(path)["flops"] == again.flops
+    assert p.flops > 0
+    configured = peak.device_peak(3e12, "cpu")
+    assert configured.flops == 3e12 and configured.source == "config"
+    assert peak.device_peak(None, "cuda:0") is None  # a GPU's peak is never benchmarked here
+
+
+def test_pcu_on_cpu_is_the_mfu_estimated(tmp_path, monkeypatch):
+    from effllm.measure import peak
+    from effllm.records import Metric
+    from effllm.training.loop import utilisation_metrics
+
+    monkeypatch.setenv(peak.CACHE_ENV, str(tmp_path))
+    p = peak.measured_peak("fp32", sizes=(64,), repeats=2)  # at torch's current thread count
+    metrics = {"tokens_per_s": Metric.measured(1000.0, "tokens/s", "attention_mask_sum"),
+               "pcu": Metric.unavailable("fraction", "none", "no accelerator duty cycle")}
+    out = utilisation_metrics(metrics, 2e6, None, 1, "cpu", "fp32")
+    assert out["mfu"].status == out["pcu"].status == "estimated"
+    assert out["mfu"].value == pytest.approx(2e9 / p.flops)
+    assert out["pcu"].value == out["mfu"].value and out["pcu"].method.startswith("mfu: ")
+    assert "matmul_benchmark_peak" in out["mfu"].method
+    # A measured duty cycle (a GPU) stays; a GPU without a configured peak has no MFU.
+    metrics["pcu"] = Metric.measured(0.5, "fraction", "nvml_utilization_poll")
+    gpu = utilisation_metrics(metrics, 2e6, None, 1, "cuda:0", "bf16")
+    assert gpu["mfu"].status == "unavailable" and "pcu" not in gpu
+    configured = utilisation_metrics(metrics, 2e6, 1e12, 2, "cuda:0", "bf16")
+    assert configured["mfu"].value == pytest.approx(2e9 / 2e12)
+    assert "measure.peak_flops" in configured["mfu"].method and "pcu" not in configured
 
 
 def test_flop_counter_counts_cpu_attention():
@@ -195,10 +352,9 @@ def test_no_job_gpu_is_a_reason_never_a_device_or_a_crash(node, monkeypatch, tmp
     # The whole window runs on the CPU and says why the GPU metrics are missing.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(energy, "RAPL_ROOT", tmp_path)
-    monkeypatch.setattr(EnergyMeter.__init__, "__defaults__", (tmp_path,))
     with Window(0.01) as w:
         time.sleep(0.03)
     m = w.metrics()
-    assert m["amu"].method == "host_rss_poll"
+    assert m["amu_rss"].method == "host_rss_poll"  # on a CPU: RSS is the labelled second figure
     assert m["pcu"].status == "unavailable" and reason in m["pcu"].note
     assert m["energy"].status == "unavailable" and m["energy"].value is None

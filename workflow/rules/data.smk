@@ -1,8 +1,11 @@
 # Stage 1: corpus, tokenizer and the fine-tuning (reasoning) set, each with a JSON card, and
 # Hugging Face models linked from the local cache.
+from effllm.data.plan import hub_tokenizer, token_budget
 
 
 rule prepare_corpus:
+    """Small sources: the whole corpus, split. A streamed source (hf): its head, up to the
+    tokenizer's sample of train documents."""
     input:
         code=code("effllm.data.corpus"),
     output:
@@ -11,6 +14,7 @@ rule prepare_corpus:
         corpus=config["data"]["corpus"],
         split=config["data"]["split"],
         seed=config["data"]["seed"],
+        sample=config["data"]["tokenizer"].get("sample_documents"),
     resources:
         **stage_resources("data"),
     log:
@@ -22,6 +26,8 @@ rule prepare_corpus:
 
 
 rule train_tokenizer:
+    """The tokenizer, and each split's tokens up to its budget (data.tokens): a streamed source
+    is read again from its shards until every budget is filled."""
     input:
         corpus="results/data/corpus",
         code=code("effllm.data.tokenizer"),
@@ -29,6 +35,11 @@ rule train_tokenizer:
         directory("results/data/tokens"),
     params:
         tokenizer=config["data"]["tokenizer"],
+        tokens=token_budget(config),
+        hub=hub_tokenizer(config),
+        corpus=config["data"]["corpus"],
+        split=config["data"]["split"],
+        seed=config["data"]["seed"],
     resources:
         **stage_resources("data"),
     log:

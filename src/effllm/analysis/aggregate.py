@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from effllm.io import atomic_file
-from effllm.records import METRICS, iter_records
+from effllm.records import METRICS, TASK_PREFIX, Metric, iter_records
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,20 @@ def runs_table(record_paths: Iterable[str | os.PathLike],
     per block, each with that block's group and label. Without it, one row per record.
     """
     rows = []
-    for rec in iter_records(record_paths):
+    records = iter_records(record_paths)
+    diverged = {rec.run_id: rec.metrics["diverged"].note for rec in records
+                if "diverged" in rec.metrics and rec.metrics["diverged"].value}
+    for rec in records:
         for key in ("group", "label"):
             if not isinstance(rec.params.get(key), str):
                 raise ValueError(f"record {rec.run_id}: params[{key!r}] must be a string")
         places = (memberships or {}).get(rec.run_id) or [
             {"block": rec.stage, "group": rec.params["group"], "technique": rec.technique,
              "label": rec.params["label"]}]
+        upstream = rec.params.get("upstream")
         for place in places:
-            rows.append(_row(rec, place))
+            rows.append(_row(rec, place, upstream if upstream in diverged else None,
+                             diverged.get(upstream)))
     names = sorted({c for r in rows for c in r if c not in ID_COLUMNS and "__" not in c})
     columns = list(ID_COLUMNS) + [
         col for m in names for col in (m, *(companion(m, w) for w in COMPANIONS))
@@ -76,7 +81,14 @@ def runs_table(record_paths: Iterable[str | os.PathLike],
     return df
 
 
-def _row(rec, place: Mapping[str, str]) -> dict:
+# What judges a model's output: a model served from a diverged fine-tuning run (its quality is
+# unavailable in its own record, effllm.training.finetune) reports none of it either.
+QUALITY = ("perplexity", "completion_perplexity", "val_loss", "token_accuracy", "exact_match",
+           "performance")
+
+
+def _row(rec, place: Mapping[str, str], diverged_upstream: str | None = None,
+         reason: str | None = None) -> dict:
     row = {
         "run_id": rec.run_id, "stage": rec.stage, "block": place["block"],
         "technique": place["technique"], "label": place["label"], "group": place["group"],
@@ -86,6 +98,9 @@ def _row(rec, place: Mapping[str, str]) -> dict:
         "end_time": rec.provenance.get("end_time"),
     }
     for name, metric in rec.metrics.items():
+        if diverged_upstream and (name in QUALITY or name.startswith(TASK_PREFIX)):
+            metric = Metric.unavailable(metric.unit, metric.method,
+                                        f"{diverged_upstream} diverged: {reason}")
         row[name] = np.nan if metric.value is None else float(metric.value)
         for what in COMPANIONS:
             row[companion(name, what)] = getattr(metric, what)

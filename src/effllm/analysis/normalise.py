@@ -127,23 +127,48 @@ def normalisable_metrics(df: pd.DataFrame) -> list[str]:
     return [m for m in names if m in METRICS]
 
 
+def exclude_estimates(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with every ``estimated`` value turned ``unavailable`` (value NaN, the note
+    saying why), for ``analysis.use_estimates: false``: then only measured values are
+    normalised, scored, ranked and drawn."""
+    out = df.copy()
+    for m in metric_columns(out):
+        status = companion(m, "status")
+        estimated = out[status] == "estimated"
+        if not estimated.any():
+            continue
+        out.loc[estimated, m] = np.nan
+        out.loc[estimated, status] = "unavailable"
+        note = companion(m, "note")
+        old = (out[note] if note in out else pd.Series(np.nan, index=out.index)).astype(object)
+        out[note] = old.where(~estimated, "estimate excluded (analysis.use_estimates: false); "
+                              + old.fillna("").astype(str))
+    return out
+
+
 def normalise_table(
     runs_csv: str | os.PathLike, analysis: AnalysisSpec | Mapping, out_csv: str | os.PathLike
 ) -> pd.DataFrame:
     """Runs table -> MCR -> ``__norm`` (per stage and group) -> efficiency score -> ``__rank``.
 
     ``analysis.efficiency_score`` maps each stage to its {metric: weight}; a stage without
-    weights gets an unavailable score.
+    weights gets an unavailable score. With ``analysis.use_estimates`` false, estimated values
+    (e.g. CPU energy from CPU time, MFU) are unavailable from here on; otherwise they are used
+    and keep their ``estimated`` status, which the score inherits and the figures mark.
     """
     if not isinstance(analysis, AnalysisSpec):
         analysis = AnalysisSpec.from_json(analysis, "analysis")
     floor = float(analysis.normalise_floor)
     weights_by_stage = analysis.efficiency_score
     groups = ["stage", "group"]  # group ids could repeat across stages (e.g. a served base model)
-    df = derive_compression(read_table(runs_csv))
+    df = read_table(runs_csv)
+    if not analysis.use_estimates:
+        df = exclude_estimates(df)
+    df = derive_compression(df)
     metrics = normalisable_metrics(df)
     df = pd.concat([df, minmax(df, metrics, groups, floor)], axis=1)
     df["norm_floor"] = floor
+    df["estimates"] = "used" if analysis.use_estimates else "excluded"
     for column in ("efficiency_score", "efficiency_score__metrics", "efficiency_score__status",
                    "efficiency_score__method"):
         df[column] = np.nan if column == "efficiency_score" else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,33 @@ def cached_model(repo_id: str, revision: str | None = None,
         raise DataSourceError(f"Model {repo_id!r} needs its own remote code (auto_map in "
                               f"config.json, model_type {fields.get('model_type')!r} unknown to "
                               "transformers); the pipeline runs with trust_remote_code off")
+    return snapshot
+
+
+# What a tokenizer needs to load on its own (the data stage may use a hub model's tokenizer).
+TOKENIZER_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+
+def cached_tokenizer(repo_id: str, revision: str | None = None,
+                     cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached snapshot folder of a model's tokenizer (weights not needed); DataSourceError
+    with fetch instructions when it is not in the cache."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = str(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE)
+    hint = _fetch_hint(repo_id, TOKENIZER_PATTERNS, cache, "model")
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache,
+                                          allow_patterns=TOKENIZER_PATTERNS,
+                                          local_files_only=True))
+    except LocalEntryNotFoundError as error:
+        raise DataSourceError(f"The tokenizer of {repo_id!r} is not in the local Hugging Face "
+                              f"cache: {error} {hint}") from error
+    if not any((snapshot / name).is_file() for name in ("tokenizer.json",
+                                                         "tokenizer_config.json")):
+        raise DataSourceError(f"The cached snapshot of {repo_id!r} ({snapshot}) has no "
+                              f"tokenizer.json or tokenizer_config.json. {hint}")
     return snapshot
 
 
@@ -187,6 +215,25 @@ def _checked(records, fields: list[str], path: Path) -> Iterator[dict]:
         yield record
 
 
+def iter_shards(dataset: CachedDataset, fields: list[str]
+                ) -> Iterator[tuple[Path, str, Iterator[dict]]]:
+    """``(path, path in the snapshot, its records)`` per file in sorted order; a file is opened
+    only when its records are read, and a parquet file is read batch by batch (a .json list is
+    read whole)."""
+    for path in dataset.files:
+        yield path, path.relative_to(dataset.snapshot).as_posix(), _file_records(path, fields)
+
+
+def blob_sha256(path: Path) -> str:
+    """SHA-256 of a cached file. The hub cache names the blob of a large (LFS) file by its
+    SHA-256, so a multi-gigabyte shard is not read a second time to hash it; any other file (a
+    small git-stored one, or a cache copied without its links) is hashed."""
+    target = path.resolve()
+    if path.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", target.name):
+        return target.name
+    return sha256_file(path)
+
+
 def iter_records(
     dataset: CachedDataset, fields: list[str], limit: int | None = None
 ) -> Iterator[tuple[str, dict]]:
@@ -194,9 +241,8 @@ def iter_records(
     if limit is not None and limit <= 0:
         return
     count = 0
-    for path in dataset.files:
-        relative = path.relative_to(dataset.snapshot).as_posix()
-        for row, record in enumerate(_file_records(path, fields)):
+    for _, relative, records in iter_shards(dataset, fields):
+        for row, record in enumerate(records):
             yield f"{relative}:{row}", record
             count += 1
             if limit is not None and count >= limit:

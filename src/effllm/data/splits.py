@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from effllm.io import sha256_file
@@ -15,6 +15,14 @@ SPLITS = ("train", "validation", "test")
 def seeded_order(keys: Iterable[str], seed: int) -> list[str]:
     """Sort keys by a seeded hash: a reproducible shuffle that ignores the input order."""
     return sorted(keys, key=lambda key: hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest())
+
+
+def check_fractions(validation_fraction: float, test_fraction: float, where: str) -> None:
+    if validation_fraction <= 0 or test_fraction <= 0 or validation_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"{where}.validation_fraction and {where}.test_fraction must be > 0 with a sum < 1, "
+            f"got {validation_fraction} and {test_fraction}"
+        )
 
 
 def assign_splits(
@@ -31,11 +39,7 @@ def assign_splits(
     A held-out split that nothing fits into takes the smallest remaining unit, so it is never empty;
     train must keep at least one unit.
     """
-    if validation_fraction <= 0 or test_fraction <= 0 or validation_fraction + test_fraction >= 1:
-        raise ValueError(
-            f"{where}.validation_fraction and {where}.test_fraction must be > 0 with a sum < 1, "
-            f"got {validation_fraction} and {test_fraction}"
-        )
+    check_fractions(validation_fraction, test_fraction, where)
     remaining = seeded_order(sizes, seed)
     total = sum(sizes.values())
     assignment: dict[str, str] = {}
@@ -58,6 +62,17 @@ def assign_splits(
     return assignment
 
 
+def hashed_split(key: str, seed: int, validation_fraction: float, test_fraction: float) -> str:
+    """The split of one unit from a seeded hash alone: a streamed corpus is split as it is read,
+    without a global pass, and a unit keeps its split however much of the source is read. The
+    held-out shares hold in expectation, by unit count (not by characters)."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    where = int.from_bytes(digest[:8], "big") / 2**64
+    if where < test_fraction:
+        return "test"
+    return "validation" if where < test_fraction + validation_fraction else "train"
+
+
 def write_jsonl(path: Path, rows: Iterable[dict]) -> dict:
     """Write one JSON object per line (UTF-8, keys in given order); return its name and SHA-256."""
     with open(path, "w", encoding="utf-8", newline="\n") as handle:
@@ -67,12 +82,24 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> dict:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    """The rows of a JSONL file one at a time (a large split is never held whole)."""
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
 
 
 def read_split(directory: str | Path, split: str) -> list[dict]:
     """Read ``directory/{split}.jsonl`` written by ``prepare_corpus`` or ``prepare_reasoning``."""
+    return list(iter_split(directory, split))
+
+
+def iter_split(directory: str | Path, split: str) -> Iterator[dict]:
+    """:func:`read_split`, one row at a time."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    return read_jsonl(Path(directory) / f"{split}.jsonl")
+    return iter_jsonl(Path(directory) / f"{split}.jsonl")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +24,13 @@ from effllm.data.tokenizer import with_pad_token
 from effllm.distributed import Placement, place
 from effllm.evaluation.perplexity import finite_metric, perplexity
 from effllm.evaluation.scoring import reasoning_metrics
-from effllm.measure import Timer, Window, latency_summary, sync
+from effllm.measure import Timer, Window, count_flops, latency_summary, sync
+from effllm.measure.cache import CACHE_FIELDS, tensor_bytes
+from effllm.measure.peak import Peak, device_peak, mfu_metric, pcu_from_mfu
+from effllm.measure.tensors import (  # noqa: F401 - weight_bytes: part of this stage's API
+    linear_weight_bytes, quant_state_bytes, track, weight_bytes,
+)
+from effllm.models.baselines import sequence_kernel
 from effllm.models.quantize import DTYPES, load_quantised, model_config
 from effllm.records import Metric
 from effllm.specs import HarnessSpec, InferenceSpec, QuantSpec
@@ -39,46 +46,6 @@ def load_model(model_dir: str | os.PathLike, precision: str, quant: QuantSpec):
     # Unquantised parts (embeddings, head, norms) in the compute dtype, as the bf16 run holds them.
     dtype = DTYPES[quant.compute_dtype or "bf16"] if precision == "int4" else torch.bfloat16
     return load_quantised(model_dir, precision, quant, dtype)
-
-
-def _quantisation_state(module: torch.nn.Module) -> list[torch.Tensor]:
-    """Tensors bitsandbytes keeps beside a layer's weight: the 4-bit ``quant_state`` (absmax,
-    codebook, offset, and double quant's nested ``state2``) and LLM.int8's ``CB``/``SCB``, which
-    sit on the weight after loading and move to ``module.state`` on the first forward."""
-    weight = getattr(module, "weight", None)
-    holders, state = [weight], getattr(weight, "quant_state", None)
-    while state is not None:
-        holders.append(state)
-        state = getattr(state, "state2", None)
-    if hasattr(getattr(module, "state", None), "SCB"):  # bitsandbytes' MatmulLtState
-        holders.append(module.state)
-    return [v for h in holders if h is not None for v in vars(h).values()
-            if isinstance(v, torch.Tensor)]
-
-
-def _distinct_bytes(tensors, seen: set) -> int:
-    """Bytes of the tensors not in ``seen`` (then added): shared or tied memory counts once."""
-    total = 0
-    for t in tensors:
-        key = (t.data_ptr(), t.nbytes)
-        if key not in seen:
-            seen.add(key)
-            total += t.nbytes
-    return total
-
-
-def linear_weight_bytes(model) -> dict[str, int]:
-    """Bytes each linear layer's weight holds now (bias excluded): packed 4-bit or int8 data plus
-    its quantisation state, or a plain weight's nbytes."""
-    return {name: _distinct_bytes([mod.weight, *_quantisation_state(mod)], set())
-            for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
-
-
-def weight_bytes(model) -> int:
-    """Bytes held by all parameters and buffers plus bitsandbytes' quantisation state; tied once."""
-    seen: set = set()
-    return sum(_distinct_bytes([*mod.parameters(recurse=False), *mod.buffers(recurse=False),
-                                *_quantisation_state(mod)], seen) for mod in model.modules())
 
 
 class _TokenClock:
@@ -133,17 +100,30 @@ def time_generation(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: in
                 prefill.append(first - t.start)
                 decode.append((last - first) / (new_tokens - 1))
                 e2e.append(t.seconds)
+        # One more, outside the window, with every tensor booked: the memory of the technique.
+        with track(model, extra_bytes=quant_state_bytes(model)) as tracked:
+            out = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                                 generation_config=cfg, return_dict_in_generate=True)
+        account = tracked.account
+        state = next((getattr(out, f) for f in CACHE_FIELDS if getattr(out, f, None) is not None),
+                     None)
+        account.kv_cache = tensor_bytes(state) if state is not None else None
+        window.account(account, f"one generate() of the timed batch ({prompt_ids.shape[0]} x "
+                                f"{prompt_ids.shape[1]} prompt, {new_tokens} new tokens)")
     return {"prefill": prefill, "e2e": e2e, "decode": decode}
 
 
-def corpus_test_tokens(tokenizer, corpus_dir: str | os.PathLike) -> np.ndarray:
-    """The corpus test documents in the served model's own token ids (for the pipeline's models
-    the ids of ``results/data/tokens/test.npy``; a hub model brings its own tokenizer, whose
-    perplexities are not comparable with ours)."""
-    from effllm.data.tokenizer import encode_documents
+def corpus_test_tokens(tokenizer, corpus_dir: str | os.PathLike,
+                       max_tokens: int | None = None) -> np.ndarray:
+    """The corpus test documents in the served model's own token ids: with the pipeline's
+    tokenizer its ``test.npy`` (beside ``corpus_dir``), memory-mapped; a hub model brings its own
+    tokenizer (perplexities not comparable with ours), which encodes test documents in order
+    only until ``max_tokens`` (None: all)."""
+    from effllm.data.tokenizer import encode_split, pipeline_tokens
 
-    texts = [doc["text"] for doc in read_split(corpus_dir, "test")]
-    return encode_documents(tokenizer, texts, np.int64)
+    tokens = pipeline_tokens(tokenizer, Path(corpus_dir).parent / "tokens", "test")
+    return tokens if tokens is not None else encode_split(tokenizer, corpus_dir, "test",
+                                                          max_tokens)
 
 
 def timing_prompts(tokens: np.ndarray, length: int, batch: int, seed: int) -> torch.Tensor:
@@ -196,21 +176,25 @@ def serve(spec: InferenceSpec, placement: Placement, model_dir, corpus_dir, reas
     with Window(spec.measure.sample_interval_s) as load_window:
         model, quant_note = load_model(model_dir, spec.precision, spec.quant)
     model.eval()
-    tokens = corpus_test_tokens(tokenizer, corpus_dir)
+    tokens = corpus_test_tokens(tokenizer, corpus_dir, max(
+        spec.eval.ppl_tokens, spec.eval.eval_max_length, spec.eval.prompt_tokens + 1))
     pad_ids = (int((tokens == tokenizer.pad_token_id).sum())
                if tokenizer.pad_token_id != tokenizer.eos_token_id else None)
     ev = spec.eval
     prompt_ids = timing_prompts(tokens, ev.prompt_tokens, ev.batch_size, spec.seed)
-    window = Window(spec.measure.sample_interval_s)
+    window = Window(spec.measure.sample_interval_s, spec.measure.watts_per_core)
     times = time_generation(model, prompt_ids.to(model.device), ev.new_tokens,
                             tokenizer.pad_token_id, ev.warmup_runs, ev.min_runs, ev.min_seconds,
                             window)
-    metrics = timing_metrics(ev, times, window)
+    flops = generation_flops(model, prompt_ids.to(model.device), ev.new_tokens,
+                             tokenizer.pad_token_id)  # untimed, after the window
+    peak = device_peak(spec.measure.peak_flops, model.device, compute_dtype(spec))
+    metrics = timing_metrics(ev, times, window, flops, peak)
     metrics.update({
         "weight_bytes": Metric.measured(weight_bytes(model), "B", "tensor_bytes_with_quant_state",
                                         quant_note),
         "bits_nominal": Metric.measured(spec.bits, "bits", "nominal_bits"),
-        "load_memory_peak": load_window.metrics()["memory_peak"],
+        "load_memory_peak": load_peak(load_window),
     })
     metrics.update(quality_metrics(spec, model, tokenizer, tokens, reasoning_dir))
     layers = linear_weight_bytes(model)  # as served: after the CPU 4-bit repack
@@ -222,14 +206,44 @@ def serve(spec: InferenceSpec, placement: Placement, model_dir, corpus_dir, reas
         metrics, {"e2e_seconds": times["e2e"], "prefill_seconds": times["prefill"],
                   "decode_seconds_per_token": times["decode"]},
         {"precision": spec.precision, "notes": [quant_note] if quant_note else [],
+         **sequence_kernel(model, str(model.device)),
          "linear_weight_bytes": layers,
          # documents encoded unpadded (issue 16: earlier records lack this field)
          "corpus_test_tokens": {"count": int(tokens.size), "pad_ids": pad_ids}})
 
 
-def timing_metrics(ev, times: dict, window: Window) -> dict[str, Metric]:
-    """Latency and throughput of the timed repeats (medians with their spread), and what the
-    window sampled while they ran."""
+def compute_dtype(spec: InferenceSpec) -> str:
+    """The float dtype the served model's matmuls run in, whose peak MFU divides by: the
+    precision itself, or for bitsandbytes the dtype its layers compute in (int4: the 4-bit
+    compute dtype; int8: bf16, the dtype of its unquantised parts)."""
+    if spec.precision in ("fp32", "bf16", "fp16"):
+        return spec.precision
+    return (spec.quant.compute_dtype or "bf16") if spec.precision == "int4" else "bf16"
+
+
+@torch.no_grad()
+def generation_flops(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: int) -> int:
+    """FLOPs of one timed repeat (fixed-length greedy generate), counted in a separate pass:
+    the counter runs Python per op and must never sit inside the timing."""
+    cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=pad_id)
+    return count_flops(lambda: model.generate(
+        input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), generation_config=cfg))
+
+
+def load_peak(window: Window) -> Metric:
+    """Peak memory while loading: the device's on a GPU; on a CPU the process's (RSS, its
+    method says so), since loading has no unit of work to account tensor by tensor."""
+    metrics = window.metrics()
+    peak = metrics["memory_peak"]
+    return peak if peak.status != "unavailable" else metrics["memory_peak_rss"]
+
+
+def timing_metrics(ev, times: dict, window: Window, flops: int | None = None,
+                   peak: Peak | None = None) -> dict[str, Metric]:
+    """Latency and throughput of the timed repeats (medians with their spread), what the
+    window sampled while they ran, and MFU from ``flops`` per repeat over the ``peak`` (PCU =
+    MFU where no duty cycle was sampled)."""
     e2e, prefill, decode = (latency_summary(times[k]) for k in ("e2e", "prefill", "decode"))
     generated = ev.batch_size * ev.new_tokens
     note = (f"{e2e['count']} runs after {ev.warmup_runs} warm-up; batch {ev.batch_size}, "
@@ -240,10 +254,20 @@ def timing_metrics(ev, times: dict, window: Window) -> dict[str, Metric]:
         return f"median of {s['count']} repeats, IQR {s['iqr']:.3g} s, cv {s['cv']:.3f}"
 
     metrics = window.metrics()
-    if metrics["energy"].status != "unavailable":
-        metrics["energy_per_token"] = Metric.measured(
-            metrics["energy"].value / (generated * e2e["count"]), "J/token",
-            metrics["energy"].method, "window energy over the timed repeats")
+    energy = metrics["energy"]
+    if energy.status != "unavailable":  # measured or estimated, as the energy is
+        what = "window energy over the tokens of the timed repeats"
+        metrics["energy_per_token"] = Metric(
+            energy.value / (generated * e2e["count"]), "J/token", energy.method, energy.status,
+            f"{what}; {energy.note}" if energy.note else what)
+    else:
+        metrics["energy_per_token"] = Metric.unavailable("J/token", "none", energy.note)
+    if flops:
+        metrics["mfu"] = mfu_metric(flops * e2e["count"] / e2e["total"], peak, 1,
+                                    "flop_counter_generate x repeats / e2e time")
+        pcu = pcu_from_mfu(metrics["mfu"], metrics.get("pcu"))
+        if pcu is not None:
+            metrics["pcu"] = pcu
     metrics.update({
         "al": Metric.measured(e2e["p50"], "s", Timer.method, f"{note}; {spread(e2e)}"),
         "al_cv": Metric.measured(e2e["cv"], "1", "std/mean of repeats", note),

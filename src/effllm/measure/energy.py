@@ -1,16 +1,22 @@
-"""Energy over a window: NVML's cumulative energy counter on GPUs, RAPL on CPUs where readable.
+"""Energy over a window: NVML's cumulative energy counter on GPUs, RAPL on CPUs where readable,
+and otherwise, when ``measure.watts_per_core`` is set, an estimate from the process's CPU time.
 
-Where neither exists (this project's default CPU VM has no RAPL) energy is unavailable. We never
-fall back to a TDP model silently; an estimate would have to be labelled ``estimated``.
+The estimate is the Green Algorithms model (Lannelongue et al., Adv. Sci. 2021): energy = CPU
+core-seconds x power per core, the power being a TDP divided by the core count. It is labelled
+``estimated`` and never stands in for a counter: with ``watts_per_core: null`` a machine without
+counters reports energy as unavailable.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from effllm.measure import nvml
 
 RAPL_ROOT = Path("/sys/class/powercap")
+CPU_TIME_METHOD = "cpu_time_x_watts_per_core"
 
 
 def _rapl_zones(root: Path = RAPL_ROOT) -> list[Path]:
@@ -26,13 +32,31 @@ def _rapl_zones(root: Path = RAPL_ROOT) -> list[Path]:
     return zones
 
 
-class EnergyMeter:
-    """``start()`` / ``stop()`` around a window; ``joules`` and ``method`` afterwards."""
+def process_cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads (torch's intra-op pool too)."""
+    return time.process_time()
 
-    def __init__(self, rapl_root: Path = RAPL_ROOT):
+
+class EnergyMeter:
+    """``start()`` / ``stop()`` around a window; ``joules``, ``method``, ``status`` afterwards.
+
+    ``rapl_root`` defaults to :data:`RAPL_ROOT`. ``watts_per_core`` (None: no estimate) and
+    ``cpu_clock`` (the process CPU-time clock, a parameter so that tests can fake it) serve the
+    estimate on machines without counters.
+    """
+
+    note: str | None = None
+
+    def __init__(self, rapl_root: Path | None = None, watts_per_core: float | None = None,
+                 cpu_clock: Callable[[], float] | None = None):
         devices = nvml.job_devices()
         self._gpus = list(devices.handles)
         self._rapl, self.method, self.reason = [], None, None
+        self.status = "measured"
+        self.joules: float | None = None
+        self.cpu_seconds: float | None = None
+        self.watts_per_core = watts_per_core
+        self._cpu_clock = cpu_clock or process_cpu_seconds
         if self._gpus:
             missing = [n for h, n in zip(self._gpus, devices.names) if nvml.energy_mj(h) is None]
             if missing:  # a partial sum would be no job's energy
@@ -42,24 +66,25 @@ class EnergyMeter:
             else:
                 self.method = "nvml_energy_counter"
                 self.note = devices.describe()
-            self.joules: float | None = None
-            return
-        self._rapl = _rapl_zones(rapl_root)
+            return  # a GPU job's CPU time says nothing about its energy: no estimate
+        self._rapl = _rapl_zones(rapl_root or RAPL_ROOT)  # read at call time: tests patch it
         if self._rapl:
             self.method = "rapl_energy_uj"
             self.note = "CPU package energy (RAPL), the whole socket"
+        elif watts_per_core:
+            self.method, self.status = CPU_TIME_METHOD, "estimated"
         else:
-            self.reason = "no NVML energy counter and no readable RAPL on this machine"
-        self.joules = None
+            self.reason = ("no NVML energy counter and no readable RAPL on this machine, and no "
+                           "measure.watts_per_core for an estimate")
 
-    def _read(self) -> list[int]:
+    def _read(self) -> list[float]:
         if self._gpus:
             return [nvml.energy_mj(h) for h in self._gpus]
-        return [int((z / "energy_uj").read_text()) for z in self._rapl]
+        if self._rapl:
+            return [int((z / "energy_uj").read_text()) for z in self._rapl]
+        return [self._cpu_clock()]
 
-    note: str | None = None
-
-    def start(self) -> "EnergyMeter":
+    def start(self) -> EnergyMeter:
         self._begin = self._read() if self.method else None
         return self
 
@@ -69,6 +94,13 @@ class EnergyMeter:
         end = self._read()
         if self._gpus:
             self.joules = sum(e - b for b, e in zip(self._begin, end)) / 1e3
+            return
+        if not self._rapl:
+            self.cpu_seconds = end[0] - self._begin[0]
+            self.joules = self.cpu_seconds * self.watts_per_core
+            self.note = (f"estimate: {self.cpu_seconds:.4g} s CPU time (user + system, all "
+                         f"threads of this process) x {self.watts_per_core:g} W per core "
+                         "(measure.watts_per_core); no idle, DRAM or uncore power")
             return
         total = 0
         for zone, b, e in zip(self._rapl, self._begin, end):

@@ -3,9 +3,9 @@
 On CPU, ``F.scaled_dot_product_attention`` dispatches to
 ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward), which FlopCounterMode does
 not know and silently counts as 0 (docs/metrics.md §7). We map those ops to torch's own SDPA
-formulas. bitsandbytes' 4-bit matmuls (QLoRA's forward) are custom ops, also counted as 0; we
-count them as the dense matmul they compute. Counting runs Python per op: do it in a separate
-pass, never inside a timed loop.
+formulas. bitsandbytes' 4-bit matmuls (QLoRA's forward) and LLM.int8 matmuls are custom ops,
+also counted as 0; we count them as the dense matmul they compute. Counting runs Python per op:
+do it in a separate pass, never inside a timed loop.
 """
 
 from __future__ import annotations
@@ -38,6 +38,17 @@ def _matmul_4bit(a_shape, b_shape, shape_b, *args, **kwargs) -> int:
     return 2 * math.prod(a_shape[:-1]) * shape_b[0] * shape_b[1]
 
 
+def _matmul_int8(a_shape, b_shape, *args, **kwargs) -> int:
+    # LLM.int8: A [..., K] times the int8 weight B [N, K] transposed (outliers included).
+    return 2 * math.prod(a_shape[:-1]) * b_shape[0] * b_shape[1]
+
+
+def _mixed_int8(a_shape, ca_shape, cb_shape, *args, **kwargs) -> int:
+    # int8_mixed_scaled_mm(A, CA, CB, ...): the int8 part and the fp outlier columns together
+    # make one dense A [..., K] x CB [N, K]^T.
+    return 2 * math.prod(a_shape[:-1]) * cb_shape[0] * cb_shape[1]
+
+
 CPU_MAPPING = {
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
@@ -50,7 +61,12 @@ def _mapping() -> dict:
     if "bitsandbytes" not in sys.modules:
         return CPU_MAPPING
     ops = torch.ops.bitsandbytes
-    return {**CPU_MAPPING, ops.gemm_4bit: _matmul_4bit, ops.gemv_4bit: _matmul_4bit}
+    int8 = {name: fn for name, fn in (("int8_linear_matmul", _matmul_int8),
+                                       ("int8_scaled_mm", _matmul_int8),
+                                       ("int8_mixed_scaled_mm", _mixed_int8))
+            if hasattr(ops, name)}  # bitsandbytes >= 0.45's op names
+    return {**CPU_MAPPING, ops.gemm_4bit: _matmul_4bit, ops.gemv_4bit: _matmul_4bit,
+            **{getattr(ops, name): fn for name, fn in int8.items()}}
 
 
 def count_flops(fn: Callable[[], object]) -> int:

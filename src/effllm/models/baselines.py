@@ -21,10 +21,10 @@ Each family is a stock transformers class built from a config (random init, no w
 All tie the LM head to the input embedding, like our decoder. Sizes are reported as counted
 parameters (docs/protocol.md §8, defect 7: the toolkit mislabelled Mamba sizes).
 
-Only the pure-PyTorch paths exist on this machine: Mamba's kernel hooks fall back to torch when
-``mamba_ssm``/``causal_conv1d`` are not importable (one logged line each), ``use_mambapy`` stays
-False (mambapy is not installed either) and RWKV compiles its CUDA kernel only when CUDA and ninja
-are present.
+Only the pure-PyTorch paths exist on this machine. On a GPU, Mamba runs ``mamba_ssm``'s fused
+selective scan and ``causal_conv1d`` when they are installed (``envs/kernels.txt``), RWKV its wkv
+kernel when transformers can load it; otherwise the reference loop runs, and every record says
+which ran (:func:`sequence_kernel`, ``provenance.execution.sequence_kernel``).
 
 Three transformers (5.23) defects are worked around here, details where they are handled:
 
@@ -161,7 +161,8 @@ def build_baseline(family: str, shape: dict, vocab_size: int, eos_token_id, bos_
 
 def _mamba_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None,
                           delta_softplus=False, return_last_state=False, **kwargs):
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (hidden_states.is_cuda and MAMBA_KERNELS):
+        # upstream's, which runs mamba_ssm's fused kernel when it is installed
         return UPSTREAM_MAMBA_SCAN(hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                    delta_softplus=delta_softplus,
                                    return_last_state=return_last_state, **kwargs)
@@ -186,6 +187,37 @@ def _mamba_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias
     if z is not None:
         scan_output = scan_output * F.silu(z)
     return (scan_output, state) if return_last_state else scan_output
+
+
+def _importable(*packages: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(p) is not None for p in packages)
+
+
+# The CUDA kernels of envs/kernels.txt: the selective scan and the causal convolution.
+MAMBA_KERNELS = _importable("mamba_ssm", "causal_conv1d")
+
+
+def sequence_kernel(model, device: str) -> dict:
+    """``{"sequence_kernel": what ran}`` for a Mamba or RWKV model on ``device`` ({} for other
+    models), for the record's execution: the fused CUDA kernel, or the reference loop over
+    time, whose latency and memory measure that loop rather than the architecture."""
+    family = getattr(model.config, "model_type", None)
+    cuda = str(device).startswith("cuda")
+    if family == "mamba":
+        if cuda and MAMBA_KERNELS:
+            return {"sequence_kernel": "mamba_ssm selective scan + causal_conv1d (CUDA)"}
+        why = ("not on a GPU" if not cuda
+               else "mamba_ssm/causal_conv1d not installed (envs/kernels.txt)")
+    elif family == "rwkv":
+        if cuda and rwkv_modeling.rwkv_cuda_kernel is not None:
+            return {"sequence_kernel": "RWKV wkv CUDA kernel"}
+        why = "not on a GPU" if not cuda else "the wkv kernel is not in the local kernels cache"
+    else:
+        return {}
+    return {"sequence_kernel": f"reference implementation: a PyTorch loop over time ({why}); "
+                               "its latency and memory are the loop's, not the architecture's"}
 
 
 if mamba_modeling.mamba_selective_scan.__module__ != __name__:  # not patched yet

@@ -118,7 +118,7 @@ class Block(nn.Module):
 class DecoderPreTrainedModel(PreTrainedModel):
     config_class = DecoderConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # DecoderModel recomputes each layer in backward
     _no_split_modules = ["Block"]
     _supports_sdpa = True
 
@@ -152,6 +152,7 @@ class DecoderModel(DecoderPreTrainedModel):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self._sinusoids = None  # the fixed table, built once per device and dtype (not saved)
+        self.gradient_checkpointing = False  # set by gradient_checkpointing_enable()
         for name, module in self.named_modules():
             if name.endswith(("o_proj", "down_proj")):
                 module._is_residual_out = True
@@ -207,8 +208,12 @@ class DecoderModel(DecoderPreTrainedModel):
             attention_mask=attention_mask[:, -(past + t):] if padded else None,
         )
         aux_losses = []
+        recompute = self.gradient_checkpointing and self.training and past_key_values is None
         for layer in self.layers:
-            x, aux = layer(x, inputs, past_key_values)
+            if recompute:  # keep only each layer's input; its inside is recomputed in backward
+                x, aux = self._gradient_checkpointing_func(layer, x, inputs, None)
+            else:
+                x, aux = layer(x, inputs, past_key_values)
             if aux is not None:
                 aux_losses.append(aux)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None

@@ -208,7 +208,8 @@ def draw_bars_with_line(
     floor = style.norm_floor(df)
     caption = (CAPTION.format(floor=f", floor {floor:g} (dotted)" if floor is not None else "")
                + ("\nwhiskers: min\u2013max over seeds; " if spread else "\n")
-               + f"{MISSING} = not available, not 0")
+               + f"{MISSING} = not available, not 0"
+               + (f"\n{style.estimates_note(df)}" if style.estimates_note(df) else ""))
     ncol = len(handles) if width == style.TWO_COLUMN and len(handles) <= 8 else 4
     fig.legend(handles=handles, loc="outside lower center", ncol=ncol,
                title=caption, title_fontproperties={"style": "italic", "size": "small"})

@@ -27,7 +27,8 @@ from effllm.plots.style import plt, select_block
 
 CAPTION = ("bubble area \u221d value, min-max normalised within group{floor};\n"
            "higher is better; number = mean over seeds{spread};\n{missing} = not available, not 0")
-SPREAD = (",\nsmall print = min\u2013max over seeds (or how many seeds have a value)")
+SPREAD = (",\ndotted rings = min\u2013max over seeds; small print = the same, or how many\n"
+          "seeds have a value")
 # Layout in inches: fixed, so that the largest bubble is known to fit its cell.
 ROW_LABELS = 0.72
 RIGHT = 0.12
@@ -57,8 +58,10 @@ def bubble_grid(ax, members: pd.DataFrame, metrics: Sequence[str], s_max: float,
     """Draw one group's bubble grid on ``ax`` (x = variants, y = metrics, first metric on top).
 
     Artists carry gids: one scatter ``bubble:<variant>`` per variant holding only its available
-    values (sizes = ``s_max`` x value, never 0), one ``n/a`` scatter of empty circles and one
-    ``n/a:<variant>:<metric>`` Text per missing value, the scale circles as ``scale``.
+    values (sizes = ``s_max`` x value, never 0), one ``spread:<variant>`` scatter of dotted
+    rings at the seed minimum and maximum of each value whose seeds differ, one ``n/a`` scatter
+    of empty circles and one ``n/a:<variant>:<metric>`` Text per missing value, the scale
+    circles as ``scale``.
     Returns the seed summary that was drawn.
     """
     params = [c for c in ("params_total", "params_active") if c in members]
@@ -87,6 +90,7 @@ def _draw_column(ax, row: pd.Series, i: int, name: str, metrics: Sequence[str], 
     scale circle or a missing-value circle; returns whether any value has a seed spread."""
     colour = style.technique_colour(name)
     xs, ys, sizes = [], [], []
+    ring_xy, ring_sizes = [], []  # the seed range: bubbles of the min and max values
     spread_any = False
     for j, m in enumerate(metrics):
         value = row[companion(m, "norm")]
@@ -98,9 +102,16 @@ def _draw_column(ax, row: pd.Series, i: int, name: str, metrics: Sequence[str], 
         xs.append(i), ys.append(j), sizes.append(s_max * value)
         scale_xy.append((i, j))
         spread_any |= _annotate_value(ax, row, m, (i, j), s_max, name)
+        lo, hi = row[f"{companion(m, 'norm')}__lo"], row[f"{companion(m, 'norm')}__hi"]
+        if hi - lo > 1e-9:  # two seeds or more that differ
+            ring_xy += [(i, j), (i, j)]
+            ring_sizes += [s_max * lo, s_max * hi]
     if xs:
         ax.scatter(xs, ys, s=sizes, facecolors=[to_rgba(colour, 0.5)], edgecolors=[colour],
                    linewidths=0.8, zorder=3, gid=f"bubble:{name}", label=name)
+    if ring_xy:
+        ax.scatter(*zip(*ring_xy), s=ring_sizes, facecolors="none", edgecolors=[colour],
+                   linewidths=0.6, linestyles=":", zorder=3, gid=f"spread:{name}")
     return spread_any
 
 

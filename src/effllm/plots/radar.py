@@ -2,6 +2,8 @@
 
 A metric that is not available is never drawn as 0: the series' polygon has a gap there (and is
 not filled), the panel notes which series lack what, and an axis nobody has is labelled "(n/a)".
+An estimated value (e.g. CPU energy from CPU time, PCU as MFU) is drawn with a hollow marker,
+its axis label carries the table's estimate mark and the legend says what both mean.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
 
 from effllm.analysis.aggregate import companion, read_table
 from effllm.analysis.seeds import seed_summary
+from effllm.analysis.tables import ESTIMATED
 from effllm.plots import style
 from effllm.plots.style import plt, select_block
 
 R_TICKS = (0.25, 0.5, 0.75, 1.0)
 CAPTION = "min-max normalised within group{floor}; higher is better"
+ESTIMATED_LABEL = f"hollow marker, {ESTIMATED}: estimated, not measured"
 
 
 def _norm_matrix(df: pd.DataFrame, metrics: Sequence[str], suffix: str = "") -> np.ndarray:
@@ -29,6 +34,17 @@ def _norm_matrix(df: pd.DataFrame, metrics: Sequence[str], suffix: str = "") -> 
     cols = [df[c].astype(float).to_numpy() if c in df else np.full(len(df), np.nan)
             for c in names]
     return np.column_stack(cols) if cols else np.empty((len(df), 0))
+
+
+def _estimated_matrix(df: pd.DataFrame, metrics: Sequence[str]) -> np.ndarray:
+    """Rows x metrics booleans: the value is estimated (a seed summary's ``m__norm__status``,
+    or a table row's own ``m__status``)."""
+    cols = []
+    for m in metrics:
+        name = next((c for c in (companion(companion(m, "norm"), "status"),
+                                 companion(m, "status")) if c in df), None)
+        cols.append(df[name].eq("estimated").to_numpy() if name else np.zeros(len(df), bool))
+    return np.column_stack(cols) if cols else np.empty((len(df), 0), bool)
 
 
 def radar(ax, df: pd.DataFrame, metrics: Sequence[str], series_col: str = "label"):
@@ -42,14 +58,20 @@ def radar(ax, df: pd.DataFrame, metrics: Sequence[str], series_col: str = "label
     theta = np.linspace(0.0, 2.0 * np.pi, len(metrics), endpoint=False)
     values = _norm_matrix(df, metrics)
     absent = np.isnan(values).all(axis=0)
+    estimated = _estimated_matrix(df, metrics) & np.isfinite(values)
     ax.set_theta_offset(np.pi / 2)
     ax.set_theta_direction(-1)
     notes = []
     lo, hi = (_norm_matrix(df, metrics, f"__{end}") for end in ("lo", "hi"))
-    for name, r, r_lo, r_hi in zip(df[series_col].astype(str), values, lo, hi):
+    for name, r, r_lo, r_hi, est in zip(df[series_col].astype(str), values, lo, hi, estimated):
         colour = style.technique_colour(name)
         ax.plot(np.append(theta, theta[0]), np.append(r, r[0]), color=colour, marker="o",
                 label=name, gid=name, clip_on=False, zorder=3)
+        if est.any():  # hollow markers over the estimated vertices
+            ax.plot(theta[est], r[est], linestyle="", marker="o", markersize=4.5,
+                    markerfacecolor="white", markeredgecolor=colour, markeredgewidth=1.0,
+                    label=f"_estimated:{name}", gid=f"estimated:{name}", clip_on=False,
+                    zorder=4)
         spread = np.isfinite(r) & (r_hi - r_lo > 1e-9)
         if spread.any():  # seeds: min-max as a radial whisker at each vertex
             ax.errorbar(theta[spread], r[spread], fmt="none", ecolor=colour, elinewidth=0.7,
@@ -61,8 +83,9 @@ def radar(ax, df: pd.DataFrame, metrics: Sequence[str], series_col: str = "label
                 if np.isnan(v) and not a]
         if gaps:
             notes.append(f"{name}: {', '.join(gaps)}")
-    ax.set_xticks(theta, [style.metric_axis_label(m) + ("\n(n/a)" if a else "")
-                          for m, a in zip(metrics, absent)])
+    ax.set_xticks(theta, [style.metric_axis_label(m) + (ESTIMATED if e else "")
+                          + ("\n(n/a)" if a else "")
+                          for m, a, e in zip(metrics, absent, estimated.any(axis=0))])
     ax.tick_params(axis="x", pad=1)
     ax.tick_params(axis="y", labelsize=5.5)
     ax.set_ylim(0.0, 1.0)
@@ -96,19 +119,26 @@ def draw_radar_figure(
         subplot_kw={"projection": "polar"}, layout="constrained",
     )
     legend: dict[str, object] = {}
-    spread = False
+    spread = estimated = False
     for ax, group in zip(axes.flat, groups):
         members = df[df["group"] == group]
         series = seed_summary(members, norm_cols, by=[series_col])
         radar(ax, series, metrics, series_col)
         ax.set_title(str(group), pad=12, fontsize="medium")
-        legend.update({line.get_label(): line for line in ax.get_lines()})
+        legend.update({line.get_label(): line for line in ax.get_lines()
+                       if not line.get_label().startswith("_")})
+        estimated |= any(line.get_gid().startswith("estimated:") for line in ax.get_lines()
+                         if line.get_gid())
         spread |= bool(ax.containers)
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
+    if estimated:
+        legend[ESTIMATED_LABEL] = Line2D([], [], linestyle="", marker="o", markersize=4.5,
+                                         markerfacecolor="white", markeredgecolor="0.3")
     floor = style.norm_floor(df)
     caption = CAPTION.format(floor=f", floor {floor:g}" if floor is not None else "") + (
-        "\nmean over seeds; whiskers: min\u2013max over seeds" if spread else "")
+        "\nmean over seeds; whiskers: min\u2013max over seeds" if spread else "") + (
+        f"\n{style.estimates_note(df)}" if style.estimates_note(df) else "")
     # The caption is the legend's title: one bottom artist, so constrained layout cannot overlap
     # them.
     fig.legend(legend.values(), legend.keys(), loc="outside lower center",

@@ -188,7 +188,8 @@ def draw_ranking(
 ) -> pd.DataFrame:
     """The whole chart: one panel per block, pretraining on the left, the rest on the right,
     panel heights in proportion to their rows. Returns the rank table that was drawn."""
-    table = rank_table(read_table(normalised_csv), metrics, order)
+    source = read_table(normalised_csv)
+    table = rank_table(source, metrics, order)
     blocks = list(dict.fromkeys(table["block"]))
     columns: list[list[str]] = [[b for b in blocks if _stage(table, b) in LEFT_STAGES],
                                 [b for b in blocks if _stage(table, b) not in LEFT_STAGES]]
@@ -224,7 +225,8 @@ def draw_ranking(
         "direction (lowest PPL, loss, AMU, AL, AEC; highest TT, ST, IT, Perf, MCR); ties share "
         "the best rank"
         + (f"; {ESTIMATED} estimated" if used["estimated"] else "")
-        + (f"; {UNSETTLED} seed range overlaps another's" if used["unsettled"] else ""), 120)
+        + (f"; {UNSETTLED} seed range overlaps another's" if used["unsettled"] else "")
+        + (f"; {style.estimates_note(source)}" if style.estimates_note(source) else ""), 120)
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles),
                title=caption, title_fontproperties={"style": "italic", "size": 6},
                fontsize=6, handlelength=1.2, borderaxespad=0.3)

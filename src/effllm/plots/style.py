@@ -124,6 +124,14 @@ def norm_floor(df) -> float | None:
     return float(floors[0]) if len(floors) == 1 else None
 
 
+def estimates_note(df) -> str:
+    """A caption line when the table was normalised without estimated values (the
+    ``estimates`` column, ``analysis.use_estimates: false``), else ""."""
+    if "estimates" in df and (df["estimates"] == "excluded").any():
+        return "estimated values excluded (analysis.use_estimates: false): shown as n/a"
+    return ""
+
+
 def save_figure(fig, out_pdf: str | os.PathLike, out_png: str | os.PathLike,
                 dpi: int = 200) -> None:
     """Write the figure as PDF and PNG, each atomically and without timestamps, then close it."""

@@ -24,13 +24,14 @@ from effllm.evaluation.scoring import completion_scores, reasoning_metrics
 from effllm.measure import Timer, Window
 from effllm.models.params import count_params
 from effllm.precision import PRECISION_NOTES, autocast
-from effllm.records import Metric
+from effllm.evaluation.perplexity import finite_metric
+from effllm.records import METRICS, Metric
 from effllm.specs import FinetuneSpec, MethodSpec
 from effllm.stage import Outcome, run_job
 from effllm.training import methods
 from effllm.training.loop import (
-    StepLog, cosine_schedule, mfu_metric, note_rank0, step_flops_per_token, step_metrics,
-    train,
+    StepLog, cosine_schedule, divergence, note_rank0, step_flops_per_token, step_metrics,
+    train, use_checkpointing, utilisation_metrics,
 )
 
 
@@ -129,10 +130,11 @@ def gathered(model, base_dir, placement):
 
 
 def run_finetune(spec: FinetuneSpec | dict, base_dir: str | os.PathLike,
-                 reasoning_dir: str | os.PathLike, model_out: str | os.PathLike,
+                 reasoning_dir: str | os.PathLike, model_out: str | os.PathLike | None,
                  record_out: str | os.PathLike):
-    """Fine-tune one base with one method, measure it, save the merged model and the record
-    (rank 0; under torchrun the other ranks train and score their shares, then return None)."""
+    """Fine-tune one base with one method, measure it, save the merged model (unless
+    ``model_out`` is None: a tune run) and the record (rank 0; under torchrun the other ranks
+    train and score their shares, then return None)."""
     return run_job(spec, lambda s, placement: finetune(s, placement, base_dir, reasoning_dir),
                    record_out, model_out)
 
@@ -184,23 +186,30 @@ def finetune(spec: FinetuneSpec, placement: Placement, base_dir, reasoning_dir
     # forward + input gradient only (about 4N per token instead of 6N).
     probe = {key: value.to(device) for key, value in next(batches(spec.seed + 1)).items()}
     flops_per_token = step_flops_per_token(model, probe, precision)
+    val_start = start_val_loss(spec, model, tokenizer, reasoning_dir, device)  # divergence
     scheduler = cosine_schedule(optimizer, math.ceil(train_cfg.warmup_ratio * steps), steps,
                                 0.0)
-    window = Window(spec.measure.sample_interval_s)
+    use_checkpointing(model, train_cfg)  # after the FLOP count: it counts the plain step
+    window = Window(spec.measure.sample_interval_s, spec.measure.watts_per_core)
     trained = model
     if placement.world > 1 and not sharded:  # adapters, Freeze: replicas, gradients averaged
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=None if device == "cpu" else [device])
     log = train(trained, batches(spec.seed), steps, optimizer, scheduler, 1.0, window,
-                desc=f"finetune {spec.run_id}", precision=precision, device=device)
-    quality = score(spec, model, tokenizer, reasoning_dir, device)
+                desc=f"finetune {spec.run_id}", precision=precision, device=device,
+                micro_batch_size=train_cfg.micro_batch_size, stop_on_nonfinite=True)
+    if log.nonfinite and not log.losses:
+        raise FloatingPointError(f"finetune {spec.run_id}: the loss of the first step is not "
+                                 "finite: the base or the data is broken, not the rate")
+    quality = {} if log.nonfinite else score(spec, model, tokenizer, reasoning_dir, device)
     if sharded:  # every rank hands in its shards; rank 0 saves the whole model
         model = gathered(model, base_dir, placement)
     end()
     if not placement.main:
         return None
     metrics = finetune_metrics(spec, log, window, quality, flops_per_token, params,
-                               placement.world)
+                               placement.world, device)
+    mark_divergence(metrics, log, val_start)
 
     def save(folder: Path) -> None:
         if method.name in methods.ADAPTER_METHODS:
@@ -224,14 +233,54 @@ def score(spec: FinetuneSpec, model, tokenizer, reasoning_dir, device) -> dict[s
         quality = reasoning_metrics(model, tokenizer, test_set, train_cfg.max_length,
                                     train_cfg.max_new_tokens, "finetune.max_new_tokens",
                                     desc=f"exact match {spec.run_id}", device=device)
-    quality["val_loss"] = Metric.measured(val["loss"], "nats/token", "completion_nll_validation",
-                                          f"{val['tokens']} completion tokens")
+    quality["val_loss"] = finite_metric(val["loss"], "nats/token", "completion_nll_validation",
+                                        f"{val['tokens']} completion tokens")
     return quality
 
 
+def start_val_loss(spec: FinetuneSpec, model, tokenizer, reasoning_dir, device) -> Metric:
+    """Validation loss of the prepared model before its first step, what divergence is judged
+    against (the pass :func:`score` makes at the end). Not taken for a 4-bit base on a CPU:
+    evaluating it there repacks its weights, which then pass no gradient (docs/metrics.md §8)."""
+    method = "completion_nll_validation_before_training"
+    if spec.method.qlora and str(device) == "cpu":
+        return Metric.unavailable("nats/token", method, "a 4-bit base on a CPU is not evaluated "
+                                  "before training (bitsandbytes repacks it for good)")
+    with autocast(device, spec.train.precision):
+        val = completion_scores(model, tokenizer, read_split(reasoning_dir, "validation"),
+                                spec.train.max_length, device=device)
+    return finite_metric(val["loss"], "nats/token", method, f"{val['tokens']} completion tokens")
+
+
+QUALITY = ("val_loss", "completion_perplexity", "token_accuracy", "exact_match", "performance")
+
+
+def mark_divergence(metrics: dict[str, Metric], log: StepLog, val_start: Metric) -> None:
+    """Add ``diverged`` (1 or 0, the reason in its note), ``loss_start`` and ``val_loss_start``;
+    a diverged run's quality metrics become unavailable, saying why: no method is reported
+    from a diverged run."""
+    n = max(1, len(log.losses) // 10)
+    metrics["loss_start"] = Metric.measured(sum(log.losses[:n]) / n, "nats/token",
+                                            "mean_first_10pct_steps")
+    metrics["val_loss_start"] = val_start
+    val = metrics.get("val_loss")
+    reason = divergence(log.losses, log.nonfinite, val_start.value,
+                        val.value if val is not None else None)
+    metrics["diverged"] = Metric.measured(float(reason is not None), "1",
+                                          "loss_vs_start_and_finite", reason)
+    if reason is None:
+        return
+    for name in QUALITY:
+        measured = metrics.get(name)
+        value = f"; the measured {measured.value:.4g} is not reported" \
+            if measured is not None and measured.value is not None else ""
+        metrics[name] = Metric.unavailable(METRICS[name].unit, measured.method if measured
+                                           else "not_scored", f"run diverged: {reason}{value}")
+
+
 def finetune_metrics(spec: FinetuneSpec, log: StepLog, window: Window, quality: dict,
-                     flops_per_token: float, params: tuple[int, int], world: int
-                     ) -> dict[str, Metric]:
+                     flops_per_token: float, params: tuple[int, int], world: int,
+                     device) -> dict[str, Metric]:
     """Everything a fine-tuning record measures, on rank 0 after training."""
     params_total, params_trainable = params
     metrics = step_metrics(log, spec.measure.warmup_steps, params_total, Timer.method)
@@ -243,8 +292,8 @@ def finetune_metrics(spec: FinetuneSpec, log: StepLog, window: Window, quality: 
     metrics["params_total"] = Metric.measured(params_total, "params", "count_unique_parameters")
     metrics["params_trainable"] = Metric.measured(params_trainable, "params",
                                                   "count_requires_grad")
-    metrics["mfu"] = mfu_metric(flops_per_token, metrics["tokens_per_s"].value,
-                                spec.measure.peak_flops, world)
+    metrics.update(utilisation_metrics(metrics, flops_per_token, spec.measure.peak_flops, world,
+                                       device, spec.train.precision))
     return metrics
 
 
@@ -258,5 +307,6 @@ def execution(spec: FinetuneSpec, base_note: str | None) -> dict:
                           f"{', double quant' if quant.double_quant else ''})"
                           if quant else base_precision(spec.method.name, precision),
         "lr": spec.train.lr,
+        "lr_source": spec.train.lr_source or "finetune.lr",
         "notes": [n for n in (base_note,) if n],
     }

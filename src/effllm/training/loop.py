@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,6 +20,9 @@ from tqdm.auto import tqdm
 
 from effllm.distributed import all_reduce_, is_distributed, is_main, world
 from effllm.measure import Timer, Window, count_flops, latency_summary
+from effllm.measure.peak import Peak, device_peak, pcu_from_mfu
+from effllm.measure.peak import mfu_metric as peak_mfu
+from effllm.measure.tensors import quant_state_bytes, track
 from effllm.precision import autocast
 from effllm.records import Metric
 
@@ -56,6 +60,8 @@ class StepLog:
         self.tokens: list[int] = []
         self.samples: list[int] = []
         self.starts: list[int] = [0]
+        self.probed: list[int] = []  # steps run under the tensor tracker (slower: not timed)
+        self.nonfinite: list[int] = []  # the step whose loss was NaN/inf (training stopped)
 
     def state(self) -> dict:
         return dict(vars(self))
@@ -78,30 +84,43 @@ class Checkpoint:
         self.fingerprint = fingerprint
 
     def load(self, model, optimizer, scheduler) -> StepLog:
+        """The saved state, into the model and optimiser (every rank reads the file: under FSDP
+        each keeps its slices), and the log to continue; an empty log when there is none."""
+        from effllm.training.sharding import is_sharded, load_full_state
+
         if not self.path.is_file():
             return StepLog()
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state["fingerprint"] != self.fingerprint:
             return StepLog()
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if is_sharded(model):
+            load_full_state(model, optimizer, state["model"], state["optimizer"])
+        else:
+            unwrap(model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         log = StepLog.from_state(state["log"])
         log.starts.append(len(log.losses))
         return log
 
     def maybe_save(self, model, optimizer, scheduler, log: StepLog, steps: int) -> None:
-        done = len(log.losses)
-        if not self.every or done % self.every or done >= steps or not is_main():
-            return  # every rank holds the same (DDP) state: rank 0 writes it
-        from torch.distributed.fsdp import FSDPModule
+        """Every ``every`` steps, rank 0 writes the whole state (DDP: its replica; FSDP: the
+        shards gathered, a collective every rank joins), atomically."""
+        from effllm.training.sharding import full_state, is_sharded
 
-        if isinstance(model, FSDPModule):  # its state is spread over the ranks
-            raise NotImplementedError("checkpoints of a sharded (FSDP) model are not supported")
+        done = len(log.losses)
+        if not self.every or done % self.every or done >= steps:
+            return
+        if is_sharded(model):
+            model_state, optim_state = full_state(model, optimizer)
+        elif is_main():  # every rank holds the same (DDP) state
+            model_state, optim_state = unwrap(model).state_dict(), optimizer.state_dict()
+        if not is_main():
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save({"fingerprint": self.fingerprint, "model": unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"fingerprint": self.fingerprint, "model": model_state,
+                    "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                     "log": log.state()}, tmp)
         os.replace(tmp, self.path)  # a kill mid-write leaves the previous checkpoint intact
 
@@ -127,7 +146,8 @@ def unwrap(model):
 def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad_clip: float,
           window: Window, desc: str, log: StepLog | None = None,
           checkpoint: Checkpoint | None = None, precision: str = "fp32",
-          device: str | None = None) -> StepLog:
+          device: str | None = None, micro_batch_size: int | None = None,
+          stop_on_nonfinite: bool = False) -> StepLog:
     """Run optimiser steps up to ``steps`` (continuing ``log`` when resuming) inside ``window``,
     forward passes at ``precision`` (:func:`autocast`).
 
@@ -135,41 +155,51 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
     while it computes on a GPU needs it said). Under torchrun (``model`` wrapped in DDP or sharded
     by FSDP, each rank fed its slice of the global batch) a rank's loss is weighed by its share of
     the batch's predicted tokens, so the averaged gradient is the whole batch's mean, as in one
-    process; the logged loss, tokens and samples are the global batch's.
+    process; the logged loss, tokens and samples are the global batch's. ``micro_batch_size``
+    splits each rank's batch into passes of that many rows (gradient accumulation: the same
+    gradient, less activation memory). One step runs under the tensor tracker
+    (:mod:`effllm.measure.tensors`) and its account goes to ``window``. A non-finite loss
+    raises, or with ``stop_on_nonfinite`` ends training there, noted in ``log.nonfinite``: the
+    run is then marked diverged (:func:`divergence`) rather than lost.
     """
     log = log or StepLog()
     model.train()
     device = device or next(model.parameters()).device
     distributed = is_distributed()
+    # The tensor account is taken on this process's second step (optimiser state exists by
+    # then, as in every later step), a warm-up step that the timing leaves out anyway.
+    probe_at = len(log.losses) + (1 if steps - len(log.losses) > 1 else 0)
     with window:
         for _ in tqdm(range(len(log.losses), steps), desc=desc, mininterval=2.0,
                       disable=not is_main()):
             batch = {key: value.to(device) for key, value in next(batches).items()}
             predicted = (batch["labels"][:, 1:] != -100).sum().double()  # tokens with a loss
-            with Timer() as timer:
-                with autocast(device, precision):
-                    out = model(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"], labels=batch["labels"])
-                loss = out.loss
-                if distributed:  # DDP/FSDP average over ranks: weigh by this rank's share
-                    total = all_reduce_(predicted.clone())
-                    loss = loss * (predicted * world() / total)
-                loss.backward()
+            probing = len(log.losses) == probe_at
+            with Timer() as timer, _probe(probing, model, optimizer, device, window):
+                total = all_reduce_(predicted.clone()) if distributed else predicted
+                loss_sum = _accumulate(model, batch, micro_batch_size, predicted, total,
+                                       precision, device)
                 if grad_clip:
                     torch.nn.utils.clip_grad_norm_(
                         [p for p in model.parameters() if p.requires_grad], grad_clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            counts = torch.stack([out.loss.detach().double() * predicted, predicted,
+            if probing:
+                log.probed.append(len(log.losses))
+            counts = torch.stack([loss_sum, predicted,
                                   batch["attention_mask"].sum().double(),  # float64: exact
                                   torch.tensor(float(batch["input_ids"].shape[0]),
                                                dtype=torch.float64, device=device)])
             all_reduce_(counts)  # the global batch's loss, tokens and samples
-            loss = counts[0].item() / counts[1].item() if distributed else out.loss.item()
+            loss = counts[0].item() / counts[1].item()
             tokens, samples = counts[2].item(), counts[3].item()
             if not math.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss} at step {len(log.losses)}")
+                if not stop_on_nonfinite:
+                    raise FloatingPointError(f"{desc}: loss became {loss} at step "
+                                             f"{len(log.losses)}")
+                log.nonfinite.append(len(log.losses))  # diverged: the caller marks the run
+                break
             log.losses.append(loss)
             log.seconds.append(timer.seconds)
             log.tokens.append(int(tokens))
@@ -179,11 +209,80 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
     return log
 
 
+@contextmanager
+def _probe(on: bool, model, optimizer, device, window: Window):
+    """Track the tensors of this step (when ``on``) and attach the account to ``window``."""
+    if not on:
+        yield
+        return
+    inner = unwrap(model)
+    with track(inner, optimizer, device=device, extra_bytes=quant_state_bytes(inner)) as t:
+        yield
+    window.account(t.account, "one training step (forward, backward, optimiser step)")
+
+
+def _accumulate(model, batch: dict, micro_batch_size: int | None, predicted, total,
+                precision: str, device):
+    """Forward and backward of the rank's batch in micro-batches of ``micro_batch_size`` rows
+    (None: all at once), each loss weighed by its share of the global batch's predicted
+    tokens, so the gradient equals one pass over the whole batch. Gradients are synchronised
+    across ranks on the last micro-batch only. Returns the summed token loss (float64)."""
+    rows = batch["input_ids"].shape[0]
+    size = micro_batch_size or rows
+    starts = range(0, rows, size)
+    scale = world() / total if is_distributed() else 1 / predicted
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, start in enumerate(starts):
+        chunk = {key: value[start:start + size] for key, value in batch.items()}
+        tokens = (chunk["labels"][:, 1:] != -100).sum().double()
+        last = i == len(starts) - 1
+        with _gradient_sync(model, last):
+            with autocast(device, precision):
+                out = model(input_ids=chunk["input_ids"],
+                            attention_mask=chunk["attention_mask"], labels=chunk["labels"])
+            # DDP/FSDP average the ranks' gradients: weigh by this chunk's share of the batch
+            (out.loss * (tokens * scale).to(out.loss.dtype)).backward()
+        loss_sum += out.loss.detach().double() * tokens
+    return loss_sum
+
+
+@contextmanager
+def _gradient_sync(model, sync: bool):
+    """No gradient all-reduce for micro-batches before the last (DDP ``no_sync``; FSDP2's
+    ``set_requires_gradient_sync``); a single process has nothing to skip."""
+    if sync or not is_distributed():
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def use_checkpointing(model, train_cfg) -> None:
+    """Gradient (activation) checkpointing when the run's settings ask for it: each layer keeps
+    its input only and recomputes its inside in backward (non-reentrant, so frozen inputs and
+    adapters need no special case)."""
+    if getattr(train_cfg, "gradient_checkpointing", None):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def step_metrics(log: StepLog, warmup: int, params_total: int, timer_method: str
                  ) -> dict[str, Metric]:
     """AL, throughput (TT/ST and plain rates) and final loss from the timed steps."""
     cold = {i for start in log.starts for i in range(start, start + warmup)}
+    cold |= set(getattr(log, "probed", []))  # tracked steps run slower
     timed = [i for i in range(len(log.seconds)) if i not in cold]
+    stopped = getattr(log, "nonfinite", [])
+    if stopped and not timed:  # a non-finite loss stopped the run within its warm-up
+        timed = list(range(len(log.seconds)))
     seconds = [log.seconds[i] for i in timed]
     tokens = [log.tokens[i] for i in timed]
     samples = [log.samples[i] for i in timed]
@@ -192,6 +291,8 @@ def step_metrics(log: StepLog, warmup: int, params_total: int, timer_method: str
     note = f"{stats['count']} timed steps after {warmup} warm-up; cv {stats['cv']:.3f}"
     if len(log.starts) > 1:
         note += f"; resumed at step(s) {log.starts[1:]}, warm-up excluded after each"
+    if stopped:
+        note += f"; stopped at step {stopped[0]} by a non-finite loss"
     tail = log.losses[-max(1, len(log.losses) // 10):]
     return {
         "al": Metric.measured(stats["mean"], "s", timer_method, note),
@@ -207,15 +308,48 @@ def step_metrics(log: StepLog, warmup: int, params_total: int, timer_method: str
     }
 
 
-def mfu_metric(flops_per_token: float | None, tokens_per_s: float, peak: float | None,
+def divergence(losses: list[float], nonfinite: list[int], val_start: float | None,
+               val_end: float | None) -> str | None:
+    """Why a training run diverged, or None. Diverged: its loss became non-finite; its final
+    training loss (mean of the last 10 % of steps, the ``loss`` metric) is above that of its
+    first 10 %; or its validation loss ends non-finite or above its value before training
+    (``val_start``; None: not measured, that test is skipped)."""
+    if nonfinite:
+        return f"the training loss became non-finite at step {nonfinite[0]}"
+    n = max(1, len(losses) // 10)
+    start, end = sum(losses[:n]) / n, sum(losses[-n:]) / n
+    if end > start:
+        return (f"final training loss {end:.4g} (last {n} steps) above its start {start:.4g} "
+                f"(first {n} steps)")
+    if val_end is None or not math.isfinite(val_end):
+        return f"the validation loss after training is not finite ({val_end})"
+    if val_start is not None and val_end > val_start:
+        return f"validation loss {val_end:.4g} above its value before training {val_start:.4g}"
+    return None
+
+
+def mfu_metric(flops_per_token: float | None, tokens_per_s: float, peak: Peak | float | None,
                devices: int = 1) -> Metric:
-    """Model FLOP utilisation of ``devices`` devices (``tokens_per_s`` is all of theirs)."""
-    if peak is None or flops_per_token is None:
-        return Metric.unavailable("fraction", "none",
-                                  "no device peak FLOP/s configured (measure.peak_flops)")
-    return Metric.estimated(flops_per_token * tokens_per_s / (peak * devices), "fraction",
-                            "flop_counter x tokens/s / (measure.peak_flops x devices)",
-                            f"peak from config, not measured; {devices} device(s)")
+    """Model FLOP utilisation of ``devices`` devices (``tokens_per_s`` is all of theirs); a
+    plain number as ``peak`` is a configured one."""
+    if isinstance(peak, (int, float)):
+        peak = device_peak(peak, "cpu")
+    rate = None if flops_per_token is None else flops_per_token * tokens_per_s
+    return peak_mfu(rate, peak, devices)
+
+
+def utilisation_metrics(metrics: dict[str, Metric], flops_per_token: float | None,
+                        peak_flops: float | None, devices: int, device,
+                        precision: str = "fp32") -> dict[str, Metric]:
+    """``mfu`` (and ``pcu`` = MFU where the window measured no duty cycle) of a training run,
+    from its step and window metrics in ``metrics``. The peak is ``peak_flops`` or, on a CPU,
+    the machine's measured peak at the run's compute dtype."""
+    peak = device_peak(peak_flops, device, precision)
+    out = {"mfu": mfu_metric(flops_per_token, metrics["tokens_per_s"].value, peak, devices)}
+    pcu = pcu_from_mfu(out["mfu"], metrics.get("pcu"))
+    if pcu is not None:
+        out["pcu"] = pcu
+    return out
 
 
 def step_flops_per_token(model, batch: dict, precision: str = "fp32") -> float:

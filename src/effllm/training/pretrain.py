@@ -15,15 +15,17 @@ from effllm.distributed import Placement, end
 from effllm.evaluation.perplexity import perplexity
 from effllm.measure import Timer, Window
 from effllm.models import DecoderConfig, DecoderForCausalLM
+from effllm.models.baselines import sequence_kernel
 from effllm.models.params import count_params
 from effllm.precision import PRECISION_NOTES
 from effllm.records import Metric
 from effllm.specs import LongContext, ModelShape, PretrainSpec
 from effllm.stage import Outcome, run_job
 from effllm.training.loop import (
-    Checkpoint, StepLog, adamw, cosine_schedule, mfu_metric, note_rank0,
-    note_window, step_batches, step_flops_per_token, step_metrics, train,
+    Checkpoint, StepLog, adamw, cosine_schedule, note_rank0, note_window, step_batches,
+    step_flops_per_token, step_metrics, train, use_checkpointing, utilisation_metrics,
 )
+from effllm.training.sharding import full_state, shard
 
 
 def window_batch(tokens: np.ndarray, batch_size: int, seq_len: int, rank: int = 0,
@@ -77,8 +79,8 @@ def pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
     """Build, train and measure; rank 0 gets the outcome, the other ranks None."""
     train_cfg, shape = spec.train, spec.model
     tokenizer = load_tokenizer(data_dir / "tokenizer")
-    train_tokens = np.load(data_dir / "train.npy")
-    val_tokens = np.load(data_dir / "validation.npy")
+    train_tokens = np.load(data_dir / "train.npy", mmap_mode="r")  # paged in per window
+    val_tokens = np.load(data_dir / "validation.npy", mmap_mode="r")
     model = build_model(shape, tokenizer)
     check_variant(model, shape)
     params_total, _ = count_params(model)
@@ -94,6 +96,10 @@ def pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
     probe = {key: value.to(placement.device) for key, value in probe.items()}
     flops_per_token = step_flops_per_token(model, probe, train_cfg.precision)
 
+    use_checkpointing(model, train_cfg)  # after the FLOP count: it counts the plain step
+    sharded = placement.world > 1 and train_cfg.sharding == "fsdp"
+    if sharded:  # ZeRO-3: every rank built the same (seeded) model and keeps its slices
+        shard(model, placement.device, train_cfg.precision)
     optimizer = adamw(model, train_cfg.lr, train_cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, train_cfg.warmup_steps, train_cfg.steps,
                                 train_cfg.min_lr_ratio)
@@ -103,15 +109,22 @@ def pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
                                      ).hexdigest()
         checkpoint = Checkpoint(checkpoint_dir, train_cfg.checkpoint_every, fingerprint)
     log = checkpoint.load(model, optimizer, scheduler) if checkpoint else StepLog()
-    window = Window(spec.measure.sample_interval_s)
+    window = Window(spec.measure.sample_interval_s, spec.measure.watts_per_core)
     trained = model
-    if placement.world > 1:
+    if placement.world > 1 and not sharded:
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=None if placement.device == "cpu" else [placement.device])
     log = train(trained, step_batches(local_batch, spec.seed, len(log.losses)),
                 train_cfg.steps, optimizer, scheduler, train_cfg.grad_clip, window,
                 desc=f"pretrain {spec.run_id}", log=log, checkpoint=checkpoint,
-                precision=train_cfg.precision)
+                precision=train_cfg.precision, micro_batch_size=train_cfg.micro_batch_size)
+    if sharded:  # the whole trained model on rank 0, to evaluate and save (a collective)
+        weights = full_state(model)[0]
+        model = None
+        if placement.main:
+            model = build_model(shape, tokenizer)
+            model.load_state_dict(weights)
+            model.to(placement.device)
     end()
     if not placement.main:
         return None
@@ -123,7 +136,9 @@ def pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
         save_tokenizer(tokenizer, folder)
 
     return Outcome(metrics, {"train_loss": log.losses, "step_seconds": log.seconds},
-                   {"precision": PRECISION_NOTES[train_cfg.precision]}, save=save,
+                   {"precision": PRECISION_NOTES[train_cfg.precision],
+                    **sequence_kernel(model, placement.device)}, save=save,
+                   strategy="FSDP full shard (ZeRO-3)" if sharded else "DDP",
                    cleanup=checkpoint.clear if checkpoint else None)
 
 
@@ -154,8 +169,8 @@ def pretrain_metrics(spec: PretrainSpec, model, log: StepLog, window: Window,
     metrics["params_active"] = Metric.measured(
         params_active, "params", "total - unrouted experts" if params_active != params_total
         else "dense: all parameters")
-    metrics["mfu"] = mfu_metric(flops_per_token, metrics["tokens_per_s"].value,
-                                spec.measure.peak_flops, world)
+    metrics.update(utilisation_metrics(metrics, flops_per_token, spec.measure.peak_flops, world,
+                                       next(model.parameters()).device, train_cfg.precision))
     metrics["kv_cache_bytes_per_token"] = Metric.measured(
         cache_bytes_per_token(model, probe["input_ids"][:1]), "B/token",
         "cache_tensor_bytes_growth", f"model dtype {model.dtype}; growth of every tensor the "

@@ -1,0 +1,13 @@
+"""Snakemake entry point: one grid point of the learning-rate tuning, a fine-tuning run that
+writes its record and no model (one torchrun rank per GPU when the job has more than one)."""
+import json
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
+
+from effllm.launch import run_stage  # noqa: E402
+
+sm = snakemake  # noqa: F821
+run_stage("finetune", getattr(sm.resources, "gpu", 0), spec=json.loads(sm.params.spec),
+          base_dir=sm.input.base, reasoning_dir=sm.input.reasoning, model_out=None,
+          record_out=sm.output.record)
