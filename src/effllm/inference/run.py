@@ -27,9 +27,7 @@ from effllm.evaluation.scoring import reasoning_metrics
 from effllm.measure import Timer, Window, count_flops, latency_summary, sync
 from effllm.measure.cache import CACHE_FIELDS, tensor_bytes
 from effllm.measure.peak import Peak, device_peak, mfu_metric, pcu_from_mfu
-from effllm.measure.tensors import (  # noqa: F401 - weight_bytes: part of this stage's API
-    linear_weight_bytes, quant_state_bytes, track, weight_bytes,
-)
+from effllm.measure.tensors import linear_weight_bytes, quant_state_bytes, track, weight_bytes
 from effllm.models.baselines import sequence_kernel
 from effllm.models.quantize import DTYPES, load_quantised, model_config
 from effllm.records import Metric

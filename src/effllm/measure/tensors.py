@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from effllm.records import Metric
+
 GB = 1e9
 # MemTracker's kinds -> our parts, in display order.
 KINDS = {"PARAM": "params", "BUFFER": "buffers", "GRAD": "grads", "OPT": "optimizer",
@@ -99,10 +101,8 @@ class TensorAccount:
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
     phase_part_peaks: dict[str, dict[str, int]] = field(default_factory=dict)  # each its own
 
-    def metrics(self, what: str) -> dict[str, "Metric"]:  # noqa: F821 - records is below
+    def metrics(self, what: str) -> dict[str, Metric]:
         """The account as metrics: the tensor peak and mean, and the parts a technique moves."""
-        from effllm.records import Metric
-
         note = f"{what}; {', '.join(self.notes)}" if self.notes else what
 
         def gb(value: float, desc: str) -> Metric:
