@@ -24,7 +24,9 @@ from typing import Any, Iterable
 from effllm.io import read_json, write_json
 
 SCHEMA_VERSION = 1
-STATUSES = ("measured", "estimated", "unavailable")
+# "configured": exact and fixed by the run's settings, not measured (e.g. a precision's nominal
+# bits); it is as strong as "measured" wherever statuses combine.
+STATUSES = ("measured", "configured", "estimated", "unavailable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +190,10 @@ class Metric:
     @classmethod
     def measured(cls, value: float, unit: str, method: str, note: str | None = None) -> "Metric":
         return cls(value, unit, method, "measured", note)
+
+    @classmethod
+    def configured(cls, value: float, unit: str, method: str, note: str | None = None) -> "Metric":
+        return cls(value, unit, method, "configured", note)
 
     @classmethod
     def estimated(cls, value: float, unit: str, method: str, note: str) -> "Metric":

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from effllm.analysis.aggregate import (
-    derive_compression, read_table, runs_table, write_runs_table,
+    combine_status, derive_compression, read_table, runs_table, write_runs_table,
 )
 from effllm.analysis.normalise import (
     efficiency_inputs, efficiency_score, minmax, normalise_table, ranks,
@@ -443,3 +443,12 @@ def test_runs_parquet_equals_the_csv(record_paths, tmp_path):
     pd.testing.assert_frame_equal(parquet.fillna(np.nan), csv.fillna(np.nan), check_dtype=False)
     assert parquet["aec"].isna().all() and (parquet["aec__status"] == "unavailable").all()
     assert "None" in set(parquet["label"])  # a label, not a missing value
+
+
+def test_configured_inputs_count_as_measured_and_stay_configured_alone():
+    """A setting (nominal bits) is exact: it never weakens a derived status, and a quantity made
+    of settings alone is not reported as measured."""
+    assert combine_status(["configured", "measured"], [4.0, 0.5]) == "measured"
+    assert combine_status(["configured", "estimated"], [4.0, 0.5]) == "estimated"
+    assert combine_status(["configured", "configured"], [4.0, 4.0]) == "configured"
+    assert combine_status(["configured", "unavailable"], [4.0, None]) == "unavailable"

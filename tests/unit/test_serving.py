@@ -179,3 +179,4 @@ def test_hub_model_run_scores_harness_tasks_on_the_served_model(
         assert m[key].status == "measured" and m[key].value > 0 and "IQR" in m[key].note
     assert m["exact_match"].status == "measured"  # the offline score is kept beside
     assert m["bits_nominal"].value == {"bf16": 16, "int4": 4}[precision]
+    assert m["bits_nominal"].status == "configured"  # a setting, not a measurement

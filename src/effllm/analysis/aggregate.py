@@ -109,13 +109,15 @@ def _row(rec, place: Mapping[str, str], diverged_upstream: str | None = None,
 
 def combine_status(statuses: Iterable[object], values: Iterable[float]) -> str:
     """Status of a quantity derived from inputs: unavailable < estimated < measured (weakest
-    wins)."""
+    wins); a configured input (exact, from the settings) counts as measured."""
     statuses, values = list(statuses), list(values)
     if any(v is None or not math.isfinite(float(v)) for v in values):
         return "unavailable"
     if any(s == "unavailable" for s in statuses):
         return "unavailable"
-    return "estimated" if any(s == "estimated" for s in statuses) else "measured"
+    if any(s == "estimated" for s in statuses):
+        return "estimated"
+    return "configured" if statuses and all(s == "configured" for s in statuses) else "measured"
 
 
 def _get(row: pd.Series, metric: str) -> tuple[float, object]:

@@ -191,7 +191,7 @@ def serve(spec: InferenceSpec, placement: Placement, model_dir, corpus_dir, reas
     metrics.update({
         "weight_bytes": Metric.measured(weight_bytes(model), "B", "tensor_bytes_with_quant_state",
                                         quant_note),
-        "bits_nominal": Metric.measured(spec.bits, "bits", "nominal_bits"),
+        "bits_nominal": Metric.configured(spec.bits, "bits", "nominal_bits"),
         "load_memory_peak": load_peak(load_window),
     })
     metrics.update(quality_metrics(spec, model, tokenizer, tokens, reasoning_dir))
