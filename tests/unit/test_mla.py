@@ -159,6 +159,30 @@ def test_absorbed_and_naive_paths_agree(pe, padded):
     torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-5)
 
 
+def test_narrow_values_reach_sdpa_at_the_query_width(monkeypatch):
+    """The paper's MLA has v narrower than q·k (128 vs 192): SDPA must still get one width, or
+    its flash kernels are skipped; the padded result equals the explicit (absorbed) attention."""
+    import torch.nn.functional as F
+
+    widths, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        widths.append((q.shape[-1], k.shape[-1], v.shape[-1]))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = tiny(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)
+    jiggle_norms(model)
+    ids = torch.randint(2, 97, (2, 11))
+    with torch.no_grad():
+        set_absorb(model, False)
+        naive = model(input_ids=ids).logits
+        set_absorb(model, True)
+        absorbed = model(input_ids=ids).logits
+    assert widths and all(w == (12, 12, 12) for w in widths)
+    torch.testing.assert_close(naive, absorbed, rtol=1e-5, atol=1e-5)
+
+
 def test_default_uses_absorbed_only_for_decoding_steps(monkeypatch):
     calls = []
     for name in ("_naive", "_absorbed"):

@@ -87,8 +87,15 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(b, h, s, self.rope_dim)], dim=-1)
         attn_mask, is_causal = inputs.sdpa_mask(t)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                              scale=self.scale)
+        # SDPA's flash kernels (CUDA and CPU) need one head width for q, k and v; MLA's values
+        # are narrower (128 vs 192 at the paper's shapes), which would send every call to a
+        # slower kernel. Zero columns appended to v give zero output columns, sliced away.
+        pad = q.shape[-1] - self.v_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           scale=self.scale)
+        return y[..., : self.v_dim] if pad > 0 else y
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, inputs: AttentionInputs) -> torch.Tensor:
         """Attend over the latent: q·(W_uk c) = (W_ukᵀ q)·c and Σ p (W_uv c) = W_uv (Σ p c)."""
