@@ -136,6 +136,9 @@ METRICS: dict[str, MetricInfo] = _Catalogue({
         "tokens/s", True, "tok/s", "processed (non-padding) tokens per second"
     ),
     "samples_per_s": MetricInfo("samples/s", True, "samples/s", "processed samples per second"),
+    # conditions
+    "machine_load_others": MetricInfo("fraction", False, "Others' load",
+                                      "CPU share other processes used during the window"),
     # energy
     "aec": MetricInfo("W", False, "AEC", "average power over the window: energy / time"),
     "energy": MetricInfo("J", False, "Energy", "energy over the measured window"),

@@ -358,3 +358,64 @@ def test_no_job_gpu_is_a_reason_never_a_device_or_a_crash(node, monkeypatch, tmp
     assert m["amu_rss"].method == "host_rss_poll"  # on a CPU: RSS is the labelled second figure
     assert m["pcu"].status == "unavailable" and reason in m["pcu"].note
     assert m["energy"].status == "unavailable" and m["energy"].value is None
+
+
+# Machine load during a window ---------------------------------------------------------------------
+
+def test_machine_load_is_others_cpu_time_over_the_machine(tmp_path, monkeypatch):
+    """Arithmetic on a fake /proc/stat: busy ticks minus the job's own CPU time, over cores."""
+    import os
+
+    from effllm.measure.load import MachineLoad
+
+    hz = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    clock = iter([0.0, 10.0])  # perf_counter: a 10 s window
+    own = iter([5.0, 7.0])  # process_time: the job used 2 CPU s
+    monkeypatch.setattr("effllm.measure.load.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("effllm.measure.load.time.process_time", lambda: next(own))
+    load = MachineLoad(str(stat), cores=2)
+    # cpu user nice system idle iowait irq softirq steal
+    stat.write_text(f"cpu {100 * hz} 0 0 {1000 * hz} {5 * hz} 0 0 0 0 0\ncpu0 ...\n")
+    load.start()
+    stat.write_text(f"cpu {106 * hz} 0 {2 * hz} {1012 * hz} {5 * hz} 0 0 0 0 0\ncpu0 ...\n")
+    load.stop()
+    metric = load.metric()  # 8 busy CPU s - 2 own = 6 of 20
+    assert metric.status == "measured" and metric.value == pytest.approx(0.3)
+    assert "6 CPU s of 20" in metric.note
+
+
+def test_machine_load_sees_a_busy_neighbour_process():
+    import subprocess
+
+    from effllm.measure.load import MachineLoad
+
+    load = MachineLoad()
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        load.start()
+        time.sleep(1.0)  # this process sleeps: the CPU time is the neighbour's
+        load.stop()
+    finally:
+        busy.kill()
+        busy.wait()
+    metric = load.metric()
+    # one busy core of the machine's: at least most of 1 / cores (plus whatever else runs)
+    assert metric.value >= 0.6 / load.cores, metric.note
+
+
+def test_machine_load_is_unavailable_without_proc_stat(tmp_path):
+    from effllm.measure.load import MachineLoad
+
+    load = MachineLoad(str(tmp_path / "absent"))
+    load.start()
+    load.stop()
+    metric = load.metric()
+    assert metric.status == "unavailable" and metric.value is None and "absent" in metric.note
+
+
+def test_window_records_the_machine_load():
+    with Window() as w:
+        time.sleep(0.05)
+    assert "machine_load_others" in w.metrics()

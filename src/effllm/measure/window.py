@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from effllm.measure.energy import EnergyMeter
+from effllm.measure.load import MachineLoad
 from effllm.measure.memory import MemorySampler, time_weighted_mean
 from effllm.measure.tensors import TensorAccount
 from effllm.measure.timing import sync
@@ -21,6 +22,7 @@ class Window:
         no counter exists; None leaves it unavailable there."""
         self.memory = MemorySampler(interval)
         self.energy = EnergyMeter(watts_per_core=watts_per_core)
+        self.load = MachineLoad()
 
     # The tensor account of one representative unit of the window's work (a training step, a
     # generate()), set by the stage: see effllm.measure.tensors.
@@ -47,18 +49,20 @@ class Window:
         sync()
         self.memory.start()
         self.energy.start()
+        self.load.start()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         sync()
         self.seconds = time.perf_counter() - self.start
+        self.load.stop()
         self.energy.stop()
         self.memory.stop()
 
     def metrics(self) -> dict[str, Metric]:
         m = self.memory
-        out: dict[str, Metric] = {}
+        out: dict[str, Metric] = {"machine_load_others": self.load.metric()}
         if m.gpu_used:
             where = f"device memory used on {m.devices.describe()}"
             out["amu"] = Metric.measured(time_weighted_mean(m.times, m.gpu_used) / GB, "GB",
