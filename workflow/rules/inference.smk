@@ -5,6 +5,9 @@ rule inference:
     input:
         model=upstream_model("inference"),
         corpus="results/data/corpus",
+        # the test split as the pipeline tokenised it: read instead of re-encoding whenever the
+        # served model's tokenizer is the pipeline's (a hub model's too, via data.tokenizer.hub)
+        tokens="results/data/tokens",
         reasoning=reasoning_data("inference"),
         code=run_code("inference", "effllm.inference.run"),
     output:
