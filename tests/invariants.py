@@ -1,6 +1,8 @@
 """Invariants shared by the tests: what every decoder variant must keep, and what a drawn
 figure must be."""
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -95,3 +97,55 @@ def train_steps(model, optimizer, vocab: int, length: int, steps: int = 3) -> No
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def technique_findings(results: Path) -> list[str]:
+    """What a finished run's records must show because the techniques are what they are (issue
+    20's acceptance), as a list of failures (empty: all hold). Memory comes from the tensor
+    account, so these hold in every seed, on any machine, at any load:
+
+    - every served model: int4 weights and AMU below bf16's;
+    - KV bytes per token MLA < MQA < GQA < MHA at every pretraining size;
+    - MoE AMU above its dense model's (the "dense" variant of the moe block).
+    """
+    import json
+
+    def records(stage):
+        return {p.parent.name: json.loads(p.read_text())["metrics"]
+                for p in (results / stage).glob("*/record.json")}
+
+    def value(metrics, name):
+        m = metrics.get(name) or {}
+        return m.get("value")
+
+    failures = []
+    served = records("inference")
+    for name, m in served.items():
+        if not name.startswith("int4-"):
+            continue
+        ref = served.get("bf16-" + name[len("int4-"):])
+        if ref is None:
+            continue
+        for metric in ("memory_weights", "amu"):
+            lo, hi = value(m, metric), value(ref, metric)
+            if lo is None or hi is None or not lo < hi:
+                failures.append(f"{name}: {metric} {lo} is not below bf16's {hi}")
+    pre = records("pretrain")
+    sizes = {n.split("-")[1] for n in pre if n.startswith("gqa-")}
+    for size in sorted(sizes):
+        kv = {v: value(pre.get(f"{v}-{size}-s0", {}), "kv_cache_bytes_per_token")
+              for v in ("mla", "mqa", "gqa", "mha")}
+        present = [v for v in ("mla", "mqa", "gqa", "mha") if kv[v] is not None]
+        ordered = [kv[v] for v in present]
+        if ordered != sorted(ordered) or len(set(ordered)) != len(ordered):
+            failures.append(f"{size}: KV bytes/token not increasing over {present}: {ordered}")
+    for name, m in pre.items():
+        if name.startswith("moe-"):
+            size, seed = name.split("-")[-2:]
+            dense = pre.get(f"gqa-{size}-{seed}") or pre.get(f"dense-{size}-{seed}")
+            if dense is None:
+                continue
+            if not value(m, "amu") > value(dense, "amu"):
+                failures.append(f"{name}: AMU {value(m, 'amu')} not above dense "
+                                f"{value(dense, 'amu')}")
+    return failures

@@ -17,7 +17,7 @@ import yaml
 from effllm.analysis.aggregate import read_table
 from effllm.analysis.claims import CLAIMS
 from effllm.records import STATUSES, validate_record
-from invariants import assert_served_tokens_are_the_pipelines
+from invariants import assert_served_tokens_are_the_pipelines, technique_findings
 from transformers import AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,7 +228,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     table8 = (cwd / "results/tables/table8_finetune_word_problems.csv").read_text().splitlines()
     assert len(table8) == 1 + 7 and all(",gqa-tiny+word_problems," in f",{row}" for row in
                                          table8[1:])
-    pre = {p.parts[-2]: json.loads(p.read_text()) for p in cwd.glob("results/pretrain/*/record.json")}
+    pre = {p.parts[-2]: json.loads(p.read_text())
+           for p in cwd.glob("results/pretrain/*/record.json")}
     assert pre["moe-8x-tiny-s0"]["metrics"]["params_active"]["value"] < pre["moe-8x-tiny-s0"][
         "metrics"]["params_total"]["value"]
     for name in ("mamba-tiny-s0", "rwkv-tiny-s0"):
@@ -236,6 +237,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     kv = {n: pre[f"{n}-tiny-s0"]["metrics"]["kv_cache_bytes_per_token"]["value"]
           for n in ("mha", "mqa", "gqa", "mla")}
     assert kv["mla"] < kv["mqa"] < kv["gqa"] < kv["mha"]
+    # int4 < bf16 memory for every served model, MoE above dense: from the tensor account
+    assert technique_findings(cwd / "results") == []
     assert not list(cwd.glob("results/checkpoints/pretrain/*/checkpoint.pt"))  # cleared
     # Every served model's tokenizer encodes the corpus as the tokenizer stage did (issue 16).
     served = [*sorted(cwd.glob("results/pretrain/*/model")),

@@ -65,3 +65,32 @@ def test_every_metric_has_a_direction_and_unit():
     for name, info in METRICS.items():
         assert info.unit and info.label, name
         assert isinstance(info.higher_is_better, bool)
+
+
+def test_technique_findings_name_each_broken_expectation(tmp_path):
+    """The default-run acceptance check (tests/invariants.py) passes good records and names
+    each broken expectation."""
+    from invariants import technique_findings
+
+    def write(stage, run, **metrics):
+        folder = tmp_path / stage / run
+        folder.mkdir(parents=True)
+        (folder / "record.json").write_text(json.dumps(
+            {"metrics": {k: {"value": v} for k, v in metrics.items()}}))
+
+    write("inference", "bf16-lora-gqa-small-s0", memory_weights=2.0, amu=3.0)
+    write("inference", "int4-lora-gqa-small-s0", memory_weights=0.6, amu=1.5)
+    for name, kv, amu in (("mha", 8, 1.0), ("mqa", 2, 1.0), ("gqa", 4, 1.0), ("mla", 1, 1.0),
+                          ("moe-8x", 4, 2.0)):
+        write("pretrain", f"{name}-small-s0", kv_cache_bytes_per_token=kv, amu=amu)
+    assert technique_findings(tmp_path) == []
+    write("inference", "bf16-full-gqa-small-s0", memory_weights=2.0, amu=3.0)
+    write("inference", "int4-full-gqa-small-s0", memory_weights=2.5, amu=1.0)
+    write("pretrain", "mqa-tiny-s0", kv_cache_bytes_per_token=4)
+    write("pretrain", "gqa-tiny-s0", kv_cache_bytes_per_token=2, amu=3.0)
+    write("pretrain", "moe-8x-tiny-s0", kv_cache_bytes_per_token=2, amu=2.0)
+    found = technique_findings(tmp_path)
+    assert any("int4-full" in f and "memory_weights" in f for f in found)
+    assert any(f.startswith("tiny: KV") for f in found)
+    assert any("moe-8x-tiny-s0: AMU" in f for f in found)
+    assert len(found) == 3
