@@ -304,6 +304,9 @@ class FinetuneSpec(RunSpec):
     train: FinetuneTrain
     dataset: str
     measure: MeasureSpec
+    # An inference run serves this model (set by effllm.sweep.expand_runs): only then does the
+    # run save merged weights; otherwise its model folder holds the adapter (if any) and a note.
+    served: bool = opt(False)
 
 
 @dataclasses.dataclass(frozen=True)

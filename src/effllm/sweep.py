@@ -395,7 +395,18 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
                     f"inference ({name})")
                 runs["inference"][name] = Run(
                     spec, (_membership("inference", source_id, precision),))
+    mark_served(runs)
     return runs
+
+
+def mark_served(runs: dict[str, dict[str, Run]]) -> None:
+    """Set ``served`` on the fine-tuning runs whose model an inference run loads: only they
+    save merged weights (a run nobody serves keeps its adapter and record)."""
+    served = {run.upstream for run in runs["inference"].values()}
+    for name, run in runs["finetune"].items():
+        if run.run_id in served:
+            runs["finetune"][name] = dataclasses.replace(
+                run, spec=dataclasses.replace(run.spec, served=True))
 
 
 # The tune target's settings (finetune.tune) where the config leaves them out.
@@ -444,7 +455,7 @@ def tune_runs(config: dict, runs: dict[str, dict[str, Run]] | None = None) -> di
         for factor in tune["factors"]:
             name = f"{method}-{group}-x{factor:g}-s{tune['seed']}"
             spec = dataclasses.replace(
-                run.spec, run_id=f"tune/{name}", group=f"tune-{group}",
+                run.spec, run_id=f"tune/{name}", group=f"tune-{group}", served=False,
                 train=dataclasses.replace(
                     train, lr=float(f"{centre * factor:.6g}"), max_steps=steps,
                     lr_source=f"tune: {factor:g} x {source}",

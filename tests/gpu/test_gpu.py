@@ -226,3 +226,45 @@ def test_tensor_account_is_within_10_percent_of_the_allocator(config, stdlib_tok
     torch.cuda.synchronize()
     allocator = torch.cuda.max_memory_allocated()
     assert t.account.peak == pytest.approx(allocator, rel=0.10)
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory):
+    """A saved fp32 base large enough (about 100 M parameters, 8 layers) that the CUDA
+    libraries' workspaces are small beside it, and its tensors as stored."""
+    from test_methods import saved_base
+
+    return saved_base(tmp_path_factory.mktemp("wide"), vocab=2048, hidden=1024, heads=8,
+                      intermediate=2816)
+
+
+WORKSPACE = 64 * 2**20  # cuBLAS/cuSOLVER workspaces and allocator rounding, generously
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "pissa", "freeze", "full"])
+def test_loading_and_merging_on_cuda_hold_no_fp32_copy_of_the_model(wide_checkpoint, name):
+    """A base read straight onto the device at bf16: the allocator peaks at the model as loaded
+    (frozen weights bf16, trained ones fp32) plus a few fp32 copies of one tensor (PiSSA's SVD
+    and DoRA's norms run there per layer); merging at bf16 peaks at the model plus a few fp32
+    copies of one layer, never an fp32 copy of the model (``model.float()`` did, 96 GB at
+    24B), and stores bf16."""
+    from effllm.training import methods
+    from test_methods import assert_loaded_for, loading_bound, wide_spec
+
+    path, stored = wide_checkpoint
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    model, _ = methods.load_base(path, wide_spec(name), "bf16", DEVICE)
+    model, _ = methods.prepare(model, wide_spec(name), lr=1e-3, precision="bf16")
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - start <= loading_bound(model, stored) + WORKSPACE
+    assert_loaded_for(model, stored, name, "bf16")
+    held = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    plain = methods.merged(model, precision="bf16")
+    torch.cuda.synchronize()
+    largest = max(t.numel() * 4 for t in stored.values())
+    assert torch.cuda.max_memory_allocated() - held <= 6 * largest + WORKSPACE
+    assert {p.dtype for p in plain.parameters()} == {torch.bfloat16}
+    assert all(p.device.type == "cuda" for p in plain.parameters())

@@ -181,7 +181,7 @@ def finetune_spec(method: dict) -> dict:
     return {"run_id": f"finetune/{method['name']}-t-s0", "stage": "finetune",
             "technique": method["name"], "label": method["name"], "size": "tiny", "seed": 0,
             "group": "t", "upstream": "pretrain/t", "dataset": "arithmetic",
-            "settings": {"method": method, "dataset": "arithmetic",
+            "settings": {"method": method, "dataset": "arithmetic", "served": True,
                          "train": {"epochs": 1, "batch_size": 8, "lr": 2e-3, "warmup_ratio": 0.1,
                                    "max_samples": 64, "max_length": 64, "eval_problems": 4,
                                    "max_new_tokens": 40, "max_steps": 8},
@@ -201,7 +201,12 @@ LORA = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
     ({"name": "full"}, "FSDP full shard (ZeRO-3)", "bf16"),
     (LORA, "DDP", "fp32"),
     (LORA, "DDP", "bf16"),
-])
+    ({"name": "freeze", "layers": 1}, "DDP", "fp32"),
+    ({"name": "freeze", "layers": 1}, "DDP", "bf16"),
+    ({**LORA, "name": "dora"}, "DDP", "bf16"),
+    ({**LORA, "name": "pissa", "init": "fast", "niter": 2}, "DDP", "bf16"),
+], ids=["full", "full-offload", "full-bf16", "lora", "lora-bf16", "freeze", "freeze-bf16",
+        "dora-bf16", "pissa-bf16"])
 def test_two_ranks_fine_tune_like_one_process(finetune_inputs, tmp_path, method, backend,
                                               precision):
     """Full shards parameters, gradients and optimiser state over the ranks (ZeRO-3, FSDP2),
@@ -245,7 +250,11 @@ def test_two_ranks_fine_tune_like_one_process(finetune_inputs, tmp_path, method,
         changed += not torch.equal(tensor, start)
     assert changed > 0  # the runs trained
     for key in ("params_total", "params_trainable", "flops_per_token"):
-        assert two["metrics"][key]["value"] == pytest.approx(one["metrics"][key]["value"]), key
+        # DoRA renormalises each weight once per forward pass whatever the batch, and every
+        # DDP rank does so for its half batch: per token, two ranks really count more FLOPs.
+        rel = 2e-2 if key == "flops_per_token" and method["name"] == "dora" else 1e-6
+        assert two["metrics"][key]["value"] == pytest.approx(one["metrics"][key]["value"],
+                                                             rel=rel), key
     for key in ("val_loss", "completion_perplexity", "token_accuracy"):
         assert two["metrics"][key]["value"] == pytest.approx(one["metrics"][key]["value"],
                                                              rel=1e-3 * loose), key
@@ -351,3 +360,53 @@ def test_sharded_model_loads_once_and_scores_like_one_process(finetune_inputs, s
                                               6, batch_size=2),
                     "hits": {p["answer"] for p in problems[::3]}}
     mp.spawn(_sharded_rank, args=(2, _free_port(), str(tmp_path), problems, expected), nprocs=2)
+
+
+def _loading_rank(rank, world, port, base, stored):
+    """One rank of test_every_method_loads_once_per_node."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    from transformers import AutoModelForCausalLM
+
+    from effllm.distributed import place
+    from effllm.measure.tensors import track
+    from effllm.training import loading, methods
+    from test_methods import METHODS, assert_loaded_for, loading_bound, wide_spec
+
+    place()
+    if rank:  # reading the checkpoint is rank 0's job alone
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"rank {rank} read the model's weights")
+
+        loading.read_tensors = refuse
+        AutoModelForCausalLM.from_pretrained = refuse
+    for name in METHODS:
+        torch.manual_seed(0)  # as run_job seeds every rank
+        with track(device="cpu") as tracked:
+            model, _ = methods.load_base(base, wide_spec(name), "bf16")
+            model, _ = methods.prepare(model, wide_spec(name), lr=1e-3, precision="bf16")
+        assert tracked.account.peak <= loading_bound(model, stored), name
+        assert_loaded_for(model, stored, name, "bf16")
+        # the ranks start from the same model, adapters included (PiSSA's SVD, DoRA's norms)
+        for key, p in model.state_dict().items():
+            first = p.clone()
+            torch.distributed.broadcast(first, src=0)
+            assert torch.equal(first, p), (name, key)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_method_loads_once_per_node(tmp_path):
+    """Under torchrun every method's base is read by rank 0 alone, tensor by tensor, and
+    broadcast: rank 1 never opens the checkpoint, and on both ranks the tensors made while
+    loading and preparing peak at the model as loaded plus a few fp32 copies of one tensor
+    (no host copy of the checkpoint per rank, no fp32 copy of a frozen weight), every frozen
+    weight the checkpoint's bf16 cast and every trained one its fp32."""
+    import torch.multiprocessing as mp
+
+    from test_methods import saved_base
+
+    _, stored = saved_base(tmp_path)
+    mp.spawn(_loading_rank, args=(2, _free_port(), str(tmp_path), stored), nprocs=2)

@@ -25,6 +25,7 @@ from effllm.training import methods
 from effllm.models.params import count_params
 import invariants
 from hubcache import COMMIT, REPO, fake_cache, llama
+from test_specs import configs  # noqa: F401 - fixture: paper.yaml checked
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NF4 = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "fp32"}
@@ -235,6 +236,27 @@ def test_qlora_merges_into_the_fp32_base_exactly(saved_llama):
             torch.testing.assert_close(plain.get_submodule(name).weight, expected)
     with pytest.raises(ValueError, match="base model's directory"):
         methods.merged(model)
+
+
+def test_qlora_merges_into_a_fresh_base_in_the_training_precision(saved_llama):
+    """At bf16 the adapter trained on the 4-bit base is folded, in fp32, into a fresh copy of
+    the base read in bf16, and stored in bf16: W = bf16(bf16(W0) + s·BA)."""
+    pytest.importorskip("bitsandbytes")
+    base, _ = methods.load_base(saved_llama, lora_spec(), precision="bf16")
+    model, optimizer = methods.prepare(base, lora_spec(), lr=1e-2, precision="bf16")
+    train_steps(model, optimizer)
+    plain = methods.merged(model, saved_llama, "bf16")
+    assert type(plain) is LlamaForCausalLM and not linears4bit(plain)
+    assert {p.dtype for p in plain.parameters()} == {torch.bfloat16}
+    fp32 = AutoModelForCausalLM.from_pretrained(saved_llama)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        wrapped = model.get_submodule(f"base_model.model.{name}")
+        delta = wrapped.lora_B["default"].weight @ wrapped.lora_A["default"].weight
+        expected = fp32.get_submodule(name).weight.to(torch.bfloat16).float() + 2.0 * delta
+        torch.testing.assert_close(plain.get_submodule(name).weight.float(),
+                                   expected.to(torch.bfloat16).float(), rtol=2 ** -8, atol=0)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(plain.state_dict()[norm], fp32.state_dict()[norm].to(torch.bfloat16))
 
 
 # ----------------------------------------------------------------------------------- FLOPs
@@ -457,13 +479,13 @@ def tiny_finetune(stdlib_tokens, tmp_path_factory):
     return root
 
 
-def tiny_spec(method: dict, lr: float, source: str | None = None) -> dict:
+def tiny_spec(method: dict, lr: float, source: str | None = None, **settings) -> dict:
     train = {"epochs": 1, "batch_size": 8, "lr": lr, "warmup_ratio": 0.1, "max_samples": 64,
              "max_length": 64, "eval_problems": 4, "max_new_tokens": 40, "max_steps": 12}
     return {"run_id": f"finetune/{method['name']}-t-s0", "stage": "finetune",
             "technique": method["name"], "label": method["name"], "size": "tiny", "seed": 0,
             "group": "t", "upstream": "pretrain/t",
-            "settings": {"method": method, "dataset": "arithmetic",
+            "settings": {"method": method, "dataset": "arithmetic", **settings,
                          "train": {**train, **({"lr_source": source} if source else {})},
                          "measure": {"sample_interval_s": 0.05, "warmup_steps": 2,
                                      "peak_flops": None, "threads": 1}}}
@@ -534,3 +556,69 @@ def test_models_served_from_a_diverged_run_report_no_quality(tmp_path):
         assert df.loc["inference/int4-bad", f"{name}__status"] == "unavailable"
         assert df.loc["inference/int4-bad", f"{name}__note"] == "finetune/bad diverged: loss rose"
     assert df.loc["inference/int4-bad", "al"] == 0.1  # its cost is still measured
+
+
+# --------------------------------------------------------- what a run saves: served or not
+
+def test_only_runs_an_inference_run_serves_are_marked_served(config, schema,
+                                                             configs):  # noqa: F811
+    """``served`` is set exactly on the fine-tuning runs some inference run loads: the
+    default serves the primary set's runs (``inference.finetune_datasets`` null) at the
+    inference seeds; the second set's runs, tune runs and every run of paper.yaml (which
+    serves no fine-tuned model) save no merged weights."""
+    from effllm.sweep import tune_runs
+
+    runs = expand_runs(check_config(config, schema))
+    upstreams = {run.upstream for run in runs["inference"].values()}
+    served = {name for name, run in runs["finetune"].items() if run.spec.served}
+    assert served == {name for name, run in runs["finetune"].items()
+                      if run.run_id in upstreams}
+    assert served and all("+" not in name for name in served)  # the primary set only
+    assert any("+" in name for name in runs["finetune"])  # the other set's runs exist
+    assert "served" not in runs["finetune"]["lora-gqa-small+word_problems-s0"].spec.to_json()[
+        "settings"]
+    assert not any(run.spec.served for run in tune_runs(config, runs).values())
+    config = copy.deepcopy(config)
+    config["inference"]["finetune_datasets"] = ["word_problems"]  # now the other set's runs
+    runs = expand_runs(check_config(config, schema))["finetune"]
+    assert {name for name, run in runs.items() if run.spec.served} == {
+        "+word_problems-s".join(name.rsplit("-s", 1)) for name in served}
+    paper = expand_runs(configs["paper"])
+    assert paper["finetune"] and not any(run.spec.served for run in paper["finetune"].values())
+
+
+@pytest.mark.parametrize("method, served", [
+    ({"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": TARGETS}, True),
+    ({"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": TARGETS}, False),
+    ({"name": "freeze", "layers": 1}, False),
+])
+def test_a_run_saves_merged_weights_in_its_precision_only_when_served(tiny_finetune, tmp_path,
+                                                                      method, served):
+    """A served run's folder holds the merged model in the training precision's dtype (bf16
+    here), which loads; a run nobody serves writes no model weights: its adapter, if it has
+    one, the tokenizer and a README saying why."""
+    from safetensors import safe_open
+
+    spec = tiny_spec(method, 1e-3, served=served)
+    spec["settings"]["train"]["precision"] = "bf16"
+    from effllm.training.finetune import run_finetune
+
+    out = tmp_path / "model"
+    run_finetune(spec, tiny_finetune / "base", tiny_finetune / "reasoning", out,
+                 tmp_path / "record.json")
+    weights = sorted(p.name for p in out.glob("*.safetensors"))
+    adapter = method["name"] == "lora"
+    assert (out / "adapter/adapter_model.safetensors").is_file() == adapter
+    assert (out / "tokenizer.json").is_file()
+    readme = (out / "README.md").read_text()
+    if not served:
+        assert weights == [] and "no merged weights are saved" in readme
+        return
+    assert weights == ["model.safetensors"] and "bfloat16" in readme
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_finetune / "base")
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(model.state_dict()[name], base.state_dict()[name].to(torch.bfloat16)
+                           .float())  # the adapter is in it

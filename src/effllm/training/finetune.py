@@ -1,8 +1,11 @@
 """Fine-tuning a pretrained model with one method of ``effllm.training.methods``, measured.
 
-Writes a merged model (safetensors) that the inference stage quantises, with the peft adapter in
-its ``adapter/`` folder for adapter methods (whose base weights never change: peft wraps them and
-only adapter tensors train).
+The base is read once per node, straight into each weight's training dtype on the device
+(``methods.load_base``; ZeRO-3 Full: :func:`load_sharded`). The model folder holds the peft
+adapter (``adapter/``) of an adapter method (whose base weights never change: peft wraps them and
+only adapter tensors train) and, only when an inference run serves the model (``spec.served``),
+the merged model in the training precision's dtype, which the inference stage quantises
+(:func:`save_model`).
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ from effllm.models.params import count_params
 from effllm.precision import PRECISION_NOTES, autocast
 from effllm.evaluation.perplexity import finite_metric
 from effllm.records import METRICS, Metric
-from effllm.specs import FinetuneSpec, MethodSpec
+from effllm.specs import FinetuneSpec
 from effllm.stage import Outcome, run_job
-from effllm.training import methods
+from effllm.training import loading, methods
+from effllm.training.loading import empty_model
 from effllm.training.loop import (
     StepLog, cosine_schedule, divergence, note_rank0, step_flops_per_token, step_metrics,
     train, use_checkpointing, utilisation_metrics,
 )
+from effllm.training.sharding import shard
 
 
 def base_precision(method: str, precision: str) -> str:
@@ -61,54 +66,33 @@ def epoch_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int,
             yield {key: value[rank::world] for key, value in batch.items()}
 
 
-def empty_model(model_dir):
-    """The model of ``model_dir`` with its parameters on the meta device (no memory, no weights
-    read) and its buffers real, the weights tied as the config says."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
-                                                 dtype=torch.float32)
-    model.tie_weights()  # from_config under init_empty_weights leaves the head untied
-    return model
-
-
 def load_sharded(base_dir, placement, offload: bool = False, precision: str = "fp32"):
     """Full fine-tuning over several ranks as ZeRO-3 with torch's FSDP2: parameters, gradients
     and optimiser state sharded over the ranks, one unit per decoder layer plus the rest, each
     layer's weights gathered only while it runs (DeepSpeed's ZeRO-3, the paper's Full*, shards
-    the same three).
+    the same three; ``effllm.training.sharding.shard``, with ``offload`` and bf16 as there).
 
-    Rank 0 alone reads the weights. Every rank builds the model on the meta device and shards
-    it, then rank 0's tensors are broadcast into the shards: a node holds one host copy of the
-    model (rank 0's, plus each rank's shard), not one per rank. ``offload`` (ZeRO-3 Offload)
-    keeps the shards, gradients and the optimiser step on the CPU; only the layers running are
-    on the GPU. At bf16 precision the gathered weights are bf16 (gradients reduced in fp32):
-    autocast would otherwise keep a bf16 copy of every layer's weights for the backward pass.
+    Rank 0 alone reads the weights, tensor by tensor from the checkpoint into fp32 (Full trains
+    every weight). Every rank builds the model on the meta device and shards it, then rank 0's
+    tensors are broadcast into the shards: a node holds one host copy of the model (rank 0's,
+    plus each rank's shard), not one per rank.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    weights = methods.load_base(base_dir, MethodSpec("full"))[0].state_dict() \
-        if placement.main else {}
     model = empty_model(base_dir)
+    groups = loading.tied_groups(model)  # each tensor once, with its tied names
     buffers = {name: b.clone() for name, b in model.named_buffers(remove_duplicate=False)}
-    policy = {}
-    if offload:
-        policy["offload_policy"] = CPUOffloadPolicy(pin_memory=placement.device != "cpu")
-    if precision == "bf16":
-        policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                                   reduce_dtype=torch.float32)
-    for layer in model.model.layers:
-        fully_shard(layer, **policy)
-    fully_shard(model, **policy)
+    shard(model, placement.device, precision, offload)
     model.to_empty(device="cpu" if offload else placement.device)  # shards live here
     with torch.no_grad():  # to_empty left the buffers uninitialised; they live where it computes
         for module_name, module in model.named_modules():
             for name, b in module.named_buffers(recurse=False):
                 key = f"{module_name}.{name}" if module_name else name
                 module._buffers[name] = buffers[key].to(placement.device)
+    weights = {}
+    if placement.main:
+        for name, tensor in loading.read_tensors(base_dir, groups):
+            weights.update(dict.fromkeys(groups[name], tensor.float()))
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
                                                                   broadcast_from_rank0=True))
     return model
@@ -132,9 +116,9 @@ def gathered(model, base_dir, placement):
 def run_finetune(spec: FinetuneSpec | dict, base_dir: str | os.PathLike,
                  reasoning_dir: str | os.PathLike, model_out: str | os.PathLike | None,
                  record_out: str | os.PathLike):
-    """Fine-tune one base with one method, measure it, save the merged model (unless
-    ``model_out`` is None: a tune run) and the record (rank 0; under torchrun the other ranks
-    train and score their shares, then return None)."""
+    """Fine-tune one base with one method, measure it, save its model folder (unless
+    ``model_out`` is None: a tune run; :func:`save_model`) and the record (rank 0; under
+    torchrun the other ranks train and score their shares, then return None)."""
     return run_job(spec, lambda s, placement: finetune(s, placement, base_dir, reasoning_dir),
                    record_out, model_out)
 
@@ -167,15 +151,16 @@ def finetune(spec: FinetuneSpec, placement: Placement, base_dir, reasoning_dir
     offload = sharded and bool(method.offload)
     if sharded:
         model, base_note = load_sharded(base_dir, placement, offload, precision), None
-    else:
-        model, base_note = methods.load_base(base_dir, method, precision)
+    else:  # on the device, frozen weights in the precision's dtype, read by rank 0 alone
+        model, base_note = methods.load_base(base_dir, method, precision, device)
     examples, steps = training_set(spec, tokenizer, reasoning_dir)
 
-    # Prepared on the CPU (a bf16 run's frozen weights reach the device already in bf16), then
-    # placed; the optimiser's state is made on the device at its first step.
+    # Prepared on the device: PiSSA's SVD and DoRA's norms run there, per layer in fp32; the
+    # optimiser's state is made on the device at its first step.
     model, optimizer = methods.prepare(model, method, train_cfg.lr, precision=precision)
     if not sharded and not method.qlora:  # a 4-bit base is placed by its loader
         model.to(device)
+    initial = methods.initial_adapter(model, method) if placement.main else None  # PiSSA's
     params = count_params(model)
 
     def batches(seed: int):
@@ -202,8 +187,8 @@ def finetune(spec: FinetuneSpec, placement: Placement, base_dir, reasoning_dir
         raise FloatingPointError(f"finetune {spec.run_id}: the loss of the first step is not "
                                  "finite: the base or the data is broken, not the rate")
     quality = {} if log.nonfinite else score(spec, model, tokenizer, reasoning_dir, device)
-    if sharded:  # every rank hands in its shards; rank 0 saves the whole model
-        model = gathered(model, base_dir, placement)
+    if sharded:  # every rank hands in its shards; rank 0 saves the whole model, if served
+        model = gathered(model, base_dir, placement) if spec.served else None
     end()
     if not placement.main:
         return None
@@ -212,14 +197,58 @@ def finetune(spec: FinetuneSpec, placement: Placement, base_dir, reasoning_dir
     mark_divergence(metrics, log, val_start)
 
     def save(folder: Path) -> None:
-        if method.name in methods.ADAPTER_METHODS:
-            model.save_pretrained(folder / "adapter", safe_serialization=True)
-        methods.merged(model, base_dir).save_pretrained(folder, safe_serialization=True)
-        save_tokenizer(tokenizer, folder)
+        save_model(spec, model, base_dir, tokenizer, folder, initial)
 
     strategy = "FSDP full shard (ZeRO-3)" + (" + CPU offload" if offload else "")
     return Outcome(metrics, {"train_loss": log.losses, "step_seconds": log.seconds},
-                   execution(spec, base_note), strategy if sharded else "DDP", save)
+                   execution(spec, base_note), strategy if sharded else "DDP", save,
+                   initial[0].cleanup if initial else None)
+
+
+def save_model(spec: FinetuneSpec, model, base_dir, tokenizer, folder: Path,
+               initial=None) -> None:
+    """The run's model folder: what is kept depends on whether an inference run serves the
+    model (``spec.served``, set by the sweep), so that nothing large is written that nobody
+    reads (docs/protocol.md §4, "What a fine-tuning run saves"):
+
+    - served: the merged model in the training precision's dtype (bf16 at bf16, fp32 at fp32,
+      folded layer by layer: ``methods.merged``), which the inference stage loads;
+    - adapter methods, always: the peft adapter in ``adapter/`` (megabytes);
+    - always: the tokenizer and a README saying what the folder holds and why.
+
+    A Freeze or Full run no inference run serves keeps no weights (they are the model, as
+    large as the base)."""
+    method = spec.method.name
+    adapter = method in methods.ADAPTER_METHODS
+    if adapter:  # PiSSA's as a LoRA of the original base (``initial``: its first factors)
+        methods.save_adapter(model, folder / "adapter", initial)
+    if spec.served:
+        methods.merged(model, base_dir, spec.train.precision).save_pretrained(
+            folder, safe_serialization=True)
+    save_tokenizer(tokenizer, folder)
+    (folder / "README.md").write_text(model_readme(spec, adapter))
+
+
+def model_readme(spec: FinetuneSpec, adapter: bool) -> str:
+    """What a fine-tuning run's model folder holds, for whoever opens it."""
+    dtype = methods.STORED[spec.train.precision]
+    lines = [f"# {spec.run_id}", ""]
+    if spec.served:
+        lines.append(f"The fine-tuned model, merged and saved in {dtype} (the training "
+                     f"precision, {spec.train.precision}): an inference run serves it.")
+    else:
+        lines.append("No inference run serves this model (`inference.sources`, "
+                     "`inference.finetune_datasets`), so no merged weights are saved.")
+    if adapter:
+        note = (" PiSSA's is saved as peft converts it, a LoRA of rank 2r that applies to "
+                "the original base (the trained factors beside the initial ones)."
+                if spec.method.name == "pissa" else "")
+        lines.append(f"`adapter/` holds the trained peft adapter, for the base this run "
+                     f"started from ({spec.upstream}).{note}")
+    elif not spec.served:
+        lines.append(f"{spec.technique} trains the base's own weights, so keeping them would "
+                     "mean a model as large as the base; the record holds the run's results.")
+    return "\n".join(lines) + "\n"
 
 
 def score(spec: FinetuneSpec, model, tokenizer, reasoning_dir, device) -> dict[str, Metric]:

@@ -9,7 +9,8 @@ need no library.
 Precision (``finetune.precision``): ``fp32`` trains and stores everything in fp32; ``bf16`` is
 mixed precision as fine-tuning toolkits run it: matrix products in bf16 under autocast, trainable
 weights, their gradients and the optimiser state in fp32, and frozen weights (an adapter method's
-base, Freeze's frozen layers) stored in bf16, which halves their memory.
+base, Freeze's frozen layers) read from the checkpoint straight into bf16, which halves their
+memory. The model is saved in the precision's dtype (:func:`merged`).
 """
 
 from __future__ import annotations
@@ -50,29 +51,41 @@ def _freeze_first_layers(model, n_layers: int):
     return model
 
 
-# Adapter methods whose initialisation never reads the base's weights (PiSSA takes their SVD,
-# DoRA their norms: those start from the fp32 base, which prepare() then stores in bf16).
-BASE_BLIND = ("lora", "lora_plus", "rslora")
+def mark_frozen(model, method: MethodSpec):
+    """Set ``requires_grad`` off on the base parameters ``method`` never trains (all of them for
+    the adapter methods, whose base peft freezes; Freeze's first layers and embeddings; none
+    for Full), so that a load can give each parameter its dtype before any weight is read.
+    :func:`prepare` freezes the same ones again (idempotent)."""
+    if method.name in ADAPTER_METHODS:
+        model.requires_grad_(False)
+    elif method.name == "freeze":
+        _freeze_first_layers(model, method.layers)
+    return model
 
 
-def load_base(model_dir, method: MethodSpec, precision: str = "fp32"):
-    """The model a method starts from, on the CPU: fp32; in bf16 for LoRA, LoRA+ and RSLoRA at
-    bf16 precision (their base stays frozen and peft keeps the adapter in fp32), which halves
-    the host memory of loading; or for QLoRA (an adapter method with ``quantized_base``)
-    NF4/FP4 linears frozen in bitsandbytes 4-bit, prepared for k-bit training (norms and head in
-    fp32, input gradients on), on the device. Returns (model, notes)."""
+def load_base(model_dir, method: MethodSpec, precision: str = "fp32", device="cpu"):
+    """The model a method starts from, on ``device``: every weight the method trains in fp32,
+    every frozen one in the training precision's dtype (bf16 at bf16: an adapter method's
+    whole base, Freeze's frozen layers and embeddings), read straight into that dtype: never an
+    fp32 copy of a frozen weight. Under torchrun only rank 0 reads the checkpoint, one tensor at
+    a time, and the others receive each by broadcast (``effllm.training.loading``).
+
+    QLoRA (an adapter method with ``quantized_base``): NF4/FP4 linears frozen in bitsandbytes
+    4-bit, quantised by bitsandbytes as transformers loads each weight onto the job's device,
+    prepared for k-bit training (norms and head in fp32, input gradients on). QLoRA runs in one
+    process (the config refuses more than 1 GPU for it). Returns (model, notes)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    import effllm.models  # noqa: F401 - registers our config with the Auto classes
+    from effllm.training.loading import empty_model, load_weights
 
     if precision not in PRECISIONS:
         raise ValueError(f"finetune.precision {precision!r} is not one of {PRECISIONS}")
     quant = method.qlora
     if not quant:
-        frozen_base = precision == "bf16" and method.name in BASE_BLIND
-        return AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.bfloat16 if frozen_base else torch.float32), None
+        frozen = torch.bfloat16 if precision == "bf16" else torch.float32
+        model = mark_frozen(empty_model(model_dir), method)
+        return load_weights(model, model_dir, device,
+                            lambda p: torch.float32 if p.requires_grad else frozen), None
     from peft import prepare_model_for_kbit_training
 
     from effllm.models.quantize import load_quantised
@@ -83,11 +96,55 @@ def load_base(model_dir, method: MethodSpec, precision: str = "fp32"):
     return model, note
 
 
+def lora_layers(model):
+    """The peft LoRA layers of ``model`` (each wraps one base linear)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def init_from_base(model, method: MethodSpec) -> None:
+    """The initialisations that read the base weights, run per layer in fp32 on the layer's
+    device (never an fp32 copy of the whole model):
+
+    - PiSSA (Meng et al. 2024, arXiv 2404.02948): A and B from the top-r singular triplets
+      of W, the base replaced by the residual W - s·BA. peft's ``pissa_init`` does that in fp32
+      from the weight as stored (the bf16 base at bf16, as a bf16 run loads it), writes the
+      residual back in the base's dtype, and is run here after the adapters
+      are fp32, so A and B keep their fp32 values (inside ``get_peft_model`` they would be
+      rounded to the base's bf16 after the SVD).
+    - DoRA (Liu et al. 2024, arXiv 2402.09353): the magnitude m = ||W + s·BA||_c, the column
+      norm of the weight the layer computes with. peft computes it in the base's dtype (bf16 at
+      bf16, then widened); here it is the fp32 norm of the stored (bf16) weights, so that the
+      model at step 0 is the base.
+    """
+    import torch
+
+    if method.name == "pissa":
+        init = _lora_config(method).init_lora_weights
+        for layer in lora_layers(model):
+            for name in layer.lora_A:
+                with torch.no_grad():
+                    layer.pissa_init(name, init)
+        for config in model.peft_config.values():
+            config.init_lora_weights = init  # what the adapter's config says it is
+    elif method.name == "dora":
+        for layer in lora_layers(model):
+            weight = layer.get_base_layer().weight
+            for name, dora in layer.lora_magnitude_vector.items():
+                with torch.no_grad():
+                    delta = layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()
+                    dora.weight.data = dora.get_weight_norm(weight.float(), delta,
+                                                            layer.scaling[name]).float()
+
+
 def prepare(model, method: MethodSpec, lr: float, weight_decay: float = 0.0,
             precision: str = "fp32"):
     """Wrap ``model`` for ``method``; return (trainable model, optimiser). At bf16 precision the
-    frozen weights are stored in bf16 (see the module's docstring); a 4-bit base keeps its own
-    dtypes."""
+    frozen weights are stored in bf16 (see the module's docstring): a base from
+    :func:`load_base` already holds them so, a model built in fp32 is cast here; a 4-bit base
+    keeps its own dtypes. On the device the model is on, PiSSA's and DoRA's initialisation
+    runs per layer in fp32 (:func:`init_from_base`)."""
     import torch
 
     from effllm.training.loop import adamw
@@ -96,7 +153,12 @@ def prepare(model, method: MethodSpec, lr: float, weight_decay: float = 0.0,
     if name in ADAPTER_METHODS:
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora_config(method))
+        config = _lora_config(method)
+        if name == "pissa" and not method.qlora:  # initialised below, in fp32 per layer
+            config.init_lora_weights = False
+        model = get_peft_model(model, config)
+        if not method.qlora:
+            init_from_base(model, method)
     elif name == "freeze":
         model = _freeze_first_layers(model, method.layers)
     elif name != "full":
@@ -119,29 +181,90 @@ def store_frozen(model, dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def merged(model, base_dir=None):
-    """A plain fp32 model with the adapter folded in (or the model itself for Freeze and Full).
-    Weights stored in bf16 are widened first: an update folded into bf16 weights would mostly
-    round away.
+def initial_adapter(model, method: MethodSpec):
+    """PiSSA's factors at initialisation, saved as a plain LoRA adapter in a temporary folder
+    (a TemporaryDirectory, and the folder in it), so that the trained adapter can be saved for
+    the original base (:func:`save_adapter`); None for the other methods, whose adapter
+    applies to the base as it is."""
+    import tempfile
+    from pathlib import Path
 
-    A QLoRA adapter is folded into a fresh fp32 copy of the base from ``base_dir`` (the usual
-    QLoRA practice: merging into 4-bit weights would re-quantise them); it was trained against
-    the 4-bit base, so the merged model differs from the trained one by the base's quantisation
-    error."""
+    if method.name != "pissa":
+        return None
+    tmp = tempfile.TemporaryDirectory()
+    folder = Path(tmp.name) / "pissa_init"
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True  # peft's rule for this
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        config.init_lora_weights = init
+    return tmp, folder
+
+
+def save_adapter(model, folder, initial=None) -> None:
+    """The trained peft adapter in ``folder``. PiSSA's factors apply to the residual base,
+    which exists only inside the run (its randomised SVD would not be drawn again), so with
+    ``initial`` (:func:`initial_adapter`) peft saves it converted to a LoRA of rank 2r on the
+    original base: ΔW = s·(BA - B0·A0), the trained factors beside the initial ones."""
+    extra = {} if initial is None else {
+        "path_initial_model_for_weight_conversion": str(initial[1])}
+    model.save_pretrained(folder, safe_serialization=True, **extra)
+
+
+STORED = {"fp32": "float32", "bf16": "bfloat16"}  # the dtype a precision's model is saved in
+
+
+def merged(model, base_dir=None, precision: str = "fp32"):
+    """The trained model as a plain model in the training precision's dtype (bf16 at bf16, fp32
+    at fp32), with every adapter folded into its base weight in fp32 one module at a time
+    (:func:`fold`): never an fp32 copy of the whole model. Freeze and Full are the model
+    itself, cast parameter by parameter.
+
+    A QLoRA adapter is folded into a fresh copy of the base from ``base_dir``, loaded in the
+    training precision (the usual QLoRA practice: merging into 4-bit weights would re-quantise
+    them); it was trained against the 4-bit base, so the merged model differs from the trained
+    one by the base's quantisation error."""
+    import torch
+
+    dtype = getattr(torch, STORED[precision])
     if not hasattr(model, "merge_and_unload"):
-        return model.float()
-    if not getattr(model, "is_loaded_in_4bit", False) and not getattr(
+        return model.to(dtype)
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(
             model.get_base_model(), "is_loaded_in_4bit", False):
-        return model.float().merge_and_unload()
+        model = fresh_base_with(model, base_dir, precision)
+    return fold(model, dtype)
+
+
+def fold(model, dtype):
+    """peft's merge, layer by layer: each LoRA layer's base weight widened to fp32, the adapter
+    (LoRA, DoRA's magnitude and direction, PiSSA's factors on its residual) merged into it by
+    peft, the result stored in ``dtype``; then the adapters unloaded. Equals
+    ``merge_and_unload`` of the model in fp32, cast to ``dtype``, while at most one layer's
+    weight is in fp32 at a time."""
+    import torch
+
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            base = layer.get_base_layer()
+            stored = base.weight.dtype
+            base.weight.data = base.weight.data.float()
+            layer.merge()
+            base.weight.data = base.weight.data.to(dtype if stored.is_floating_point else stored)
+    return model.unload().to(dtype)
+
+
+def fresh_base_with(model, base_dir, precision: str):
+    """The adapter of a QLoRA model on a fresh base read from ``base_dir`` (loaded as a
+    LoRA base: frozen weights in the training precision's dtype, on the adapter's device)."""
     import tempfile
 
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     if base_dir is None:
         raise ValueError("merging a QLoRA adapter needs the base model's directory")
+    device = next(p.device for n, p in model.named_parameters() if "lora_" in n)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        return PeftModel.from_pretrained(base, tmp).merge_and_unload()
+        base, _ = load_base(base_dir, MethodSpec("lora"), precision, device=str(device))
+        return PeftModel.from_pretrained(base, tmp)

@@ -22,15 +22,16 @@ def repeated_layers(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def shard(model: nn.Module, device: str, precision: str = "fp32", offload: bool = False
-          ) -> nn.Module:
+def shard(model: nn.Module, device: str, precision: str = "fp32", offload: bool = False,
+          mesh=None) -> nn.Module:
     """Shard ``model`` in place over the process group: one FSDP unit per repeated layer, then
     the root. ``offload`` keeps shards, gradients and the optimiser step on the CPU; at bf16
     the gathered weights are bf16 and gradients are reduced in fp32 (autocast would otherwise
-    keep a bf16 copy of every layer's weights for the backward pass)."""
+    keep a bf16 copy of every layer's weights for the backward pass). ``mesh``: the device mesh
+    (default: one over the whole process group; the plan passes the mesh of its fake group)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    policy = {}
+    policy = {} if mesh is None else {"mesh": mesh}
     if offload:
         policy["offload_policy"] = CPUOffloadPolicy(pin_memory=device != "cpu")
     if precision == "bf16":
