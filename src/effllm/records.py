@@ -72,6 +72,9 @@ class _Catalogue(dict):
         return self.get(name) is not None
 
 
+# Conditions a window ran under, recorded beside the metrics: never normalised or ranked.
+CONDITIONS = frozenset({"machine_load_others"})
+
 # Canonical metric names. Analysis and plots look directions and labels up here, nowhere else.
 METRICS: dict[str, MetricInfo] = _Catalogue({
     # quality

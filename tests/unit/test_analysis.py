@@ -452,3 +452,11 @@ def test_configured_inputs_count_as_measured_and_stay_configured_alone():
     assert combine_status(["configured", "estimated"], [4.0, 0.5]) == "estimated"
     assert combine_status(["configured", "configured"], [4.0, 4.0]) == "configured"
     assert combine_status(["configured", "unavailable"], [4.0, None]) == "unavailable"
+
+
+def test_window_conditions_are_not_normalised():
+    from effllm.analysis.normalise import normalisable_metrics
+
+    df = pd.DataFrame({"al": [1.0], "al__status": ["measured"],
+                       "machine_load_others": [0.5], "machine_load_others__status": ["measured"]})
+    assert normalisable_metrics(df) == ["al"]

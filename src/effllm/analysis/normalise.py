@@ -20,7 +20,7 @@ from effllm.analysis.aggregate import (
     combine_status, companion, derive_compression, metric_columns, read_table,
 )
 from effllm.io import atomic_file
-from effllm.records import METRICS
+from effllm.records import CONDITIONS, METRICS
 from effllm.specs import AnalysisSpec
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def normalisable_metrics(df: pd.DataFrame) -> list[str]:
     unknown = [m for m in names if m not in METRICS]
     if unknown:
         log.warning("no direction known for %s (not in records.METRICS): not normalised", unknown)
-    return [m for m in names if m in METRICS]
+    return [m for m in names if m in METRICS and m not in CONDITIONS]
 
 
 def exclude_estimates(df: pd.DataFrame) -> pd.DataFrame:
