@@ -18,6 +18,7 @@ include: "workflow/rules/tune.smk"
 include: "workflow/rules/inference.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/plan.smk"
 
 
 rule all:
@@ -55,3 +56,11 @@ rule figures:
     """Every paper figure (and what it needs)."""
     input:
         FIGURES,
+
+
+rule plan:
+    """The GPU plan (docs/plan.md): per job, per-GPU peak memory by part, fit, FLOPs and
+    GPU-hours, simulated before anything runs; not part of all."""
+    input:
+        "results/plan/plan.tsv",
+        "results/plan/plan.md",

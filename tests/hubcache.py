@@ -45,10 +45,60 @@ def fake_cache(root: Path, stdlib_tokens: Path, repo: str = REPO, *, weights=Tru
     return snapshot
 
 
+def _llama3_rope(factor: float) -> dict:
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _arch(model_type, hidden, layers, heads, kv, intermediate, vocab, tied, positions, theta,
+          **extra) -> dict:
+    return {"model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv,
+            "intermediate_size": intermediate, "vocab_size": vocab, "tie_word_embeddings": tied,
+            "max_position_embeddings": positions, "rope_theta": theta, **extra}
+
+
+# The architecture fields of the config.json of every hub model config/paper.yaml reads, as
+# published on the Hugging Face Hub (https://huggingface.co/<repo>/blob/main/config.json): model
+# type, hidden size, layers, attention and KV heads, MLP width, vocabulary, tied head, positions
+# and RoPE. The placeholder cache carries them so that the plan simulates the real shapes.
+# Phi-3.5-mini's rope_scaling (LongRoPE: two lists of 48 factors) is left out: it changes no
+# tensor's shape.
+HUB_ARCHITECTURES = {
+    "meta-llama/Llama-3.2-1B": _arch("llama", 2048, 16, 32, 8, 8192, 128256, True, 131072,
+                                     500000.0, head_dim=64, rope_scaling=_llama3_rope(32.0)),
+    "meta-llama/Llama-3.2-3B": _arch("llama", 3072, 28, 24, 8, 8192, 128256, True, 131072,
+                                     500000.0, head_dim=128, rope_scaling=_llama3_rope(32.0)),
+    "meta-llama/Llama-3.1-8B": _arch("llama", 4096, 32, 32, 8, 14336, 128256, False, 131072,
+                                     500000.0, rope_scaling=_llama3_rope(8.0)),
+    "Qwen/Qwen2.5-7B": _arch("qwen2", 3584, 28, 28, 4, 18944, 152064, False, 131072, 1e6),
+    "Qwen/Qwen2.5-14B": _arch("qwen2", 5120, 48, 40, 8, 13824, 152064, False, 131072, 1e6),
+    "mistralai/Mistral-7B-v0.3": _arch("mistral", 4096, 32, 32, 8, 14336, 32768, False, 32768,
+                                       1e6, sliding_window=None),
+    "mistralai/Mistral-Small-24B-Base-2501": _arch("mistral", 5120, 40, 32, 8, 32768, 131072,
+                                                   False, 32768, 1e8, head_dim=128,
+                                                   sliding_window=None),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": _arch("qwen2", 1536, 28, 12, 2, 8960, 151936,
+                                                       False, 131072, 10000.0),
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": _arch("llama", 4096, 32, 32, 8, 14336, 128256,
+                                                      False, 131072, 500000.0,
+                                                      rope_scaling=_llama3_rope(8.0)),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B": _arch("qwen2", 5120, 48, 40, 8, 13824, 152064,
+                                                      False, 131072, 1e6),
+    "Qwen/Qwen2.5-32B": _arch("qwen2", 5120, 64, 40, 8, 27648, 152064, False, 131072, 1e6),
+    "microsoft/Phi-3.5-mini-instruct": _arch("phi3", 3072, 32, 32, 32, 8192, 32064, False,
+                                             131072, 10000.0,
+                                             original_max_position_embeddings=4096),
+    "microsoft/phi-4": _arch("phi3", 5120, 40, 40, 10, 17920, 100352, False, 16384, 250000.0),
+    "01-ai/Yi-34B": _arch("llama", 7168, 60, 56, 8, 20480, 64000, False, 4096, 5000000.0),
+}
+
+
 def stub_cache(root: Path, config: dict) -> Path:
     """A hub cache at ``root`` with a placeholder of every model and data set ``config`` reads
     from the hub: enough for the checks and the DAG of a dry run, nothing loadable (the paper
-    scale's DAG, built here without its terabytes)."""
+    scale's DAG, built here without its terabytes). A model's config.json carries its real
+    architecture (:data:`HUB_ARCHITECTURES`) where it is known, so the plan simulates it."""
     from effllm.config import used_hub_models
 
     def snapshot(kind: str, repo: str) -> Path:
@@ -60,7 +110,9 @@ def stub_cache(root: Path, config: dict) -> Path:
     for name in used_hub_models(config):
         snap = snapshot("models", config["hub_models"][name]["repo_id"])
         snap.mkdir(parents=True, exist_ok=True)
-        (snap / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        repo = config["hub_models"][name]["repo_id"]
+        (snap / "config.json").write_text(json.dumps(HUB_ARCHITECTURES.get(
+            repo, {"model_type": "llama"})))
         (snap / "model.safetensors").write_bytes(b"")
     sources = [config["data"]["corpus"], *config["data"]["reasoning"].values()]
     for source in sources:

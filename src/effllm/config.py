@@ -392,3 +392,43 @@ def check_resources(config: dict) -> None:
         if gpus[stage] > 1 and batch % gpus[stage]:
             raise ConfigError(f"config key '{stage}.batch_size': {batch} does not split over "
                               f"resources.{stage}.gpus = {gpus[stage]} ranks")
+    _check_job_resources(config, gpus)
+
+
+def _check_job_resources(config: dict, gpus: dict[str, int]) -> None:
+    """Per-job overrides (``resources.<stage>.jobs``): the GPUs a glob gives stay usable (a GPU
+    stage stays on GPUs, one process where the stage needs one, a batch that splits over the
+    ranks). A glob may match no run of this grid (a config layered on another's overrides)."""
+    from effllm.cluster import job_overrides, stage_settings
+    from effllm.specs import DISTRIBUTED
+    from fnmatch import fnmatchcase
+
+    stages = [stage for stage in gpus if job_overrides(config, stage)]
+    if not stages:
+        return
+    from effllm.sweep import expand_runs
+
+    runs = expand_runs(config)
+    for stage in stages:
+        names = list(runs.get(stage, {})) if stage in runs else []
+        for pattern, override in stage_settings(config, stage).jobs.items():
+            key = f"resources.{stage}.jobs.{pattern}"
+            matched = [name for name in names if fnmatchcase(name, pattern)]
+            n = override.get("gpus")
+            if n is None:
+                continue
+            if not gpus[stage]:
+                raise ConfigError(f"config key '{key}.gpus': resources.{stage}.gpus is 0 (a CPU "
+                                  "stage); give the stage GPUs to give its jobs GPUs")
+            if n > 1 and stage not in DISTRIBUTED:
+                raise ConfigError(f"config key '{key}.gpus': the {stage} stage runs in one "
+                                  "process; use 1")
+            for name in matched:
+                spec = runs[stage][name].spec
+                if n > 1 and stage == "finetune" and spec.method.qlora:
+                    raise ConfigError(f"config key '{key}.gpus': {name} is QLoRA, which trains "
+                                      "in one process; use 1")
+                if n > 1 and spec.train.batch_size % n:
+                    raise ConfigError(f"config key '{key}.gpus': {stage}.batch_size "
+                                      f"{spec.train.batch_size} does not split over {n} ranks "
+                                      f"({name})")

@@ -39,17 +39,25 @@ def torchrun_command(nproc: int, stage: str, args_file: str | os.PathLike) -> li
             f"--nproc-per-node={nproc}", "-m", "effllm.launch", stage, str(args_file)]
 
 
-def run_stage(stage: str, gpus: int, **kwargs) -> None:
+def run_stage(stage: str, gpus: int, gpu_memory_gb: float | None = None, **kwargs) -> None:
     """Run a stage function with the job's ``gpus``: in this process, or for a distributed stage
     with 2 or more, in one torchrun rank per GPU.
 
     The keyword arguments travel to the ranks as JSON, so they must be plain values (paths as
-    strings). A rank that fails makes torchrun, and so the job, fail.
+    strings). A rank that fails makes torchrun, and so the job, fail. A GPU job first checks
+    that its plan fits its devices (``gpu_memory_gb`` and the device it got), before any
+    rank starts or any weight is read (:func:`effllm.plan.check.preflight`).
     """
     if stage not in STAGE_FUNCTIONS:
         raise ValueError(f"unknown stage {stage!r}; one of {sorted(STAGE_FUNCTIONS)}")
     if gpus > 1 and stage not in DISTRIBUTED:
         raise ValueError(f"stage {stage!r} runs in one process; it cannot use {gpus} GPUs")
+    if gpus and "spec" in kwargs:
+        from effllm.plan.check import preflight
+
+        preflight(kwargs["spec"], gpus, gpu_memory_gb,
+                  model_dir=kwargs.get("base_dir") or kwargs.get("model_dir"),
+                  data_dir=kwargs.get("data_dir"))
     if gpus < 2:
         previous = os.environ.get(ENV_GPUS)
         os.environ[ENV_GPUS] = str(gpus)

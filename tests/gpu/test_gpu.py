@@ -268,3 +268,37 @@ def test_loading_and_merging_on_cuda_hold_no_fp32_copy_of_the_model(wide_checkpo
     assert torch.cuda.max_memory_allocated() - held <= 6 * largest + WORKSPACE
     assert {p.dtype for p in plain.parameters()} == {torch.bfloat16}
     assert all(p.device.type == "cuda" for p in plain.parameters())
+
+
+@pytest.mark.parametrize("family, method", [
+    ("gqa", None), ("mla", None), ("moe", None), ("gpt_neox", None), ("llama", "lora"),
+    ("llama", "dora"), ("llama", "freeze"), ("llama", "full")])
+def test_the_plan_is_within_10_percent_of_the_allocator(family, method):
+    """The GPU plan's per-GPU peak (fake tensors on the CPU, two depths extrapolated) against
+    torch.cuda.max_memory_allocated over the same training step on the device (the second:
+    optimiser state exists), bf16 mixed precision."""
+    from effllm.plan import simulate as sim
+    from effllm.training.loop import _accumulate
+    from test_plan import METHODS, VOCAB, ref, work
+
+    model_ref = ref(family)
+    w = work(model_ref, METHODS.get(method), rows=4, seq_len=256, precision="bf16")
+    planned = max(p["total"] for p in sim.simulate(w, use_cache=False).phases.values())
+    torch.manual_seed(0)
+    model, optimizer = sim.trainable_model(w, sim.depth(model_ref))
+    model.to(DEVICE)
+    ids = torch.randint(3, VOCAB, (w.rows, w.seq_len), device=DEVICE)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    predicted = (ids[:, 1:] != -100).sum().double()
+
+    def step():
+        _accumulate(model, batch, w.rows, predicted, predicted, "bf16", DEVICE)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    assert planned == pytest.approx(torch.cuda.max_memory_allocated(), rel=0.10)

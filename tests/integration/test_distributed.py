@@ -201,16 +201,17 @@ LORA = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
     ({"name": "full"}, "FSDP full shard (ZeRO-3)", "bf16"),
     (LORA, "DDP", "fp32"),
     (LORA, "DDP", "bf16"),
-    ({"name": "freeze", "layers": 1}, "DDP", "fp32"),
-    ({"name": "freeze", "layers": 1}, "DDP", "bf16"),
+    ({"name": "freeze", "layers": 1}, "FSDP full shard (ZeRO-3)", "fp32"),
+    ({"name": "freeze", "layers": 1}, "FSDP full shard (ZeRO-3)", "bf16"),
     ({**LORA, "name": "dora"}, "DDP", "bf16"),
     ({**LORA, "name": "pissa", "init": "fast", "niter": 2}, "DDP", "bf16"),
 ], ids=["full", "full-offload", "full-bf16", "lora", "lora-bf16", "freeze", "freeze-bf16",
         "dora-bf16", "pissa-bf16"])
 def test_two_ranks_fine_tune_like_one_process(finetune_inputs, tmp_path, method, backend,
                                               precision):
-    """Full shards parameters, gradients and optimiser state over the ranks (ZeRO-3, FSDP2),
-    optionally offloaded to the CPU; adapters run data-parallel. Padded batches split unevenly
+    """Full and Freeze shard parameters, gradients and optimiser state over the ranks (ZeRO-3,
+    FSDP2; Full optionally offloaded to the CPU), Freeze's frozen layers in bf16 beside fp32
+    trained ones at bf16; adapters run data-parallel. Padded batches split unevenly
     in completion tokens, so this also checks that each rank's loss is weighed by its share of
     the batch's tokens; the held-out sets are odd-sized, so the ranks' scoring shares are padded.
     """

@@ -32,9 +32,9 @@ FLOORS = [
     "analysis",  # aggregating records into tables
     "plots",  # figures from those tables
     "sweep",  # orchestration: which runs exist,
+    "cluster",  # where they run,
     "plan",  # what each of them needs on a GPU (simulated),
-    "launch",  # how a job starts,
-    "cluster",  # where it runs,
+    "launch",  # how a job starts (after its plan's check),
     "config",  # checking the pipeline config against all of the above, before any job
     "codedeps",  # which library files it depends on,
     "outputs",  # and what the pipeline produces

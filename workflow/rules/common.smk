@@ -20,7 +20,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 from effllm import outputs
 from effllm.codedeps import module_files
 from effllm.config import ConfigError, check_config
-from effllm.cluster import job_resources
+from effllm.cluster import job_overrides, job_resources
 from effllm.sweep import expand_runs, memberships, unused_modules
 
 
@@ -30,6 +30,30 @@ except ConfigError as err:
     raise ValueError(f"invalid configuration: {err}") from None
 
 RUNS = expand_runs(config)
+
+# GPU fit, before anything runs (effllm.plan.check, docs/plan.md): with a device size stated
+# (resources.<stage>.gpu_memory_gb), every job that does not fit its GPUs is refused here,
+# naming the job, its peak by part and the keys that would make it fit: by its plan when
+# `snakemake plan` simulated it, else by its weights, gradients and optimiser state (seconds). Not for
+# the plan target itself (it reports the fit), nor inside a cluster job (the job's own first
+# act checks it), nor without the key (nothing imported: torch stays out of a plain DAG build).
+PLAN_TARGETS = {"plan", "results/plan/plan.tsv", "results/plan/plan.md"}
+_dag = getattr(workflow, "dag_settings", None)
+_targets = set(getattr(_dag, "targets", None) or ())
+if not getattr(_dag, "target_jobs", None) and not (_targets and _targets <= PLAN_TARGETS):
+    from effllm.plan.check import enforced
+
+    if enforced(config):
+        from effllm.plan.check import PlanRefusal, refuse_unfit
+
+        try:
+            _planned, _floors = refuse_unfit(config, RUNS)
+        except PlanRefusal as err:
+            raise ValueError(str(err)) from None
+        if _floors:
+            print(f"GPU fit: {_planned} jobs checked by their plan, {_floors} by their weights, "
+                  "gradients and optimiser state alone; each of those checks its activations "
+                  "as its first act (snakemake plan checks them all now)", file=sys.stderr)
 
 
 wildcard_constraints:
@@ -56,8 +80,22 @@ def run_code(stage, *modules):
 
 def stage_resources(stage):
     """Scheduler resources of a stage's jobs (config `resources`, partition and account from the
-    environment or config); memory and time grow with each retry, for jobs killed for either."""
-    res = job_resources(config, stage, config["measure"]["threads"])
+    environment or config); memory and time grow with each retry, for jobs killed for either.
+    With per-job overrides (`resources.<stage>.jobs`) each resource is the job's own."""
+    threads = config["measure"]["threads"]
+    res = job_resources(config, stage, threads)
+    if job_overrides(config, stage):
+
+        def own(key, scaled=False):
+            def value(wildcards, attempt):
+                mine = job_resources(config, stage, threads, run=wildcards.run).get(key, 0)
+                return mine * attempt if scaled else mine
+
+            return value
+
+        keys = dict.fromkeys([*res, *(k for name in RUNS.get(stage, {}) for k in
+                                      job_resources(config, stage, threads, run=name))])
+        return {key: own(key, key in ("mem_mb", "runtime")) for key in keys}
     mem_mb, runtime = res.pop("mem_mb"), res.pop("runtime")
     return {**res, "mem_mb": lambda wildcards, attempt: mem_mb * attempt,
             "runtime": lambda wildcards, attempt: runtime * attempt}

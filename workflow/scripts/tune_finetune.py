@@ -8,6 +8,8 @@ sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 from effllm.launch import run_stage  # noqa: E402
 
 sm = snakemake  # noqa: F821
-run_stage("finetune", getattr(sm.resources, "gpu", 0), spec=json.loads(sm.params.spec),
+run_stage("finetune", getattr(sm.resources, "gpu", 0),
+          gpu_memory_gb=getattr(sm.resources, "gpu_memory_gb", None),
+          spec=json.loads(sm.params.spec),
           base_dir=sm.input.base, reasoning_dir=sm.input.reasoning, model_out=None,
           record_out=sm.output.record)

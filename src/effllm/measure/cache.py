@@ -48,7 +48,8 @@ def tensor_bytes(obj) -> int:
         seen_objects.add(id(item))
         if isinstance(item, torch.Tensor):
             storage = item.untyped_storage()
-            storages[(storage.data_ptr(), item.device)] = storage.nbytes()
+            # keyed by the storage itself (not its data pointer, which fake tensors share)
+            storages[(storage._cdata, item.device)] = storage.nbytes()
         elif isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, (list, tuple, set, frozenset)):

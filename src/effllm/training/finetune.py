@@ -29,7 +29,7 @@ from effllm.models.params import count_params
 from effllm.precision import PRECISION_NOTES, autocast
 from effllm.evaluation.perplexity import finite_metric
 from effllm.records import METRICS, Metric
-from effllm.specs import FinetuneSpec
+from effllm.specs import FinetuneSpec, MethodSpec
 from effllm.stage import Outcome, run_job
 from effllm.training import loading, methods
 from effllm.training.loading import empty_model
@@ -66,20 +66,29 @@ def epoch_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int,
             yield {key: value[rank::world] for key, value in batch.items()}
 
 
-def load_sharded(base_dir, placement, offload: bool = False, precision: str = "fp32"):
+def load_sharded(base_dir, placement, offload: bool = False, precision: str = "fp32",
+                 method: MethodSpec | None = None):
     """Full fine-tuning over several ranks as ZeRO-3 with torch's FSDP2: parameters, gradients
     and optimiser state sharded over the ranks, one unit per decoder layer plus the rest, each
     layer's weights gathered only while it runs (DeepSpeed's ZeRO-3, the paper's Full*, shards
     the same three; ``effllm.training.sharding.shard``, with ``offload`` and bf16 as there).
 
-    Rank 0 alone reads the weights, tensor by tensor from the checkpoint into fp32 (Full trains
-    every weight). Every rank builds the model on the meta device and shards it, then rank 0's
-    tensors are broadcast into the shards: a node holds one host copy of the model (rank 0's,
-    plus each rank's shard), not one per rank.
+    Rank 0 alone reads the weights, tensor by tensor from the checkpoint, each into its dtype as
+    :func:`methods.load_base` gives it: fp32 for a trained weight (all of them for Full, None
+    being Full), the precision's for a frozen one (Freeze's frozen layers and embeddings in bf16
+    at bf16; FSDP2 needs one dtype only among a unit's trained weights). Every rank builds the
+    model on the meta device and shards it, then rank 0's tensors are broadcast into the shards:
+    a node holds one host copy of the model (rank 0's, plus each rank's shard), not one per
+    rank.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     model = empty_model(base_dir)
+    if method is not None:
+        methods.mark_frozen(model, method)
+        if precision == "bf16":
+            methods.store_frozen(model, torch.bfloat16)  # on the meta device: nothing read
+    dtypes = {name: p.dtype for name, p in model.named_parameters(remove_duplicate=False)}
     groups = loading.tied_groups(model)  # each tensor once, with its tied names
     buffers = {name: b.clone() for name, b in model.named_buffers(remove_duplicate=False)}
     shard(model, placement.device, precision, offload)
@@ -92,7 +101,8 @@ def load_sharded(base_dir, placement, offload: bool = False, precision: str = "f
     weights = {}
     if placement.main:
         for name, tensor in loading.read_tensors(base_dir, groups):
-            weights.update(dict.fromkeys(groups[name], tensor.float()))
+            weights.update({key: tensor.to(dtypes.get(key, torch.float32))
+                            for key in groups[name]})
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
                                                                   broadcast_from_rank0=True))
     return model
@@ -147,10 +157,10 @@ def finetune(spec: FinetuneSpec, placement: Placement, base_dir, reasoning_dir
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(base_dir), base_dir)
     method, train_cfg, device = spec.method, spec.train, placement.device
     precision = train_cfg.precision
-    sharded = placement.world > 1 and method.name == "full"
+    sharded = placement.world > 1 and method.name in methods.SHARDED_METHODS
     offload = sharded and bool(method.offload)
     if sharded:
-        model, base_note = load_sharded(base_dir, placement, offload, precision), None
+        model, base_note = load_sharded(base_dir, placement, offload, precision, method), None
     else:  # on the device, frozen weights in the precision's dtype, read by rank 0 alone
         model, base_note = methods.load_base(base_dir, method, precision, device)
     examples, steps = training_set(spec, tokenizer, reasoning_dir)
@@ -177,7 +187,7 @@ def finetune(spec: FinetuneSpec, placement: Placement, base_dir, reasoning_dir
     use_checkpointing(model, train_cfg)  # after the FLOP count: it counts the plain step
     window = Window(spec.measure.sample_interval_s, spec.measure.watts_per_core)
     trained = model
-    if placement.world > 1 and not sharded:  # adapters, Freeze: replicas, gradients averaged
+    if placement.world > 1 and not sharded:  # adapter methods: replicas, gradients averaged
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=None if device == "cpu" else [device])
     log = train(trained, batches(spec.seed), steps, optimizer, scheduler, 1.0, window,

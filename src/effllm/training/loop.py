@@ -225,8 +225,9 @@ def _accumulate(model, batch: dict, micro_batch_size: int | None, predicted, tot
                 precision: str, device):
     """Forward and backward of the rank's batch in micro-batches of ``micro_batch_size`` rows
     (None: all at once), each loss weighed by its share of the global batch's predicted
-    tokens, so the gradient equals one pass over the whole batch. Gradients are synchronised
-    across ranks on the last micro-batch only. Returns the summed token loss (float64)."""
+    tokens, so the gradient equals one pass over the whole batch. DDP synchronises gradients
+    on the last micro-batch only; ZeRO-3 reduce-scatters every micro-batch's
+    (:func:`_gradient_sync`). Returns the summed token loss (float64)."""
     rows = batch["input_ids"].shape[0]
     size = micro_batch_size or rows
     starts = range(0, rows, size)
@@ -248,21 +249,16 @@ def _accumulate(model, batch: dict, micro_batch_size: int | None, predicted, tot
 
 @contextmanager
 def _gradient_sync(model, sync: bool):
-    """No gradient all-reduce for micro-batches before the last (DDP ``no_sync``; FSDP2's
-    ``set_requires_gradient_sync``); a single process has nothing to skip."""
-    if sync or not is_distributed():
+    """No gradient all-reduce for DDP's micro-batches before the last (``no_sync``). A ZeRO-3
+    (FSDP2) model reduce-scatters after every micro-batch, as DeepSpeed's ZeRO-3 does: skipping
+    it would keep every layer's whole, unsharded gradient on each rank until the last one (the
+    plan: Full on Mistral-Small-24B, 2 GPUs, ~108 GB per GPU), the memory ZeRO-3 is there to
+    save. A single process has nothing to skip."""
+    if sync or not is_distributed() or not hasattr(model, "no_sync"):
         yield
-    elif hasattr(model, "no_sync"):
+    else:
         with model.no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        yield
 
 
 def use_checkpointing(model, train_cfg) -> None:

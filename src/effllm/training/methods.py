@@ -20,6 +20,11 @@ from effllm.specs import MethodSpec
 
 ADAPTER_METHODS = ("lora", "lora_plus", "rslora", "dora", "pissa")
 METHODS = ADAPTER_METHODS + ("freeze", "full")
+# Methods that shard parameters, gradients and optimiser state over 2 or more ranks (ZeRO-3 with
+# FSDP2: effllm.training.finetune.load_sharded); the adapter methods run DDP replicas, their
+# frozen base whole on every rank. Freeze trains most of a model's weights, so at 7-24B a replica
+# per rank would not fit (the plan: 113-385 GB per GPU).
+SHARDED_METHODS = ("freeze", "full")
 LABELS = {"lora": "LoRA", "lora_plus": "LoRA+", "rslora": "RSLoRA", "dora": "DoRA",
           "pissa": "PiSSA", "freeze": "Freeze", "full": "Full"}
 
@@ -148,6 +153,7 @@ def prepare(model, method: MethodSpec, lr: float, weight_decay: float = 0.0,
     import torch
 
     from effllm.training.loop import adamw
+    from effllm.training.sharding import is_sharded
 
     name = method.name
     if name in ADAPTER_METHODS:
@@ -163,8 +169,8 @@ def prepare(model, method: MethodSpec, lr: float, weight_decay: float = 0.0,
         model = _freeze_first_layers(model, method.layers)
     elif name != "full":
         raise ValueError(f"fine-tuning method {name!r} is not one of {METHODS}")
-    if precision == "bf16" and not method.qlora:
-        store_frozen(model, torch.bfloat16)
+    if precision == "bf16" and not method.qlora and not is_sharded(model):
+        store_frozen(model, torch.bfloat16)  # a sharded model got its dtypes before sharding
     if name == "lora_plus":
         from peft.optimizers import create_loraplus_optimizer
 

@@ -1,0 +1,295 @@
+"""Fit enforced: a job the plan does not fit on its GPUs is refused before it runs.
+
+With ``resources.<stage>.gpu_memory_gb`` set (or a job's own, ``resources.<stage>.jobs``), the
+workflow checks every job of the DAG when it builds it (:func:`refuse_unfit`, from
+``workflow/rules/common.smk``: by the job's plan when ``snakemake plan`` has simulated it, else
+by the weights, gradients and optimiser state it holds before any work), and each GPU job
+checks itself again, its activations included, as its first act, on the device it got, before
+it reads a weight (:func:`preflight`, from ``effllm.launch``). The
+refusal names the job, its predicted peak by part, the device size and the config keys that
+would make it fit. Without the key nothing is checked and nothing is imported (the default
+config's DAG builds as fast as before).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Mapping
+
+GPU_STAGES = ("pretrain", "finetune", "inference")
+
+
+class PlanRefusal(RuntimeError):
+    """Jobs that do not fit their GPUs; the message says why and what would fit."""
+
+
+def enforced(config: Mapping) -> bool:
+    """Whether some stage or job states its GPUs' memory (cheap: no torch)."""
+    section = config.get("resources") or {}
+    for stage in GPU_STAGES:
+        entry = section.get(stage) or {}
+        if entry.get("gpu_memory_gb") or any(
+                (o or {}).get("gpu_memory_gb") for o in (entry.get("jobs") or {}).values()):
+            return True
+    return False
+
+
+@dataclasses.dataclass
+class JobFit:
+    """One job on ``gpus`` GPUs: its workload, simulation and per-rank peak."""
+
+    stage: str
+    name: str
+    gpus: int
+    work: object
+    sim: object
+    peak: object
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.stage}/{self.name}"
+
+
+def fit_job(spec, ref, gpus: int, *, use_cache: bool = True, flops: bool = False) -> JobFit:
+    """Simulate ``spec`` (a run spec) with model ``ref`` on ``gpus`` GPUs (its FLOPs counted
+    too with ``flops``)."""
+    from effllm.plan.fit import rank_peak
+    from effllm.plan.grid import job_work
+    from effllm.plan.simulate import simulate
+
+    work = job_work(spec, ref, gpus)
+    sim = simulate(work, use_cache=use_cache, flops=flops)
+    return JobFit(spec.stage, spec.name, gpus, work, sim, rank_peak(sim, work))
+
+
+def remedies(spec, ref, gpus: int, device_gb: float) -> list[str]:
+    """Config keys that would make the job fit ``device_gb`` devices, each checked by
+    simulation: more GPUs (the smallest count that fits), ZeRO-3 offload, gradient
+    checkpointing, a smaller micro-batch, and together."""
+    from effllm.plan.fit import fits
+    from effllm.plan.grid import gpu_choices, strategy
+
+    stage, out = spec.stage, []
+
+    def peak_gb(candidate, n):
+        return fit_job(candidate, ref, n).peak
+
+    for n in gpu_choices(spec):
+        if n > gpus and fits(state_fit(spec, ref, n).peak, device_gb):  # the floor first: cheap
+            peak = peak_gb(spec, n)
+            if fits(peak, device_gb):
+                way = {"fsdp": "ZeRO-3 (FSDP2)", "ddp": "DDP", "single": "one process"}[
+                    strategy(spec, n)]
+                out.append(f"resources.{stage}.gpus: {n} (or resources.{stage}.jobs."
+                           f"'{spec.name}'.gpus: {n}), {way}: {peak.total / 1e9:.1f} GB")
+                break
+    if stage == "inference":
+        if spec.harness is not None and (spec.harness.batch_size or 1) > 1:
+            smaller = dataclasses.replace(spec, harness=dataclasses.replace(
+                spec.harness, batch_size=1))
+            peak = peak_gb(smaller, gpus)
+            if fits(peak, device_gb):
+                out.append(f"inference.harness.batch_size: 1: {peak.total / 1e9:.1f} GB")
+        return out
+    train = spec.train
+    changes = []  # (config key, function of a spec)
+    if stage == "finetune" and spec.method.name == "full" and gpus > 1 \
+            and not spec.method.offload:
+        changes.append(("finetune.full.offload: true", lambda s: dataclasses.replace(
+            s, method=dataclasses.replace(s.method, offload=True))))
+    if not train.gradient_checkpointing:
+        changes.append((f"{stage}.gradient_checkpointing: true", lambda s: dataclasses.replace(
+            s, train=dataclasses.replace(s.train, gradient_checkpointing=True))))
+    if (train.micro_batch_size or train.batch_size // max(1, gpus)) > 1:
+        changes.append((f"{stage}.micro_batch_size: 1", lambda s: dataclasses.replace(
+            s, train=dataclasses.replace(s.train, micro_batch_size=1))))
+    alone = []
+    for key, change in changes:
+        peak = peak_gb(change(spec), gpus)
+        if fits(peak, device_gb):
+            alone.append(f"{key}: {peak.total / 1e9:.1f} GB")
+    out += alone
+    if len(changes) > 1 and not alone:
+        combined = spec
+        for _, change in changes:
+            combined = change(combined)
+        peak = peak_gb(combined, gpus)
+        if fits(peak, device_gb):
+            out.append(" and ".join(k for k, _ in changes)
+                       + f" together: {peak.total / 1e9:.1f} GB")
+    return out
+
+
+_TODO: list = []  # the workloads a pool simulates (forked workers inherit them: no pickling)
+
+
+def _simulate_cached(index: int) -> None:
+    from effllm.plan.simulate import simulate
+
+    work, flops = _TODO[index]
+    simulate(work, flops=flops)
+
+
+def prefetch(works, flops: bool = False, processes: int | None = None) -> None:
+    """Simulate the distinct ``works`` not cached yet (with their FLOPs: ``flops``), in
+    parallel processes (each writes the disk cache the planner then reads)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from effllm.plan.simulate import Simulation, cache_path, canonical
+    from effllm.plan.workload import digest
+
+    def cached(work) -> bool:
+        path = cache_path(canonical(work))
+        if not path.is_file():
+            return False
+        try:
+            return not flops or None not in Simulation(**json.loads(path.read_text())
+                                                       ).flops.values()
+        except (OSError, ValueError, TypeError):
+            return False
+
+    todo = list({digest(canonical(w)): (canonical(w), flops)
+                 for w in works if not cached(w)}.values())
+    if not todo:
+        return
+    processes = processes or min(len(os.sched_getaffinity(0)), 4)
+    _TODO[:] = todo
+    if processes < 2 or len(todo) < 2:
+        for index in range(len(todo)):
+            _simulate_cached(index)
+        return
+    with ProcessPoolExecutor(processes, mp_context=get_context("fork")) as pool:
+        list(pool.map(_simulate_cached, range(len(todo))))
+
+
+def refusal(job: JobFit, device_gb: float, key: str, fixes: list[str] | None) -> str:
+    """The refusal of one job: its name, its peak by part, the device, what would fit (None:
+    not looked for)."""
+    from effllm.plan.fit import GB, gb
+
+    over = job.peak.total - device_gb * GB
+    when = ("its weights, gradients and optimiser state alone, before any activation"
+            if job.peak.phase == "state" else f"at its {job.peak.phase} phase")
+    text = (f"job {job.run_id} does not fit: predicted peak per GPU on {job.gpus or 1} "
+            f"GPU(s) ({job.work.strategy if job.work.kind == 'train' else 'serving'}"
+            f", {when}): {job.peak.describe()}, {gb(over)} GB over the "
+            f"{device_gb:g} GB of each device ({key}).")
+    if fixes is None:
+        return text + " See its plan: snakemake plan (docs/plan.md)."
+    if fixes:
+        text += " It would fit with: " + "; ".join(fixes) + "."
+    else:
+        text += (" No single change of GPUs, offload, gradient checkpointing or micro-batch "
+                 "makes it fit; a larger device (resources.<stage>.gpu_memory_gb) or a smaller "
+                 "model would.")
+    return text
+
+
+def jobs_to_check(config: Mapping, runs: Mapping):
+    """(stage, run, GPUs, device GB, key naming the device size) of every job whose stage or
+    own resources state a device size."""
+    from effllm.cluster import stage_settings
+
+    for stage in GPU_STAGES:
+        for name, run in runs.get(stage, {}).items():
+            settings = stage_settings(config, stage, name)
+            if not settings.gpu_memory_gb:
+                continue
+            own = any(name for pattern, o in (settings.jobs or {}).items()
+                      if "gpu_memory_gb" in o and _matches(name, pattern))
+            key = (f"resources.{stage}.jobs.<{name}>.gpu_memory_gb" if own
+                   else f"resources.{stage}.gpu_memory_gb")
+            yield stage, run, settings.gpus, settings.gpu_memory_gb, key
+
+
+def _matches(name: str, pattern: str) -> bool:
+    from fnmatch import fnmatchcase
+
+    return fnmatchcase(name, pattern)
+
+
+def state_fit(spec, ref, gpus: int) -> JobFit:
+    """The job's floor: its weights, gradients and optimiser state alone, from the full
+    simulation when one is cached, else built without a step (``simulate.state``: a second)."""
+    from effllm.plan.fit import rank_peak
+    from effllm.plan.grid import job_work
+    from effllm.plan.simulate import cached, state
+
+    work = job_work(spec, ref, gpus)
+    sim = cached(work) or state(work)
+    return JobFit(spec.stage, spec.name, gpus, work, sim, rank_peak(sim, work))
+
+
+def refuse_unfit(config: Mapping, runs: Mapping, limit: int = 5) -> tuple[int, int]:
+    """Check every job with a device size; raise :class:`PlanRefusal` naming each that does not
+    fit (the first ``limit`` with what would fit). Cheap enough for every DAG build: a job whose
+    full simulation is cached (``snakemake plan`` made it) is checked by its plan's peak, any
+    other by its state alone (weights, gradients, optimiser state), which no fitting job
+    exceeds; its activations are checked by the job itself before it reads a weight
+    (:func:`preflight`). Returns (jobs checked by their plan, jobs checked by their state)."""
+    from effllm.plan.fit import fits
+    from effllm.plan.grid import model_ref
+
+    refused, refs, counts = [], {}, [0, 0]
+    for stage, run, gpus, device_gb, key in jobs_to_check(config, runs):
+        upstream = run.spec.upstream or run.run_id
+        if upstream not in refs:
+            refs[upstream] = model_ref(config, runs, upstream)
+        job = state_fit(run.spec, refs[upstream], gpus)
+        counts[job.peak.phase == "state"] += 1
+        if not fits(job.peak, device_gb):
+            fixes = (remedies(run.spec, refs[upstream], gpus, device_gb)
+                     if len(refused) < limit else None)
+            refused.append(refusal(job, device_gb, key, fixes))
+    if refused:
+        more = f"\n... and {len(refused) - limit} more" if len(refused) > limit else ""
+        raise PlanRefusal(f"{len(refused)} of {sum(counts)} jobs do not fit their GPUs (the "
+                          "plan: snakemake plan, docs/plan.md); nothing was run:\n"
+                          + "\n".join(refused[:limit]) + more)
+    return counts[0], counts[1]
+
+
+def device_memory_gb() -> float | None:
+    """Memory of this process's first CUDA device (GB), None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 1e9
+
+
+def preflight(spec: dict, gpus: int, gpu_memory_gb: float | None, model_dir=None,
+              data_dir=None) -> None:
+    """A job's first act, before it reads a weight: simulate its own workload (the model's
+    config.json in ``model_dir``, or for pretraining the tokenizer in ``data_dir``) and refuse
+    it, as the DAG build would, when it does not fit the smaller of ``gpu_memory_gb`` and the
+    device it got. Nothing to check without either."""
+    import json
+    from pathlib import Path
+
+    from effllm.plan.fit import fits
+    from effllm.plan.workload import ModelRef
+    from effllm.specs import RunSpec
+
+    device = device_memory_gb()
+    sizes = [s for s in (gpu_memory_gb, device) if s]
+    if not sizes or spec.get("stage") not in GPU_STAGES:
+        return
+    device_gb = min(sizes)
+    run = RunSpec.from_json(spec)
+    if run.stage == "pretrain":
+        from effllm.data.tokenizer import load_tokenizer
+
+        vocab = len(load_tokenizer(Path(data_dir) / "tokenizer"))
+        ref = ModelRef(run.name.rsplit("-s", 1)[0], shape=run.model, vocab_size=vocab)
+    else:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        ref = ModelRef(Path(model_dir).parent.name, config=config)
+    job = fit_job(run, ref, gpus)
+    if not fits(job.peak, device_gb):
+        key = ("the device it got" if device_gb == device and device != gpu_memory_gb
+               else f"resources.{run.stage}.gpu_memory_gb")
+        raise PlanRefusal(refusal(job, device_gb, key, None))
