@@ -27,7 +27,7 @@ FIGURES = ("fig2_ranking", "fig3a_attention_radar", "fig3b_position_bars", "fig3
            "inference_radar")  # one `figure` job each
 TABLES = ("table3_attention", "table4_position", "table5_moe", "table6_attention_free",
           "table7_finetune", "table9_inference", "table16_tasks", "table8_finetune_word_problems")
-TOTAL_JOBS = {"config/config.yaml": 84, "config/smoke.yaml": 64}
+TOTAL_JOBS = {"config/config.yaml": 80, "config/smoke.yaml": 64}
 STAGE_RULES = {"prepare_corpus", "train_tokenizer", "prepare_reasoning", "pretrain", "finetune",
                "inference", "aggregate", "normalise", "paper_table", "claims", "figure", "all"}
 

@@ -144,6 +144,7 @@ def test_shared_runs_are_trained_once_and_keep_every_place(config, schema):
 
 
 def test_variants_resolve_to_their_models(config, schema):
+    config["pretrain"]["blocks"]["attention"]["sizes"] = ["tiny", "small", "medium"]  # long.yaml
     runs = expand_runs(check_config(config, schema))["pretrain"]
     model = lambda name: runs[name].spec.model.to_json()  # noqa: E731
     assert model("mqa-tiny-s0")["num_key_value_heads"] == 1
@@ -302,6 +303,7 @@ def test_learning_rate_per_base_and_method(config, schema):
     assert finetune_lr({"lr": 2e-3}, "big", "lora") == 2e-3
 
     config = copy.deepcopy(config)
+    config["pretrain"]["blocks"]["attention"]["sizes"] = ["small", "medium"]
     config["finetune"]["bases"] = ["gqa-small", "gqa-medium"]
     config["finetune"]["lr_by_base"] = {"gqa-medium": 1e-3}
     config["finetune"]["lr_by_method"] = {"lora_plus": 3e-4}
