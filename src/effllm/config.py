@@ -410,7 +410,10 @@ def _check_job_resources(config: dict, gpus: dict[str, int]) -> None:
 
     runs = expand_runs(config)
     for stage in stages:
-        names = list(runs.get(stage, {})) if stage in runs else []
+        if stage == "data":
+            raise ConfigError("config key 'resources.data.jobs': data jobs have no run name to "
+                              "match; set resources.data itself")
+        names = list(runs.get(stage, {}))
         for pattern, override in stage_settings(config, stage).jobs.items():
             key = f"resources.{stage}.jobs.{pattern}"
             matched = [name for name in names if fnmatchcase(name, pattern)]
@@ -428,6 +431,11 @@ def _check_job_resources(config: dict, gpus: dict[str, int]) -> None:
                 if n > 1 and stage == "finetune" and spec.method.qlora:
                     raise ConfigError(f"config key '{key}.gpus': {name} is QLoRA, which trains "
                                       "in one process; use 1")
+                if n < 2 and stage == "finetune" and spec.method.offload:
+                    raise ConfigError(f"config key '{key}.gpus': {name} runs Full with CPU "
+                                      "offload (finetune.full.offload), which is part of ZeRO-3 "
+                                      "on 2 or more GPUs; give it 2 or more, or set offload: "
+                                      "false")
                 if n > 1 and spec.train.batch_size % n:
                     raise ConfigError(f"config key '{key}.gpus': {stage}.batch_size "
                                       f"{spec.train.batch_size} does not split over {n} ranks "

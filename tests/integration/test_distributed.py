@@ -411,3 +411,47 @@ def test_every_method_loads_once_per_node(tmp_path):
 
     _, stored = saved_base(tmp_path)
     mp.spawn(_loading_rank, args=(2, _free_port(), str(tmp_path), stored), nprocs=2)
+
+
+def _freeze_sharded_rank(rank, world, port, base, stored):
+    """One rank of test_sharded_freeze_keeps_each_weight_in_its_dtype."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    from effllm.distributed import place
+    from effllm.specs import MethodSpec
+    from effllm.training import finetune, methods
+
+    placement = place()
+    method = MethodSpec("freeze", layers=1)
+    model = finetune.load_sharded(base, placement, precision="bf16", method=method)
+    model, _ = methods.prepare(model, method, lr=1e-3, precision="bf16")
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and len(frozen) < len(list(model.parameters()))
+    for name, p in model.named_parameters():
+        local = p.to_local()  # this rank's shard, in the dtype FSDP2 keeps
+        if name in frozen:
+            assert local.dtype == torch.bfloat16, name
+            # the checkpoint's weight cast once to bf16, this rank's rows of it
+            whole = stored[name].to(torch.bfloat16)
+            rows = whole.chunk(world)[rank] if whole.dim() else whole
+            assert torch.equal(local, rows[: local.shape[0]]), name
+        else:
+            assert local.dtype == torch.float32, name
+    assert all(name.startswith(("model.layers.0.", "model.embed_tokens", "lm_head"))
+               for name in frozen), sorted(frozen)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_freeze_keeps_each_weight_in_its_dtype(finetune_inputs):
+    """Freeze on two ranks (ZeRO-3): each rank's shards of the frozen layer and embeddings are
+    the checkpoint's weights cast once to bf16, the trained layers' shards fp32 (FSDP2 takes one
+    dtype among a unit's trained weights only), as methods.load_base gives one process."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    base, _ = finetune_inputs
+    stored = load_file(base / "model.safetensors")
+    mp.spawn(_freeze_sharded_rank, args=(2, _free_port(), str(base), stored), nprocs=2)

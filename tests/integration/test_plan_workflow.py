@@ -65,7 +65,7 @@ def test_full_fine_tuning_of_the_24b_base_on_one_80_gb_gpu_is_refused(tmp_path, 
     the device and the keys that fit; nothing is written under results/."""
     override = tmp_path / "oversized.yaml"
     override.write_text(yaml.safe_dump({  # paper.yaml's Full runs, that one on 1 GPU
-        "finetune": {"methods": ["full"], "datasets": ["o1_sft"]},
+        "finetune": {"methods": ["full"], "datasets": ["o1_sft"], "full": {"offload": False}},
         "pretrain": {"blocks": {"attention": {"sizes": ["0.5b"], "variants": [
             {"name": "gqa", "attention": "gqa"}]}, "position": None, "moe": None,
             "attention_free": None}},

@@ -271,6 +271,23 @@ def test_per_job_resources_apply_in_order(config):
     assert res["gpu"] == 4 and res["gpu_memory_gb"] == 141
 
 
+def test_per_job_resources_that_cannot_run_are_refused(config, schema):
+    """Per-job overrides for data jobs (no run name to match) and one GPU for Full with CPU
+    offload (part of ZeRO-3 on 2 or more) are config errors naming the key."""
+    import copy
+
+    from effllm.config import ConfigError, check_config
+
+    data = copy.deepcopy(config)
+    data["resources"]["data"]["jobs"] = {"*": {"mem_mb": 8000}}
+    with pytest.raises(ConfigError, match="resources.data.jobs"):
+        check_config(data, schema)
+    config["finetune"]["full"] = {"offload": True}
+    config["resources"]["finetune"].update(gpus=2, jobs={"full-*": {"gpus": 1}})
+    with pytest.raises(ConfigError, match=r"resources.finetune.jobs.full-\*.gpus.*offload"):
+        check_config(config, schema)
+
+
 def test_workloads_share_shapes_not_seeds_or_sets(config):
     """Seeds, data sets and LoRA's variants that hold the same tensors make one workload."""
     from effllm.plan.grid import job_work
@@ -338,3 +355,18 @@ def test_a_workload_keeps_its_key_after_its_model_is_built():
     with torch.device("meta"):
         sim.build(w.model, 2)
     assert digest(w) == before
+
+
+@pytest.mark.parametrize("case", ["gqa", "freeze-fsdp", "lora", "qlora"])
+def test_the_state_is_a_floor_under_the_simulated_peak(case):
+    """The DAG check's cheap state (weights, gradients, optimiser state; no step) never exceeds
+    the full simulation's peak, and equals its static bytes: a job it refuses cannot fit."""
+    w = {"gqa": work(ref("gqa")),
+         "freeze-fsdp": work(ref("llama"), METHODS["freeze"], precision="bf16",
+                             strategy="fsdp", world=2),
+         "lora": work(ref("llama"), METHODS["lora"], precision="bf16"),
+         "qlora": work(ref("llama"), METHODS["qlora"], precision="bf16")}[case]
+    floor = sim.state(w)  # cached under its own key; the simulation below is not
+    full = sim.simulate(w, use_cache=False, flops=False)
+    assert rank_peak(floor, w).total <= rank_peak(full, w).total
+    assert floor.static == full.static

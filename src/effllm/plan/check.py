@@ -14,7 +14,6 @@ config's DAG builds as fast as before).
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Mapping
 
 GPU_STAGES = ("pretrain", "finetune", "inference")
@@ -81,6 +80,9 @@ def remedies(spec, ref, gpus: int, device_gb: float) -> list[str]:
             if fits(peak, device_gb):
                 way = {"fsdp": "ZeRO-3 (FSDP2)", "ddp": "DDP", "single": "one process"}[
                     strategy(spec, n)]
+                if strategy(spec, n) == "fsdp" and getattr(spec, "method", None) is not None \
+                        and spec.method.offload:
+                    way += " with CPU offload"
                 out.append(f"resources.{stage}.gpus: {n} (or resources.{stage}.jobs."
                            f"'{spec.name}'.gpus: {n}), {way}: {peak.total / 1e9:.1f} GB")
                 break
@@ -138,21 +140,11 @@ def prefetch(works, flops: bool = False, processes: int | None = None) -> None:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from effllm.plan.simulate import Simulation, cache_path, canonical
+    from effllm.plan.simulate import cached, canonical
     from effllm.plan.workload import digest
 
-    def cached(work) -> bool:
-        path = cache_path(canonical(work))
-        if not path.is_file():
-            return False
-        try:
-            return not flops or None not in Simulation(**json.loads(path.read_text())
-                                                       ).flops.values()
-        except (OSError, ValueError, TypeError):
-            return False
-
     todo = list({digest(canonical(w)): (canonical(w), flops)
-                 for w in works if not cached(w)}.values())
+                 for w in works if cached(w, flops) is None}.values())
     if not todo:
         return
     processes = processes or min(len(os.sched_getaffinity(0)), 4)
@@ -161,8 +153,17 @@ def prefetch(works, flops: bool = False, processes: int | None = None) -> None:
         for index in range(len(todo)):
             _simulate_cached(index)
         return
-    with ProcessPoolExecutor(processes, mp_context=get_context("fork")) as pool:
-        list(pool.map(_simulate_cached, range(len(todo))))
+    # forked workers must not use the tokenizers' thread pool of the parent (it deadlocks)
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with ProcessPoolExecutor(processes, mp_context=get_context("fork")) as pool:
+            list(pool.map(_simulate_cached, range(len(todo))))
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
 def refusal(job: JobFit, device_gb: float, key: str, fixes: list[str] | None) -> str:
@@ -266,7 +267,8 @@ def preflight(spec: dict, gpus: int, gpu_memory_gb: float | None, model_dir=None
     """A job's first act, before it reads a weight: simulate its own workload (the model's
     config.json in ``model_dir``, or for pretraining the tokenizer in ``data_dir``) and refuse
     it, as the DAG build would, when it does not fit the smaller of ``gpu_memory_gb`` and the
-    device it got. Nothing to check without either."""
+    device it got. Nothing is checked without ``gpu_memory_gb`` (the plan's known upper bounds,
+    such as Mamba's reference recurrence, must not refuse a job nobody asked to check)."""
     import json
     from pathlib import Path
 
@@ -274,11 +276,10 @@ def preflight(spec: dict, gpus: int, gpu_memory_gb: float | None, model_dir=None
     from effllm.plan.workload import ModelRef
     from effllm.specs import RunSpec
 
-    device = device_memory_gb()
-    sizes = [s for s in (gpu_memory_gb, device) if s]
-    if not sizes or spec.get("stage") not in GPU_STAGES:
+    if not gpu_memory_gb or spec.get("stage") not in GPU_STAGES:
         return
-    device_gb = min(sizes)
+    device = device_memory_gb()
+    device_gb = min(s for s in (gpu_memory_gb, device) if s)
     run = RunSpec.from_json(spec)
     if run.stage == "pretrain":
         from effllm.data.tokenizer import load_tokenizer

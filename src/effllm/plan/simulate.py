@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import inspect
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -465,7 +464,6 @@ def trainable_model(work: TrainWork, layers: int, mesh=None):
     from effllm.training.loop import adamw, use_checkpointing
     from effllm.training.sharding import shard
 
-    torch = _torch()
     method = work.method
     model = build(work.model, layers)
     if method is not None and method.qlora:
@@ -475,10 +473,8 @@ def trainable_model(work: TrainWork, layers: int, mesh=None):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.train()
     if work.strategy == "fsdp":  # ZeRO-3 (FSDP2), before the method, as the stages do
-        if method is not None:  # each weight in its dtype first (finetune.load_sharded)
-            _methods().mark_frozen(model, method)
-            if work.precision == "bf16":
-                _methods().store_frozen(model, torch.bfloat16)
+        if method is not None:  # each weight in its dtype first, as finetune.load_sharded
+            _methods().dtypes_for_sharding(model, method, work.precision)
         shard(model, "cpu", work.precision, work.offload, mesh=mesh)
     if method is None:
         optimizer = adamw(model, 1e-4, 0.0)
@@ -711,7 +707,9 @@ def cache_path(work, kind: str | None = None) -> Path:
     import torch
     import transformers
 
-    versions = f"v{VERSION}-torch{torch.__version__}-tf{transformers.__version__}"
+    # the release, not the build (+cpu, +cu124): a GPU node reads what a CPU node planned
+    versions = (f"v{VERSION}-torch{torch.__version__.split('+')[0]}"
+                f"-tf{transformers.__version__}")
     return cache_dir() / "plan" / versions / f"{kind or work.kind}-{digest(work)}.json"
 
 
@@ -771,11 +769,11 @@ def cached(work: TrainWork | ServeWork, flops: bool = False) -> Simulation | Non
 
 def state(work: TrainWork | ServeWork) -> Simulation:
     """What the workload's rank holds before any work, a floor under its peak cheap enough for
-    every DAG build (about a second where :func:`simulate` takes tens): weights, buffers and
-    quantisation state, and in training the gradients and AdamW state of the trained weights,
-    each rank's shards under ZeRO-3. Built on fake tensors at two depths as :func:`simulate`
-    builds it, extrapolated to the model's depth; no step runs (no activations: one phase,
-    ``state``; no FLOPs)."""
+    every DAG build (about a second; :func:`simulate` takes several, more at 24-34B): weights,
+    buffers and quantisation state, and in training the gradients and AdamW state of the
+    trained weights, each rank's shards under ZeRO-3. Built on fake tensors at two depths as
+    :func:`simulate` builds it, extrapolated to the model's depth; no step runs (no
+    activations: one phase, ``state``; no FLOPs)."""
     work = canonical(work)
     path = cache_path(work, "state")
     if path.is_file():
@@ -810,5 +808,3 @@ def clear_cache() -> None:
 
     shutil.rmtree(cache_dir() / "plan", ignore_errors=True)
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

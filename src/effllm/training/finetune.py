@@ -85,9 +85,7 @@ def load_sharded(base_dir, placement, offload: bool = False, precision: str = "f
 
     model = empty_model(base_dir)
     if method is not None:
-        methods.mark_frozen(model, method)
-        if precision == "bf16":
-            methods.store_frozen(model, torch.bfloat16)  # on the meta device: nothing read
+        methods.dtypes_for_sharding(model, method, precision)
     dtypes = {name: p.dtype for name, p in model.named_parameters(remove_duplicate=False)}
     groups = loading.tied_groups(model)  # each tensor once, with its tied names
     buffers = {name: b.clone() for name, b in model.named_buffers(remove_duplicate=False)}

@@ -180,6 +180,18 @@ def prepare(model, method: MethodSpec, lr: float, weight_decay: float = 0.0,
     return model, adamw(model, lr, weight_decay)
 
 
+def dtypes_for_sharding(model, method: MethodSpec, precision: str):
+    """Before ZeRO-3 sharding (FSDP2 fixes each unit's dtypes when it shards): ``method``'s
+    frozen weights off, and at bf16 stored in bf16 as :func:`load_base` reads them; on the meta
+    device, nothing is read. Returns the model."""
+    import torch
+
+    mark_frozen(model, method)
+    if precision == "bf16":
+        store_frozen(model, torch.bfloat16)
+    return model
+
+
 def store_frozen(model, dtype) -> None:
     """Keep every frozen floating-point weight in ``dtype`` (trainable ones stay as they are)."""
     for p in model.parameters():
