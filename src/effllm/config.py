@@ -392,6 +392,13 @@ def check_resources(config: dict) -> None:
         if gpus[stage] > 1 and batch % gpus[stage]:
             raise ConfigError(f"config key '{stage}.batch_size': {batch} does not split over "
                               f"resources.{stage}.gpus = {gpus[stage]} ranks")
+    for stage in STAGES:
+        settings = stage_settings(config, stage)
+        if settings.auto and (stage == "data" or not settings.gpus
+                              or not settings.gpu_memory_gb):
+            raise ConfigError(f"config key 'resources.{stage}.auto': it picks each job's GPUs "
+                              "(up to resources.<stage>.gpus) by the GPU plan against "
+                              "resources.<stage>.gpu_memory_gb; a GPU stage needs both set")
     _check_job_resources(config, gpus)
 
 

@@ -513,14 +513,16 @@ class GridOrder(Spec):
 class ResourceSpec(Spec):
     """What one stage's jobs ask a cluster scheduler for (``resources.<stage>``), with the
     schema's defaults. ``gpu_memory_gb``: memory of each GPU; with it, a job the plan does not
-    fit on its GPUs is refused before it runs. ``jobs``: overrides of these keys for the runs
-    whose name matches a glob, in config order."""
+    fit on its GPUs is refused before it runs; with ``auto`` each job takes the fewest GPUs
+    (up to ``gpus``) its plan fits on. ``jobs``: overrides of these keys for the runs whose
+    name matches a glob, in config order."""
 
     gpus: int = 0
     gpu_model: str | None = None
     mem_mb: int = 4000
     runtime: int = 60
     gpu_memory_gb: int | None = None
+    auto: bool = False
     jobs: dict[str, dict[str, Any]] | None = None
 
 

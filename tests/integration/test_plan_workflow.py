@@ -86,3 +86,31 @@ def test_full_fine_tuning_of_the_24b_base_on_one_80_gb_gpu_is_refused(tmp_path, 
     assert "weights" in out and "optimizer" in out
     assert "It would fit with: resources.finetune.gpus:" in out
     assert not (work / "results").exists()
+
+
+@pytest.mark.slow
+def test_auto_resources_give_each_job_the_fewest_gpus_that_fit(tmp_path, paper_hub):
+    """`resources.finetune.auto: true` (paper.yaml's 8 GPUs as the most, 80 GB devices): a 1B
+    LoRA job asks Slurm for 1 GPU, the 24B Freeze job for more, Full with offload for at least
+    2; the fit check then passes on those counts (after the plan test: its simulations are
+    cached)."""
+    import re
+
+    override = tmp_path / "auto.yaml"
+    override.write_text(yaml.safe_dump({"resources": {"finetune": {"auto": True}}}))
+    work = tmp_path / "work"
+    work.mkdir()
+    result = snakemake(["all", "--dry-run", "--configfile", *CONFIGS, str(override)], work,
+                       paper_hub, timeout=1500)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    gpus = {}
+    for block in out.split("\nrule ")[1:] + out.split("\nlocalrule ")[1:]:
+        run = re.search(r"wildcards: run=(\S+)", block)
+        gpu = re.search(r"\bgpu=(\d+)", block)
+        if block.startswith("finetune") and run and gpu:
+            gpus[run.group(1)] = int(gpu.group(1))
+    assert gpus["lora-llama-3.2-1b-s0"] == 1, gpus
+    assert 1 < gpus["freeze-mistral-small-24b-s0"] <= 8
+    assert 2 <= gpus["full-llama-3.2-1b-s0"] <= 8  # offload is ZeRO-3's: never 1
+    assert not (work / "results").exists()

@@ -370,3 +370,27 @@ def test_the_state_is_a_floor_under_the_simulated_peak(case):
     full = sim.simulate(w, use_cache=False, flops=False)
     assert rank_peak(floor, w).total <= rank_peak(full, w).total
     assert floor.static == full.static
+
+
+def test_auto_resources_apply_last_under_each_runs_name(config):
+    """What `resources.<stage>.auto` chose becomes per-job resources that win over the
+    config's own globs (and replace a same-named entry), read back by stage_settings."""
+    from effllm.cluster import stage_settings
+    from effllm.plan.check import auto_stages, with_auto_resources
+
+    config["resources"]["finetune"].update(gpus=8, gpu_memory_gb=80, auto=True,
+                                           jobs={"lora-*": {"gpus": 4}})
+    assert auto_stages(config) == ["finetune"]
+    with_auto_resources(config, {"finetune": {"lora-a-s0": {"gpus": 1, "mem_mb": 9000}}})
+    assert list(config["resources"]["finetune"]["jobs"]) == ["lora-*", "lora-a-s0"]
+    mine = stage_settings(config, "finetune", "lora-a-s0")
+    assert (mine.gpus, mine.mem_mb) == (1, 9000)
+    assert stage_settings(config, "finetune", "lora-b-s0").gpus == 4
+
+
+def test_auto_needs_a_device_size(config, schema):
+    from effllm.config import ConfigError, check_config
+
+    config["resources"]["finetune"].update(gpus=2, auto=True)
+    with pytest.raises(ConfigError, match="resources.finetune.auto"):
+        check_config(config, schema)

@@ -40,6 +40,19 @@ RUNS = expand_runs(config)
 PLAN_TARGETS = {"plan", "results/plan/plan.tsv", "results/plan/plan.md"}
 _dag = getattr(workflow, "dag_settings", None)
 _targets = set(getattr(_dag, "targets", None) or ())
+# resources.<stage>.auto: each job's GPUs (and host memory) from its plan, written into the
+# config as per-job resources. A cluster job's own Snakemake resolves its own run only (the
+# simulations are cached by the DAG build that submitted it).
+from effllm.plan.check import auto_stages
+
+if auto_stages(config) and not (_targets and _targets <= {"plan", "results/plan/plan.tsv",
+                                                         "results/plan/plan.md"}):
+    from effllm.plan.check import auto_resources, with_auto_resources
+
+    _own = {f"{t.rulename}/{t.wildcards_dict['run']}" for t in
+            (getattr(_dag, "target_jobs", None) or ()) if "run" in t.wildcards_dict}
+    with_auto_resources(config, auto_resources(
+        config, RUNS, only=_own if getattr(_dag, "target_jobs", None) else None))
 if not getattr(_dag, "target_jobs", None) and not (_targets and _targets <= PLAN_TARGETS):
     from effllm.plan.check import enforced
 

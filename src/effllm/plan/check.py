@@ -253,6 +253,68 @@ def refuse_unfit(config: Mapping, runs: Mapping, limit: int = 5) -> tuple[int, i
     return counts[0], counts[1]
 
 
+def auto_stages(config: Mapping) -> list[str]:
+    """The GPU stages whose jobs take their GPUs from the plan (``resources.<stage>.auto``;
+    cheap: no torch)."""
+    section = config.get("resources") or {}
+    return [stage for stage in GPU_STAGES if (section.get(stage) or {}).get("auto")]
+
+
+def auto_resources(config: Mapping, runs: Mapping, only: set[str] | None = None
+                   ) -> dict[str, dict[str, dict]]:
+    """For every job of an ``auto`` stage (or only the run ids in ``only``): the fewest GPUs,
+    of those its batch splits over and at most the stage's ``gpus``, on which its simulated
+    plan fits ``gpu_memory_gb`` (Full with CPU offload: 2 or more, offload being ZeRO-3's),
+    and ``mem_mb`` raised to its plan's host memory + 25 % when that is more. A job that fits
+    on none keeps the stage's GPUs (and :func:`refuse_unfit` refuses it). Returns {stage:
+    {run name: resources}}; simulations come from the cache when ``snakemake plan`` made
+    them."""
+    import math
+
+    from effllm.cluster import stage_settings
+    from effllm.plan.fit import GB, fits, host_bytes
+    from effllm.plan.grid import gpu_choices, model_ref
+
+    out, refs = {}, {}
+    for stage in auto_stages(config):
+        for name, run in runs.get(stage, {}).items():
+            if only is not None and run.run_id not in only:
+                continue
+            settings = stage_settings(config, stage, name)
+            upstream = run.spec.upstream or run.run_id
+            if upstream not in refs:
+                refs[upstream] = model_ref(config, runs, upstream)
+            ref, device_gb = refs[upstream], settings.gpu_memory_gb
+            offload = getattr(getattr(run.spec, "method", None), "offload", False)
+            chosen = None
+            for n in gpu_choices(run.spec):
+                if n > settings.gpus or (offload and n < 2):
+                    continue
+                if fits(state_fit(run.spec, ref, n).peak, device_gb) and \
+                        fits(fit_job(run.spec, ref, n).peak, device_gb):
+                    chosen = n
+                    break
+            mine = {"gpus": chosen or settings.gpus}
+            host = host_bytes(fit_job(run.spec, ref, mine["gpus"]))
+            need = math.ceil(host * 1.25 / GB * 1000)
+            if need > settings.mem_mb:
+                mine["mem_mb"] = need
+            out.setdefault(stage, {})[name] = mine
+    return out
+
+
+def with_auto_resources(config: dict, chosen: Mapping[str, Mapping[str, dict]]) -> None:
+    """Write ``chosen`` (:func:`auto_resources`) into ``config`` as per-job overrides, each
+    under its run's exact name and after the config's own, so that it applies last."""
+    for stage, jobs in chosen.items():
+        entry = config["resources"][stage]
+        own = dict(entry.get("jobs") or {})
+        for name, resources in jobs.items():
+            own.pop(name, None)
+            own[name] = dict(resources)
+        entry["jobs"] = own
+
+
 def device_memory_gb() -> float | None:
     """Memory of this process's first CUDA device (GB), None without one."""
     import torch

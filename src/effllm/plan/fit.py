@@ -130,3 +130,23 @@ def rescaled(sim, work, candidate) -> RankPeak | None:
     static = {part: round(value * factor) if part in ("params", "grads", "optimizer")
               else value for part, value in sim.static.items()}
     return rank_peak(dataclasses.replace(sim, phases=phases, static=static), candidate)
+
+
+def host_bytes(job) -> int:
+    """Host memory of the job's node (estimated, tensors only): what its loading path holds at
+    once. Pretraining builds the model in fp32 on every rank's CPU before placing it; ZeRO-3
+    Full fine-tuning holds rank 0's fp32 copy while it is broadcast (and, offloaded, every
+    rank's shards, gradients and optimiser state); serving reads one model copy in its dtype;
+    the other fine-tuning paths read one tensor at a time (``training.loading``), 0 here."""
+    static, work = job.sim.static, job.work
+    if work.kind == "serve":
+        return static["params"] + static["buffers"]
+    world = work.world
+    if work.method is None:
+        full = static["params"] * (world if work.strategy == "fsdp" else 1)
+        return full * world
+    if work.strategy == "fsdp":
+        whole = static["params"] * world  # fp32 shards of every rank: the whole model
+        offloaded = world * job.peak.offloaded if work.offload else 0
+        return whole + offloaded
+    return 0

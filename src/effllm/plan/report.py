@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 
 from effllm.plan.check import GPU_STAGES, fit_job, prefetch
 from effllm.plan.fit import DEFAULT_MFU, DEFAULT_PEAK_FLOPS, DEVICE_SIZES, GB, PARTS, fits, \
-    gpu_hours
+    gpu_hours, host_bytes
 
 COLUMNS = ["stage", "run", "model", "method", "precision", "strategy", "gpus",
            "gpu_memory_gb", "fits", "peak_gb", *[f"{p}_gb" for p in PARTS], "offloaded_gb",
@@ -170,26 +170,6 @@ def _digest(work) -> str:
     from effllm.plan.workload import digest
 
     return digest(work)
-
-
-def host_bytes(job) -> int:
-    """Host memory of the job's node (estimated, tensors only): what its loading path holds at
-    once. Pretraining builds the model in fp32 on every rank's CPU before placing it; ZeRO-3
-    Full fine-tuning holds rank 0's fp32 copy while it is broadcast (and, offloaded, every
-    rank's shards, gradients and optimiser state); serving reads one model copy in its dtype;
-    the other fine-tuning paths read one tensor at a time (``training.loading``), 0 here."""
-    static, work = job.sim.static, job.work
-    if work.kind == "serve":
-        return static["params"] + static["buffers"]
-    world = work.world
-    if work.method is None:
-        full = static["params"] * (world if work.strategy == "fsdp" else 1)
-        return full * world
-    if work.strategy == "fsdp":
-        whole = static["params"] * world  # fp32 shards of every rank: the whole model
-        offloaded = world * job.peak.offloaded if work.offload else 0
-        return whole + offloaded
-    return 0
 
 
 def plan_rows(config: Mapping, runs: Mapping, results: Path = Path("results"),
