@@ -31,42 +31,21 @@ except ConfigError as err:
 
 RUNS = expand_runs(config)
 
-# GPU fit, before anything runs (effllm.plan.check, docs/plan.md): with a device size stated
+# The GPU plan while the DAG is built (effllm.plan.check.at_dag_build, docs/plan.md): with
+# resources.<stage>.auto, each job's GPUs from its plan; with a device size stated
 # (resources.<stage>.gpu_memory_gb), every job that does not fit its GPUs is refused here,
-# naming the job, its peak by part and the keys that would make it fit: by its plan when
-# `snakemake plan` simulated it, else by its weights, gradients and optimiser state (seconds). Not for
-# the plan target itself (it reports the fit), nor inside a cluster job (the job's own first
-# act checks it), nor without the key (nothing imported: torch stays out of a plain DAG build).
-PLAN_TARGETS = {"plan", "results/plan/plan.tsv", "results/plan/plan.md"}
+# naming its peak by part and the keys that would make it fit. Without either key nothing
+# beyond the check module is imported: torch stays out of a plain DAG build.
+from effllm.plan.check import PlanRefusal, at_dag_build
+
 _dag = getattr(workflow, "dag_settings", None)
-_targets = set(getattr(_dag, "targets", None) or ())
-# resources.<stage>.auto: each job's GPUs (and host memory) from its plan, written into the
-# config as per-job resources. A cluster job's own Snakemake resolves its own run only (the
-# simulations are cached by the DAG build that submitted it).
-from effllm.plan.check import auto_stages
-
-if auto_stages(config) and not (_targets and _targets <= {"plan", "results/plan/plan.tsv",
-                                                         "results/plan/plan.md"}):
-    from effllm.plan.check import auto_resources, with_auto_resources
-
-    _own = {f"{t.rulename}/{t.wildcards_dict['run']}" for t in
-            (getattr(_dag, "target_jobs", None) or ()) if "run" in t.wildcards_dict}
-    with_auto_resources(config, auto_resources(
-        config, RUNS, only=_own if getattr(_dag, "target_jobs", None) else None))
-if not getattr(_dag, "target_jobs", None) and not (_targets and _targets <= PLAN_TARGETS):
-    from effllm.plan.check import enforced
-
-    if enforced(config):
-        from effllm.plan.check import PlanRefusal, refuse_unfit
-
-        try:
-            _planned, _floors = refuse_unfit(config, RUNS)
-        except PlanRefusal as err:
-            raise ValueError(str(err)) from None
-        if _floors:
-            print(f"GPU fit: {_planned} jobs checked by their plan, {_floors} by their weights, "
-                  "gradients and optimiser state alone; each of those checks its activations "
-                  "as its first act (snakemake plan checks them all now)", file=sys.stderr)
+try:
+    _fit = at_dag_build(config, RUNS, getattr(_dag, "targets", None) or (),
+                        getattr(_dag, "target_jobs", None) or ())
+except PlanRefusal as err:
+    raise ValueError(str(err)) from None
+if _fit:
+    print(_fit, file=sys.stderr)
 
 
 wildcard_constraints:

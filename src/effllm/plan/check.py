@@ -199,17 +199,10 @@ def jobs_to_check(config: Mapping, runs: Mapping):
             settings = stage_settings(config, stage, name)
             if not settings.gpu_memory_gb:
                 continue
-            own = any(name for pattern, o in (settings.jobs or {}).items()
-                      if "gpu_memory_gb" in o and _matches(name, pattern))
+            own = settings.gpu_memory_gb != stage_settings(config, stage).gpu_memory_gb
             key = (f"resources.{stage}.jobs.<{name}>.gpu_memory_gb" if own
                    else f"resources.{stage}.gpu_memory_gb")
             yield stage, run, settings.gpus, settings.gpu_memory_gb, key
-
-
-def _matches(name: str, pattern: str) -> bool:
-    from fnmatch import fnmatchcase
-
-    return fnmatchcase(name, pattern)
 
 
 def state_fit(spec, ref, gpus: int) -> JobFit:
@@ -296,8 +289,8 @@ def auto_resources(config: Mapping, runs: Mapping, only: set[str] | None = None
                     break
             mine = {"gpus": chosen or settings.gpus}
             host = host_bytes(fit_job(run.spec, ref, mine["gpus"]))
-            need = math.ceil(host * 1.25 / GB * 1000)
-            if need > settings.mem_mb:
+            need = None if host is None else math.ceil(host * 1.25 / GB * 1000)
+            if need is not None and need > settings.mem_mb:
                 mine["mem_mb"] = need
             out.setdefault(stage, {})[name] = mine
     return out
@@ -313,6 +306,33 @@ def with_auto_resources(config: dict, chosen: Mapping[str, Mapping[str, dict]]) 
             own.pop(name, None)
             own[name] = dict(resources)
         entry["jobs"] = own
+
+
+PLAN_TARGETS = frozenset({"plan", "results/plan/plan.tsv", "results/plan/plan.md"})
+
+
+def at_dag_build(config: dict, runs: Mapping, targets=(), target_jobs=()) -> str | None:
+    """What the plan does while Snakemake builds the DAG (``workflow/rules/common.smk``):
+    ``auto`` stages get their jobs' GPUs (a cluster job's own Snakemake, given ``target_jobs``,
+    only its run's), then every job with a device size is checked (:func:`refuse_unfit`,
+    raising :class:`PlanRefusal`), except inside a cluster job (its first act checks it) and
+    for the plan's own targets (the plan reports the fit). Nothing is imported beyond this
+    module when the config states no device. Returns a line for the log, or None."""
+    if targets and set(targets) <= PLAN_TARGETS:
+        return None
+    if auto_stages(config):
+        own = {f"{t.rulename}/{t.wildcards_dict['run']}" for t in target_jobs
+               if "run" in t.wildcards_dict}
+        with_auto_resources(config, auto_resources(config, runs,
+                                                   only=own if target_jobs else None))
+    if target_jobs or not enforced(config):
+        return None
+    planned, floors = refuse_unfit(config, runs)
+    if not floors:
+        return None
+    return (f"GPU fit: {planned} jobs checked by their plan, {floors} by their weights, "
+            "gradients and optimiser state alone; each of those checks its activations as its "
+            "first act (snakemake plan checks them all now)")
 
 
 def device_memory_gb() -> float | None:

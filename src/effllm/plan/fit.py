@@ -88,11 +88,6 @@ def fits(peak: RankPeak, device_gb: float) -> bool:
     return peak.total <= device_gb * GB
 
 
-def headroom(peak: RankPeak, device_gb: float) -> float:
-    """GB left on a ``device_gb`` device (negative: over)."""
-    return device_gb - peak.total / GB
-
-
 def gpu_hours(flops: float, peak_flops: float, mfu: float) -> float:
     """GPU-hours of ``flops`` at ``mfu`` of ``peak_flops`` per GPU (wall hours × GPUs: the
     same on any number of GPUs at that utilisation)."""
@@ -132,12 +127,13 @@ def rescaled(sim, work, candidate) -> RankPeak | None:
     return rank_peak(dataclasses.replace(sim, phases=phases, static=static), candidate)
 
 
-def host_bytes(job) -> int:
+def host_bytes(job) -> int | None:
     """Host memory of the job's node (estimated, tensors only): what its loading path holds at
     once. Pretraining builds the model in fp32 on every rank's CPU before placing it; ZeRO-3
     Full fine-tuning holds rank 0's fp32 copy while it is broadcast (and, offloaded, every
     rank's shards, gradients and optimiser state); serving reads one model copy in its dtype;
-    the other fine-tuning paths read one tensor at a time (``training.loading``), 0 here."""
+    the other fine-tuning paths read one tensor at a time (``training.loading``): not
+    estimated here (None), never 0."""
     static, work = job.sim.static, job.work
     if work.kind == "serve":
         return static["params"] + static["buffers"]
@@ -149,4 +145,4 @@ def host_bytes(job) -> int:
         whole = static["params"] * world  # fp32 shards of every rank: the whole model
         offloaded = world * job.peak.offloaded if work.offload else 0
         return whole + offloaded
-    return 0
+    return None

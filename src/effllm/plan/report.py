@@ -130,7 +130,7 @@ def job_row(config: Mapping, run, ref, gpus: int, device_gb, samples, peak_flops
         "peak_gb": round(peak.total / GB, 2),
         **{f"{name}_gb": round(value / GB, 2) for name, value in peak.parts.items()},
         "offloaded_gb": round(peak.offloaded / GB, 2), "peak_phase": peak.phase,
-        "host_gb": round(host_bytes(job) / GB, 1),
+        "host_gb": "" if host_bytes(job) is None else round(host_bytes(job) / GB, 1),
         **{f"gpus_for_{d}gb": smallest[d] or "none" for d in DEVICE_SIZES},
         "flops_per_step": f"{flops_step:.4g}", "steps": n_steps or "",
         "flops": f"{total:.4g}" if n_steps else "", "mfu": rate, "peak_flops": f"{peak_flops:.4g}",

@@ -50,10 +50,6 @@ class Simulation:
     kv_cache: dict[str, int]
     method: str
 
-    @property
-    def peak_phase(self) -> str:
-        return max(self.phases, key=lambda name: self.phases[name]["total"])
-
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -798,13 +794,3 @@ def state(work: TrainWork | ServeWork) -> Simulation:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result.to_json())
     return result
-
-
-def clear_cache() -> None:
-    """Forget every cached simulation (all versions)."""
-    import shutil
-
-    from effllm.measure.peak import cache_dir
-
-    shutil.rmtree(cache_dir() / "plan", ignore_errors=True)
-
