@@ -47,6 +47,7 @@ def check_semantics(config: dict) -> None:
     """What the schema cannot say, checked in order; the first problem is raised, naming its
     key. Fills in empty int4/int8 blocks for the precisions served."""
     _check_sizes_and_steps(config)
+    _check_pruning(config)
     known = _pretrained_bases(config)
     _check_bases(config, known)
     _check_serving(config, known)
@@ -76,6 +77,67 @@ def _check_sizes_and_steps(config: dict) -> None:
     if pre["steps"] <= config["measure"]["warmup_steps"]:
         raise ConfigError(f"config key 'measure.warmup_steps': {config['measure']['warmup_steps']}"
                           f" leaves no timed step of pretrain.steps {pre['steps']}")
+
+
+def _check_pruning(config: dict) -> None:
+    """The pruning block's source is a decoder of this grid that the routes can prune, its
+    target is below it, and the baselines can be built."""
+    from effllm.sweep import PRUNING_DEFAULTS, pretrain_variants, pruning_settings, variant_model
+
+    block = pruning_settings(config)
+    if not block:
+        return
+    key = "pretrain.blocks.pruning"
+    sources = {f"{name}-{variant.get('size', size)}": (variant, variant.get("size", size))
+               for _, name, size, variant in pretrain_variants(config)}
+    if block["source"] not in sources:
+        raise ConfigError(f"config key '{key}.source': {block['source']!r} is not a pretraining "
+                          f"run of this grid (<variant>-<size>): {sorted(sources)}")
+    variant, size = sources[block["source"]]
+    m = variant_model(config, variant)
+    if m["family"] != "decoder" or m["attention"] not in ("mha", "mqa", "gqa") or \
+            m["moe"]["num_experts"]:
+        raise ConfigError(f"config key '{key}.source': {block['source']!r} is not a dense "
+                          f"MHA/MQA/GQA decoder; only those are pruned (heads, FFN, hidden)")
+    groups = block.get("groups", PRUNING_DEFAULTS["groups"])
+    pe = m["position_encoding"]
+    if "heads" in groups and pe in ("relative", "alibi"):
+        raise ConfigError(f"config key '{key}.groups': heads cannot be pruned under "
+                          f"position_encoding {pe!r} (a score bias per head index)")
+    if "hidden" in groups and pe == "sinusoidal":
+        raise ConfigError(f"config key '{key}.groups': hidden cannot be pruned under sinusoidal "
+                          f"positions (a fixed table of the full width)")
+    target = block["target_params"]
+    if isinstance(target, str):
+        if target not in config["sizes"]:
+            raise ConfigError(f"config key '{key}.target_params': unknown size {target!r}; "
+                              f"defined sizes: {sorted(config['sizes'])}")
+        counts = {name: _uniform_params(config, m, name) for name in (target, size)}
+        if counts[target] >= counts[size]:
+            raise ConfigError(f"config key '{key}.target_params': size {target!r} "
+                              f"(~{counts[target]:,} parameters) is not smaller than the "
+                              f"source's size {size!r} (~{counts[size]:,})")
+    elif "scratch" in block["baselines"]:
+        raise ConfigError(f"config key '{key}.baselines': the scratch baseline needs a uniform "
+                          f"shape: give target_params as a size name, or drop scratch")
+    if block["every"] > block["prune_steps"]:
+        raise ConfigError(f"config key '{key}.every': {block['every']} is more than prune_steps "
+                          f"{block['prune_steps']}: no pruning event would run before the end")
+
+
+def _uniform_params(config: dict, model: dict, size: str) -> int:
+    """About the parameters of the decoder ``model`` (a resolved variant) at ``size``, with the
+    configured vocabulary (the trained tokenizer adds a few special tokens)."""
+    from effllm.specs import decoder_params
+
+    shape = config["sizes"][size]
+    heads, layers = shape["num_heads"], shape["num_layers"]
+    kv = {"mha": heads, "mqa": 1}.get(model["attention"], model["kv_heads"])
+    learned = model["position_encoding"] == "learned"
+    return decoder_params(config["data"]["tokenizer"]["vocab_size"], shape["hidden_size"],
+                          shape["hidden_size"] // heads, [heads] * layers, [kv] * layers,
+                          [shape["intermediate_size"]] * layers,
+                          positions=model["max_position_embeddings"] if learned else 0)
 
 
 def _pretrained_bases(config: dict) -> dict:

@@ -23,10 +23,14 @@ from effllm.specs import DISTRIBUTED, STAGES
 # The stage functions run_stage starts: (module, function), one per stage of effllm.specs.
 # DISTRIBUTED stages split the work over torchrun ranks; the others run in one process and
 # refuse more than one GPU.
+# A stage may have more than one kind of job: the pruning block's runs are pretraining runs that
+# start from a source (JOB_STAGES names each extra kind's stage).
 STAGE_FUNCTIONS = {"pretrain": ("effllm.training.pretrain", "run_pretrain"),
+                   "prune_pretrain": ("effllm.training.prune", "run_prune"),
                    "finetune": ("effllm.training.finetune", "run_finetune"),
                    "inference": ("effllm.inference.run", "run_inference")}
-assert tuple(STAGE_FUNCTIONS) == STAGES
+JOB_STAGES = {"prune_pretrain": "pretrain"}
+assert {JOB_STAGES.get(kind, kind) for kind in STAGE_FUNCTIONS} == set(STAGES)
 
 
 def torchrun_command(nproc: int, stage: str, args_file: str | os.PathLike) -> list[str]:
@@ -50,7 +54,7 @@ def run_stage(stage: str, gpus: int, gpu_memory_gb: float | None = None, **kwarg
     """
     if stage not in STAGE_FUNCTIONS:
         raise ValueError(f"unknown stage {stage!r}; one of {sorted(STAGE_FUNCTIONS)}")
-    if gpus > 1 and stage not in DISTRIBUTED:
+    if gpus > 1 and JOB_STAGES.get(stage, stage) not in DISTRIBUTED:
         raise ValueError(f"stage {stage!r} runs in one process; it cannot use {gpus} GPUs")
     if gpus and "spec" in kwargs:
         from effllm.plan.check import preflight

@@ -31,6 +31,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 FIGURE, TABLE = "figure", "table"
 NORMALISED = "results/tables/normalised.csv"
+# The pruning block's own tables (effllm.analysis.pruning; rule pruning_tables writes them).
+PRUNING_TRAJECTORY = "results/tables/pruning_trajectory.csv"
+PRUNING_WIDTHS = "results/tables/pruning_widths.csv"
 EXTENSIONS = {FIGURE: ("pdf", "png"), TABLE: ("csv", "md", "tex")}
 FOLDERS = {FIGURE: "paper_figures", TABLE: "results/tables"}
 
@@ -82,8 +85,9 @@ class Output:
 
 
 def _figure(name: str, block: str | None, function: str, category: str,
-            params: Params | None = None) -> Output:
-    return Output(name, FIGURE, block, function, category, params or {})
+            params: Params | None = None, inputs: Mapping[str, str] | None = None) -> Output:
+    return Output(name, FIGURE, block, function, category, params or {},
+                  inputs or _normalised())
 
 
 def _table(name: str, block: str) -> Output:
@@ -144,6 +148,16 @@ FIGURES: dict[str, Output] = {o.name: o for o in (
     # One radar per served model, one series per precision.
     _figure("inference_radar", "inference", "effllm.plots.radar:draw_radar_figure",
             "Inference", {"metrics": INFERENCE_METRICS}),
+    # Pruning-aware pretraining vs one-shot pruning and scratch (issue 21; Xing et al. 2025,
+    # arXiv 2502.06663): the routes as Fig. 3b, then what only pruned runs have, from their
+    # records' series.
+    _figure("fig_pruning_routes", "pruning", "effllm.plots.bars:draw_bars_with_line",
+            "Pretraining", {"metrics": PRETRAIN_METRICS, "line_metric": "perplexity"}),
+    _figure("fig_pruning_dynamics", "pruning", "effllm.plots.pruning:draw_pruning_dynamics",
+            "Pretraining", inputs={"trajectory_csv": PRUNING_TRAJECTORY}),
+    _figure("fig_pruning_architecture", "pruning",
+            "effllm.plots.pruning:draw_pruning_architecture", "Pretraining",
+            inputs={"widths_csv": PRUNING_WIDTHS}),
 )}
 
 # The tables' contents are effllm.analysis.paper_tables.TABLES (by name); the blocks here select
@@ -153,6 +167,7 @@ TABLES: dict[str, Output] = {o.name: o for o in (
     _table("table4_position", "position"),
     _table("table5_moe", "moe"),
     _table("table6_attention_free", "attention_free"),
+    _table("table_pruning", "pruning"),
     _table("table7_finetune", "finetune"),
     _table("table9_inference", "inference"),
     _table("table16_tasks", "inference"),

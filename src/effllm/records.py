@@ -163,6 +163,18 @@ METRICS: dict[str, MetricInfo] = _Catalogue({
     "kv_cache_bytes_per_token": MetricInfo(
         "B/token", False, "KV B/tok", "KV-cache bytes per token"
     ),
+    # the pruning block's route (effllm.training.prune)
+    "params_source": MetricInfo("params", False, "Source", "parameters of the pruned source"),
+    "params_target": MetricInfo("params", False, "Target", "parameter count pruned down to"),
+    "hidden_size": MetricInfo("1", False, "Hidden", "hidden size of the final model"),
+    "source_hidden_size": MetricInfo("1", False, "Src hidden", "hidden size of the source"),
+    "route_tokens": MetricInfo("tokens", False, "Tokens", "training tokens of the whole route"),
+    "calibration_tokens": MetricInfo("tokens", False, "Calib", "tokens of calibration passes"),
+    "prune_phase_seconds": MetricInfo("s", False, "Prune s",
+                                      "wall time of source training and pruning"),
+    **{f"groups_removed_{kind}": MetricInfo("groups", False, f"-{kind}",
+                                            f"{kind} groups pruned away")
+       for kind in ("heads", "ffn", "hidden")},
     **{name: MetricInfo("fraction", True, label, f"{label} score (lm-evaluation-harness)")
        for name, label in PAPER_TASK_METRICS.items()},
 })

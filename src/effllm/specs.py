@@ -138,6 +138,18 @@ class ModelShape(Spec):
         return out
 
 
+def decoder_params(vocab: int, hidden: int, head_dim: int, heads: list[int],
+                   kv_heads: list[int], ffn: list[int], tied: bool = True, positions: int = 0,
+                   bias_table: int = 0) -> int:
+    """Parameters of our dense decoder from its widths (one entry per layer): embedding (and an
+    untied head), ``positions`` learned position rows, ``bias_table`` relative-bias entries,
+    norms, attention and SwiGLU. Torch-free, for the config check; the pruning's count of a
+    slice it has not built yet (a test checks it against the counted parameters)."""
+    layers = sum(2 * hidden + hidden * head_dim * 2 * (q + kv) + 3 * hidden * f
+                 for q, kv, f in zip(heads, kv_heads, ffn))
+    return vocab * hidden * (1 if tied else 2) + positions * hidden + bias_table + hidden + layers
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainTrain(Spec):
     seq_len: int
@@ -291,11 +303,34 @@ class RunSpec(Spec):
 
 
 @dataclasses.dataclass(frozen=True)
+class PruningSpec(Spec):
+    """A run of the pruning block (``pretrain.blocks.pruning``, :mod:`effllm.training.prune`):
+    its source (the run's ``upstream``, shape ``model``) pruned to ``target_params`` (or the
+    parameter count of ``target_model``, the uniform model of the target size) either
+    ``continuous``-ly, every ``every`` steps over ``prune_steps`` steps of training, or
+    ``oneshot`` before training; then sliced and trained on, so that every route trains on
+    ``train.steps`` batches in all."""
+
+    mode: str  # continuous | oneshot
+    compensation: bool
+    prune_steps: int
+    every: int
+    groups: tuple[str, ...]
+    saliency: str
+    calib_batches: int
+    damp: float
+    target_params: int | None = opt()
+    target_model: ModelShape | None = opt()
+    lr: float | None = opt()  # of the training after the source; None: train.lr
+
+
+@dataclasses.dataclass(frozen=True)
 class PretrainSpec(RunSpec):
     model: ModelShape
     train: PretrainTrain
     long_context: LongContext | None
     measure: MeasureSpec
+    pruning: PruningSpec | None = opt()  # a run of the pruning block: model is its source's
 
 
 @dataclasses.dataclass(frozen=True)

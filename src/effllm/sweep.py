@@ -23,7 +23,7 @@ from typing import Any
 
 from effllm.specs import (
     STAGES, FinetuneSpec, GridOrder, InferenceSpec, LongContext, MeasureSpec, ModelShape,
-    PretrainSpec, PretrainTrain, RunSpec,
+    PretrainSpec, PretrainTrain, PruningSpec, RunSpec,
 )
 from effllm.training.methods import ADAPTER_METHODS, LABELS as METHOD_LABELS
 
@@ -34,6 +34,8 @@ LABELS = {
     "alibi": "ALiBi", "none": "None",
     "dense": "Dense", "transformer": "Transformer", "mamba": "Mamba", "rwkv": "RWKV",
     "pythia": "Pythia",
+    "pruning_aware": "Pruning-aware", "oneshot": "One-shot", "oneshot_obs": "One-shot + OBS",
+    "scratch": "Scratch",
     **METHOD_LABELS,
     "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int8": "int8", "int4": "int4",
 }
@@ -160,10 +162,20 @@ def unused_modules(runs: dict[str, dict[str, "Run"]], run: "Run") -> list[str]:
     return sorted(m for m, used in VARIANT_MODULES.items() if not used(run.spec.model))
 
 
+PRUNING_BLOCK = "pruning"  # not variants x sizes: a source pruned by several routes
+# The pruning block's routes after a source: (mode, compensation; None = the block's setting).
+PRUNING_ROUTES = {"pruning_aware": ("continuous", None), "oneshot": ("oneshot", False),
+                  "oneshot_obs": ("oneshot", True)}
+PRUNING_DEFAULTS = {"every": 20, "groups": ["heads", "ffn", "hidden"], "saliency": "taylor",
+                    "compensation": True, "calib_batches": 4, "damp": 0.01, "lr": None,
+                    "baselines": ["scratch", "oneshot", "oneshot_obs"]}
+
+
 def pretrain_variants(config: dict):
-    """(block, variant name, size, variant settings) in config order; null blocks skipped."""
+    """(block, variant name, size, variant settings) in config order; null blocks and the
+    pruning block skipped."""
     for block, spec in config["pretrain"]["blocks"].items():
-        if spec is None:
+        if spec is None or block == PRUNING_BLOCK:
             continue
         for size in spec["sizes"]:
             for variant in spec["variants"]:
@@ -234,13 +246,85 @@ def _add_pretrain_runs(config: dict, seed: int, runs: dict[str, Run]) -> None:
             first[key] = (name, variant_name, model_size, member.group)
         if not in_block:
             continue
-        name, technique, trained_size, group = first[key]
-        if name in runs:  # the same model trained the same way: one run, one more place
-            run = runs[name]
-            runs[name] = dataclasses.replace(run, memberships=run.memberships + (member,))
+        _place(runs, first[key], seed, settings, member)
+    _add_pruning_runs(config, seed, runs, first, train)
+
+
+def _place(runs: dict[str, Run], identity: tuple[str, str, str, str], seed: int,
+           settings: dict, member: Membership) -> None:
+    """Add the run of ``identity`` (name, technique, size, group) with ``settings``, or, when
+    the same model trained the same way is already a run, one more place for it."""
+    name, technique, size, group = identity
+    if name in runs:
+        runs[name] = dataclasses.replace(runs[name],
+                                         memberships=runs[name].memberships + (member,))
+        return
+    spec = PretrainSpec(**_identity("pretrain", name, technique, size, seed, group, None),
+                        **settings)
+    runs[name] = Run(spec, memberships=(member,))
+
+
+def pruning_settings(config: dict) -> dict | None:
+    """``pretrain.blocks.pruning`` with its defaults, or None without the block."""
+    block = config["pretrain"]["blocks"].get(PRUNING_BLOCK)
+    return {**PRUNING_DEFAULTS, **block} if block else None
+
+
+def source_variant(config: dict, source: Run) -> dict:
+    """The variant settings the pruning source was trained from (its first place)."""
+    m = source.memberships[0]
+    return next(v for v in config["pretrain"]["blocks"][m.block]["variants"]
+                if v["name"] == m.technique)
+
+
+def _add_pruning_runs(config: dict, seed: int, runs: dict[str, Run], first: dict,
+                      train: dict) -> None:
+    """The pruning block's runs of ``seed``: each route from the source (the source trained
+    with this seed, else with its first) to the target, and the uniform target-size model
+    trained from scratch on as many steps (one run with an equal run of another block)."""
+    block = pruning_settings(config)
+    if not block or seed not in block_seeds(config, PRUNING_BLOCK):
+        return
+    source = base_run(runs, block["source"], seed)
+    variant = source_variant(config, source)
+    target = block["target_params"]
+    sized = isinstance(target, str)
+    label = target if sized else f"{target / 1e6:g}M"
+    group = f"{PRUNING_BLOCK}-{label}"
+    steps = block["prune_steps"] + block["continue_steps"]
+    long_context = config["pretrain"].get("long_context")
+    common = {"measure": MeasureSpec.from_json(config["measure"], "measure"),
+              "long_context": LongContext.from_json(long_context, "pretrain.long_context")
+              if long_context else None}
+    scratch_train = PretrainTrain.from_json({**train, "steps": steps}, "pretrain")
+    # The routes train data-parallel (masks and slices need whole weights on every rank).
+    route_train = dataclasses.replace(scratch_train, sharding=None)
+    target_model = model_shape(config, target, variant) if sized else None
+    for technique in ["pruning_aware", *block["baselines"]]:
+        member = _membership(PRUNING_BLOCK, group, technique)
+        if technique == "scratch":
+            if target_model is None:
+                continue  # refused by the config check: scratch needs a size
+            settings = {"model": target_model, "train": scratch_train, **common}
+            key = json.dumps({k: v.to_json() if v else v for k, v in settings.items()},
+                             sort_keys=True)
+            # The run another block has (or would have, at a seed it does not run) keeps that
+            # block's identity, so adding the seed to that block later retrains nothing.
+            _place(runs, first.get(key, (f"scratch-{label}-s{seed}", "scratch", label, group)),
+                   seed, settings, member)
             continue
-        spec = PretrainSpec(**_identity("pretrain", name, technique, trained_size, seed, group,
-                                        None), **settings)
+        mode, compensation = PRUNING_ROUTES[technique]
+        pruning = PruningSpec(
+            mode=mode, compensation=block["compensation"] if compensation is None
+            else compensation, prune_steps=block["prune_steps"] if mode == "continuous" else 0,
+            every=block["every"], groups=tuple(block["groups"]), saliency=block["saliency"],
+            calib_batches=block["calib_batches"], damp=block["damp"],
+            target_params=None if sized else target, target_model=target_model,
+            lr=block["lr"])
+        name = f"{technique.replace('_', '-')}-{block['source']}-to-{label}-s{seed}"
+        spec = PretrainSpec(**_identity("pretrain", name, technique, label, seed, group,
+                                        source.run_id), model=source.spec.model,
+                            train=route_train, pruning=pruning, **common)
         runs[name] = Run(spec, memberships=(member,))
 
 
@@ -468,7 +552,9 @@ def grid_order(config: dict) -> GridOrder:
     """The grid's names in config order (variants, methods, precisions, sizes)."""
     return GridOrder(
         variants=tuple(v["name"] for b in config["pretrain"]["blocks"].values() if b
-                       for v in b["variants"]),
+                       for v in b.get("variants", ())) + (
+            ("pruning_aware", *pruning_settings(config)["baselines"])
+            if pruning_settings(config) else ()),
         methods=tuple(config["finetune"]["methods"]),
         precisions=tuple(config["inference"]["precisions"]), sizes=tuple(config["sizes"]))
 

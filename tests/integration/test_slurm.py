@@ -165,12 +165,15 @@ def test_paper_scale_dag_builds_through_the_slurm_profile(tmp_path):
     assert result.returncode == 0, out[-4000:]
     counts = job_counts(out)
     runs = expand_runs(paper)
+    pruned = sum(1 for run in runs["pretrain"].values() if run.spec.pruning)
+    assert counts.get("prune_pretrain", 0) == pruned == 3  # the pruning block's routes
     for stage in ("pretrain", "finetune", "inference"):
-        assert counts.get(stage, 0) == len(runs[stage]), (stage, counts)
+        assert counts.get(stage, 0) + (pruned if stage == "pretrain" else 0) == len(
+            runs[stage]), (stage, counts)
     # Each job's resolved resources: pretraining on 4 GPUs (MoE 1.5Bx8 on 8, its own), the
     # site's partition and account.
     blocks = out.split("\nrule ")
-    pretrain = [b for b in blocks if b.startswith("pretrain:")]
+    pretrain = [b for b in blocks if b.startswith(("pretrain:", "prune_pretrain:"))]
     assert len(pretrain) == len(runs["pretrain"])
     for block in pretrain:
         resources = next(line for line in block.splitlines() if "resources:" in line)

@@ -24,12 +24,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 FIGURES = ("fig2_ranking", "fig3a_attention_radar", "fig3b_position_bars", "fig3c_moe_bubbles",
            "fig4a_finetune_mirrored", "fig4b_finetune_area", "fig5_inference_rose",
-           "inference_radar")  # one `figure` job each
+           "inference_radar", "fig_pruning_routes", "fig_pruning_dynamics",
+           "fig_pruning_architecture")  # one `figure` job each
 TABLES = ("table3_attention", "table4_position", "table5_moe", "table6_attention_free",
-          "table7_finetune", "table9_inference", "table16_tasks", "table8_finetune_word_problems")
-TOTAL_JOBS = {"config/config.yaml": 80, "config/smoke.yaml": 64}
-STAGE_RULES = {"prepare_corpus", "train_tokenizer", "prepare_reasoning", "pretrain", "finetune",
-               "inference", "aggregate", "normalise", "paper_table", "claims", "figure", "all"}
+          "table7_finetune", "table9_inference", "table16_tasks", "table8_finetune_word_problems",
+          "table_pruning")
+TOTAL_JOBS = {"config/config.yaml": 96, "config/smoke.yaml": 73}
+STAGE_RULES = {"prepare_corpus", "train_tokenizer", "prepare_reasoning", "pretrain",
+               "prune_pretrain", "finetune", "inference", "aggregate", "pruning_tables",
+               "normalise", "paper_table", "claims", "figure", "all"}
 
 
 def workdir(tmp_path: Path, config: dict | None = None) -> Path:
@@ -66,11 +69,14 @@ def test_dry_run_holds_every_stage(tmp_path, configfile):
     counts = job_counts(result.stdout + result.stderr)
     assert STAGE_RULES <= set(counts), counts
     assert not {"tune", "tune_finetune", "tune_pick"} & set(counts)  # tuning is its own target
-    from effllm.sweep import expand_runs
+    from effllm.sweep import block_seeds, expand_runs
 
     config = yaml.safe_load((ROOT / configfile).read_text())
     runs = expand_runs(config)
-    assert counts["pretrain"] == len(runs["pretrain"])
+    pruned = [name for name, run in runs["pretrain"].items() if run.spec.pruning]
+    # the three routes per seed of the block; its scratch baseline is a pretrain job
+    assert counts["prune_pretrain"] == len(pruned) == 3 * len(block_seeds(config, "pruning"))
+    assert counts["pretrain"] == len(runs["pretrain"]) - len(pruned)
     sets = config["finetune"]["datasets"]
     assert counts["prepare_reasoning"] == len(sets) == 2  # a second fine-tuning set
     assert counts["finetune"] == len(runs["finetune"]) == 2 * 7
@@ -237,6 +243,14 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     kv = {n: pre[f"{n}-tiny-s0"]["metrics"]["kv_cache_bytes_per_token"]["value"]
           for n in ("mha", "mqa", "gqa", "mla")}
     assert kv["mla"] < kv["mqa"] < kv["gqa"] < kv["mha"]
+    # The pruning block: every route ends at the target's size or below, on the same tokens.
+    scratch = pre["scratch-micro-s0"]["metrics"]
+    for route in ("pruning-aware", "oneshot", "oneshot-obs"):
+        m = pre[f"{route}-gqa-tiny-to-micro-s0"]["metrics"]
+        assert m["params_total"]["value"] <= m["params_target"]["value"] == scratch[
+            "params_total"]["value"]
+        assert m["params_total"]["value"] < m["params_source"]["value"]
+        assert m["route_tokens"]["value"] == 40 * 8 * 64  # smoke: steps x batch x seq_len
     # int4 < bf16 memory for every served model, MoE above dense: from the tensor account
     assert technique_findings(cwd / "results") == []
     assert not list(cwd.glob("results/checkpoints/pretrain/*/checkpoint.pt"))  # cleared
@@ -276,9 +290,16 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     figures = {"figure", "all"}
     tables = {"paper_table", "claims"}
     analysis = {"aggregate", "normalise"} | tables | figures
-    after_model = {"pretrain", "finetune", "inference"} | analysis
+    after_model = {"pretrain", "prune_pretrain", "pruning_tables", "finetune",
+                   "inference"} | analysis
     everything = {"prepare_corpus", "train_tokenizer", "prepare_reasoning"} | after_model
-    figure_jobs = {"plots/style.py": len(FIGURES), "plots/radar.py": 2}  # radar: 3a, inference
+    # One figure job per figure whose inputs change: the pruning dynamics and architecture
+    # figures read the pruned runs' own tables, not the normalised one, so they rerun only
+    # when their code or the pruned runs change.
+    every = len(FIGURES)
+    figure_jobs = {"plots/style.py": every, "plots/radar.py": 2,  # radar: 3a, inference
+                   "analysis/seeds.py": every, "models/decoder.py": every,
+                   "data/corpus.py": every, "data/splits.py": every}
     for edited, expected in (("plots/style.py", figures),
                              ("plots/radar.py", figures),
                              ("analysis/claims.py", {"claims", "all"}),
@@ -299,10 +320,23 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         if edited == "models/nsa.py":  # only the NSA model retrains, nothing downstream of others
             assert counts["pretrain"] == 1, counts
         if "figure" in expected:  # one job per figure whose code reaches the file
-            assert counts["figure"] == figure_jobs.get(edited, len(FIGURES)), (edited, counts)
+            assert counts["figure"] == figure_jobs.get(edited, every - 2), (edited, counts)
         path.write_text(original)
     same = run("all", "-n", "--configfile", "config/smoke.yaml")
     assert "Nothing to be done" in same.stdout + same.stderr  # reverted content: no rerun
+
+
+def test_pruning_figure_builds_only_the_pruning_block(tmp_path):
+    """The pruning dynamics figure needs its source, the three pruned routes and their table:
+    no other pretraining run, no fine-tuning, no normalisation."""
+    result = snakemake(workdir(tmp_path), "-n", "paper_figures/fig_pruning_dynamics.pdf",
+                       "--configfile", "config/smoke.yaml")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    counts = job_counts(out)
+    assert counts == {"prepare_corpus": 1, "train_tokenizer": 1, "pretrain": 1,
+                      "prune_pretrain": 3, "pruning_tables": 1, "figure": 1}, counts
+    assert "wildcards: run=gqa-tiny-s0" in out  # the source
 
 
 def test_one_figure_builds_only_what_it_needs(tmp_path):
@@ -313,7 +347,8 @@ def test_one_figure_builds_only_what_it_needs(tmp_path):
     counts = job_counts(out)
     assert counts["figure"] == 1 and "wildcards: figure=fig3b_position_bars" in out
     assert set(counts) == {"prepare_corpus", "train_tokenizer", "prepare_reasoning", "pretrain",
-                           "finetune", "inference", "aggregate", "normalise", "figure"}, counts
+                           "prune_pretrain", "finetune", "inference", "aggregate", "normalise",
+                           "figure"}, counts  # normalised.csv holds every run
     job = out.split("\nrule figure:\n", 1)[1].split("\n\n", 1)[0]
     code = next(line for line in job.splitlines() if line.strip().startswith("input:"))
     assert "plots/bars.py" in code and "plots/style.py" in code

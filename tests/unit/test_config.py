@@ -115,7 +115,9 @@ def test_sweep_is_deterministic_and_links_stages(config, schema):
         up = run.upstream.split("/", 1)
         assert up[1] in runs[up[0]]
         assert run.spec.bits in (4, 8, 16, 32)
-    assert {r.seed for r in runs["pretrain"].values()} == {0, 1}
+    assert {r.seed for r in runs["pretrain"].values()} == {0, 1, 2}  # the pruning block: 3
+    others = [r for r in runs["pretrain"].values() if r.memberships[0].block != "pruning"]
+    assert {r.seed for r in others} == {0, 1}
 
 
 def test_uncached_hf_data_set_is_refused_up_front(config, schema, tmp_path):
@@ -135,7 +137,9 @@ def test_shared_runs_are_trained_once_and_keep_every_place(config, schema):
     gqa = runs["gqa-small-s0"]
     assert [(m.block, m.label) for m in gqa.memberships] == [
         ("attention", "GQA"), ("position", "RoPE"), ("moe", "Dense")]
-    assert [m.label for m in runs["gqa-tiny-s0"].memberships] == ["GQA", "Transformer"]
+    # ... and the pruning block's scratch baseline (the same model, steps and settings)
+    assert [m.label for m in runs["gqa-tiny-s0"].memberships] == ["GQA", "Transformer",
+                                                                   "Scratch"]
     assert "rope-small-s0" not in runs and "dense-small-s0" not in runs
     dropped = copy.deepcopy(config)
     dropped["pretrain"]["blocks"]["moe"] = None  # a block removed: the shared run is unchanged
@@ -176,7 +180,12 @@ def test_paper_scale_config_merges_and_expands(repo_root, schema):
         1536, 28, 2)
     assert ("moe-1.5b", "Dense 3B") in [(m.group, m.label) for m in runs["gqa-3b-s0"].memberships]
     assert "gqa-3b-s0" in runs and "mamba-3b-s0" in runs and "alibi-1.5b-s0" not in runs
-    assert len(runs) == 4 * 3 + 4 + 2 + 3 * 3  # attention, position, MoE, attention-free
+    # attention, position, MoE, attention-free, and the pruning block's three routes (its
+    # scratch baseline is the attention block's gqa-0.5b: same tokens)
+    assert len(runs) == 4 * 3 + 4 + 2 + 3 * 3 + 3
+    pruned = runs["pruning-aware-gqa-1.5b-to-0.5b-s0"].spec
+    assert pruned.upstream == "pretrain/gqa-1.5b-s0" and pruned.train.sharding is None
+    assert "Scratch" in [m.label for m in runs["gqa-0.5b-s0"].memberships]
     finetune, inference = expand_runs(config)["finetune"], expand_runs(config)["inference"]
     assert len(finetune) == 7 * 7 * 2  # bases x methods x the two fine-tuning sets
     assert all(r.upstream.startswith("hub/") for r in finetune.values())

@@ -76,3 +76,27 @@ rule claims:
     localrule: True
     script:
         "../scripts/claims.py"
+
+
+def pruned_records():
+    """The records of the pruning block's pruned runs (not its scratch baseline: it has no
+    pruning series), so that no other run reruns the pruning tables."""
+    return [f"results/pretrain/{name}/record.json" for name in PRUNING_RUNS]
+
+
+rule pruning_tables:
+    """The pruning block's schedule and per-layer widths, from its pruned runs' series (the
+    tables the pruning figures draw; effllm.analysis.pruning)."""
+    input:
+        records=pruned_records(),
+        code=code("effllm.analysis.pruning"),
+    output:
+        trajectory=outputs.PRUNING_TRAJECTORY,
+        widths=outputs.PRUNING_WIDTHS,
+    log:
+        "logs/analysis/pruning_tables.log",
+    conda:
+        "../../envs/effllm.yaml"
+    localrule: True
+    script:
+        "../scripts/pruning_tables.py"

@@ -28,7 +28,10 @@ Claims over more than two values:
   when the subject beats every rival by more than 2 SE and does not hold when some rival beats
   it by more than 2 SE; otherwise inconclusive (``(1 seed)`` when a comparison lacks a spread).
   The row shows the deciding rival: the one that beats the subject most (in SE) when it does not
-  hold, else the closest one.
+  hold, else the closest one. Rivals of ``among`` that the configuration lacks are not compared,
+  unless the claim names each of them (``Claim.every``: pruning-aware pretraining against
+  one-shot pruning with and without compensation): then a missing one makes the claim not
+  measurable.
 * ``drop`` (within a bound of a reference): ``d = bound - (reference - subject)``.
 * ``agree`` (a ratio of two metrics of the same runs at least ``1 - bound``): the ratio per
   run, ``d = mean ratio - (1 - bound)``, ``SE = s / sqrt(n)``.
@@ -86,6 +89,8 @@ STAGE_METRICS = {"pretrain": ("perplexity", "amu", "al", "tt", "aec"),
                  "finetune": ("val_loss", "amu", "pcu", "al", "st", "aec"),
                  "inference": ("performance", "amu", "al", "it", "aec", "mcr_nominal")}
 PAPER_SCALE = 1e9  # fine-tuning bases below this many parameters are CPU-scale stand-ins
+# Pruning-aware pretraining (issue 21), not the EfficientLLM benchmark paper's claim.
+XING = "Xing et al. 2025, arXiv 2502.06663"
 
 Pairs = Callable[[pd.DataFrame], list[tuple[str, str | None]]]
 Applies = Callable[[pd.DataFrame, pd.DataFrame], bool]
@@ -101,7 +106,9 @@ class Claim:
     for claims whose partners depend on the data (MoE vs the dense model of equal active
     parameters); ``applies(group_rows, block_rows)`` keeps only the groups a claim is about (the
     14B threshold); ``exact``: the compared quantity has no seed spread in this claim;
-    ``exclude``: techniques left out (our additions to the paper's grid)."""
+    ``exclude``: techniques left out (our additions to the paper's grid); ``every``: a
+    ``lowest``/``highest`` claim about each rival of ``among`` by name, so that one the group
+    lacks makes it not measurable instead of leaving it out."""
 
     key: str
     text: str
@@ -119,6 +126,7 @@ class Claim:
     scope: str = ""  # why a group is out of scope, when ``applies`` rejects every group
     exact: bool = False
     exclude: tuple[str, ...] = ()
+    every: bool = False
 
 
 def moe_vs_dense(rows: pd.DataFrame) -> list[tuple[str, str | None]]:
@@ -272,6 +280,18 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("bf16_aec_le_fp16", "bf16 draws no more power (AEC) than fp16 (Hopper-specific: not "
           "expected on other hardware)", "docs/protocol.md §7 (7); table 9 (144.39 vs 158.96 W)",
           "inference", "aec", "lower", "bf16", "fp16"),
+    # Issue 21: the pruning block's routes, at equal final size and training tokens.
+    Claim("pruning_beats_scratch", "Pruning-aware pretraining reaches lower perplexity than "
+          "pretraining from scratch at equal size and tokens",
+          f"{XING} (abstract: pruning-aware pretraining retains the performance of a larger "
+          "model, beyond direct pretraining bounded by the scaling law); issue 21", "pruning",
+          "perplexity", "lower", "pruning_aware", "scratch"),
+    Claim("pruning_beats_oneshot", "Pruning-aware pretraining reaches lower perplexity than "
+          "one-shot pruning (with or without OBS compensation) followed by the same training",
+          f"{XING} (abstract: continuous structural pruning extends post-training pruning, "
+          "LLM-Pruner and SparseGPT, into pretraining); issue 21", "pruning", "perplexity",
+          "lowest", "pruning_aware", among=("pruning_aware", "oneshot", "oneshot_obs"),
+          every=True),
     Claim("no_single_best", "No single technique is best on every metric (each block's "
           "leaderboard columns, the metrics every technique of the group has)",
           "abstract (\"no single method is universally optimal\"); Fig. 2 (no row ranks 1 in "
@@ -454,10 +474,12 @@ def _check_pair(claim: Claim, values: dict[str, _Value], subject: str, other: st
     ranked = claim.kind in ("lowest", "highest")
     wanted = [t for t in values if t != subject and (claim.among is None or t in claim.among)
               ] if ranked else ([other] if other else [])
+    if ranked and claim.every:  # each rival by name, configured or not
+        wanted = [t for t in claim.among if t != subject]
     if claim.kind in ("lower", "higher", "drop") and other is None:
         return {**row, "reason": "no technique to compare with in this group"}
     missing = [t for t in [subject, *wanted] if t not in values]
-    if subject not in values or (not ranked and missing):
+    if subject not in values or ((not ranked or claim.every) and missing):
         unavailable = [v.why + f" for {v.label}" for t, v in values.items()
                        if t in (subject, *wanted) and not math.isfinite(v.mean)]
         absent = f"{', '.join(missing)} not in this group (not configured)"

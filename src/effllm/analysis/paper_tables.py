@@ -6,6 +6,7 @@ docs/protocol.md §6); the number in each name follows the digests (3 attention 
 7 fine-tuning, 9 quantised inference, 16 per-task scores of the quantised models). Table 8 is
 table 7 on another fine-tuning set (the paper's Medical-o1): ``table8_finetune_<set>``, one per
 set after the primary, read from the runs of block ``finetune_<set>`` (:func:`table_spec`).
+``table_pruning`` is ours, not the paper's: the pruning block's routes (issue 21).
 
 The inference tables (9 and 16) have one row per served model and precision: their ``group``
 and ``variant`` columns are called ``model`` and ``precision``, and the precisions of a model are
@@ -63,6 +64,9 @@ TABLES: dict[str, tuple[str, MetricList]] = {
     "table4_position": ("position", _PRETRAIN),
     "table5_moe": ("moe", ["params_total", "params_active", *_PRETRAIN[1:]]),
     "table6_attention_free": ("attention_free", _PRETRAIN),
+    # Not in the paper: pruning-aware pretraining vs one-shot pruning and scratch at equal size
+    # and tokens (issue 21; Xing et al. 2025, arXiv 2502.06663).
+    "table_pruning": ("pruning", _PRETRAIN),
     # Fine-tuning (the paper's tables 7-8: loss, AMU, PCU, AL, ST, AEC), plus what makes the
     # methods comparable: trainable parameters, held-out loss and accuracy, MFU, plain rates.
     "table7_finetune": ("finetune", ["params_trainable", "loss", "val_loss", "exact_match",

@@ -55,6 +55,12 @@ class DecoderConfig(PretrainedConfig):
         num_experts_per_tok: int = 2,
         moe_intermediate_size: int | None = None,
         router_aux_loss_coef: float = 0.01,
+        # Per-layer widths of a structurally pruned model (effllm.models.pruning): None =
+        # uniform. With them the head dimension is explicit, since hidden_size shrinks too.
+        head_dim: int | None = None,
+        layer_num_attention_heads: list[int] | None = None,
+        layer_num_key_value_heads: list[int] | None = None,
+        layer_intermediate_sizes: list[int] | None = None,
         **kwargs,
     ):
         if attention not in ATTENTIONS:
@@ -62,7 +68,7 @@ class DecoderConfig(PretrainedConfig):
         if position_encoding not in POSITION_ENCODINGS:
             raise ValueError(f"position_encoding {position_encoding!r} is not one of "
                              f"{POSITION_ENCODINGS}")
-        if hidden_size % num_attention_heads:
+        if head_dim is None and hidden_size % num_attention_heads:
             raise ValueError(
                 f"hidden_size {hidden_size} is not divisible by num_attention_heads "
                 f"{num_attention_heads}"
@@ -96,7 +102,7 @@ class DecoderConfig(PretrainedConfig):
         self.position_encoding = position_encoding
         self.relative_num_buckets = relative_num_buckets
         self.relative_max_distance = relative_max_distance
-        head_dim = hidden_size // num_attention_heads
+        head_dim = head_dim or hidden_size // num_attention_heads
         # DeepSeek-V2's proportions: nope = v = head dim, rope = head dim / 2; latent = hidden / 8
         # (the EfficientLLM toolkit's stated intention).
         self.kv_lora_rank = kv_lora_rank or max(8, hidden_size // 8)
@@ -115,11 +121,48 @@ class DecoderConfig(PretrainedConfig):
         self.num_experts_per_tok = num_experts_per_tok
         self.moe_intermediate_size = moe_intermediate_size or intermediate_size
         self.router_aux_loss_coef = router_aux_loss_coef
+        self.head_dim = head_dim  # saved explicitly: a pruned model's hidden size shrinks
+        self.layer_num_attention_heads = layer_num_attention_heads
+        self.layer_num_key_value_heads = layer_num_key_value_heads
+        self.layer_intermediate_sizes = layer_intermediate_sizes
+        self._check_layer_widths()
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def _check_layer_widths(self) -> None:
+        lists = {"layer_num_attention_heads": self.layer_num_attention_heads,
+                 "layer_num_key_value_heads": self.layer_num_key_value_heads,
+                 "layer_intermediate_sizes": self.layer_intermediate_sizes}
+        for key, widths in lists.items():
+            if widths is None:
+                continue
+            if len(widths) != self.num_hidden_layers or min(widths) < 1:
+                raise ValueError(f"{key} {widths} must hold one width >= 1 per layer "
+                                 f"({self.num_hidden_layers})")
+            if self.attention not in ("mha", "mqa", "gqa") or self.num_experts:
+                raise ValueError(f"{key}: per-layer widths need mha/mqa/gqa attention and a "
+                                 f"dense FFN (attention {self.attention!r}, "
+                                 f"{self.num_experts} experts)")
+        if self.position_encoding in BIAS_ENCODINGS and self.layer_num_attention_heads:
+            raise ValueError("per-layer head counts do not take the per-head score bias of "
+                             f"position_encoding {self.position_encoding!r}")
+        per_layer = self.layer_num_attention_heads or self.layer_num_key_value_heads
+        for i in range(self.num_hidden_layers if per_layer else 0):
+            if self.heads_at(i) % self.kv_heads_at(i):
+                raise ValueError(f"layer {i}: {self.heads_at(i)} heads are not divisible by "
+                                 f"{self.kv_heads_at(i)} KV heads")
+
+    def heads_at(self, layer: int) -> int:
+        """Query heads of ``layer`` (a pruned model's differ per layer)."""
+        widths = self.layer_num_attention_heads
+        return widths[layer] if widths else self.num_attention_heads
+
+    def kv_heads_at(self, layer: int) -> int:
+        widths = self.layer_num_key_value_heads
+        return widths[layer] if widths else self.num_key_value_heads
+
+    def ffn_at(self, layer: int) -> int:
+        widths = self.layer_intermediate_sizes
+        return widths[layer] if widths else self.intermediate_size
 
     @property
     def rope_dim(self) -> int:

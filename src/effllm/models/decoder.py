@@ -53,8 +53,8 @@ class Attention(nn.Module):
     def __init__(self, config: DecoderConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads = config.num_attention_heads
-        self.n_kv = config.num_key_value_heads
+        self.n_heads = config.heads_at(layer_idx)
+        self.n_kv = config.kv_heads_at(layer_idx)
         self.head_dim = config.head_dim
         d = config.hidden_size
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
@@ -89,12 +89,12 @@ def make_attention(config: DecoderConfig, layer_idx: int) -> nn.Module:
     return Attention(config, layer_idx)
 
 
-def make_ffn(config: DecoderConfig) -> nn.Module:
+def make_ffn(config: DecoderConfig, layer_idx: int) -> nn.Module:
     if config.num_experts:
         from effllm.models.moe import MoE
 
         return MoE(config)
-    return MLP(config.hidden_size, config.intermediate_size)
+    return MLP(config.hidden_size, config.ffn_at(layer_idx))
 
 
 class Block(nn.Module):
@@ -103,7 +103,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = make_attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = make_ffn(config)
+        self.mlp = make_ffn(config, layer_idx)
 
     def forward(self, x, inputs: AttentionInputs, cache):
         """Returns (hidden, router auxiliary loss or None)."""

@@ -61,6 +61,9 @@ TECHNIQUE_COLOURS = {
     "Dense": _BLUE, "Dense 2x": _SKY, "MoE": _VERMILION, "MoE S/3x8": _ORANGE,
     "MoE Sx8": _VERMILION, "Transformer": _BLUE, "Mamba": _VERMILION,
     "Pythia": _GREEN, "RWKV": _PURPLE,
+    # pruning routes
+    "Pruning-aware": _VERMILION, "One-shot": _ORANGE, "One-shot + OBS": _PURPLE,
+    "Scratch": _BLUE,
     # fine-tuning
     "LoRA": _BLUE, "LoRA+": _SKY, "RSLoRA": _GREEN, "DoRA": _ORANGE, "PiSSA": _PURPLE,
     "Freeze": _VERMILION, "Full": _BLACK,

@@ -147,7 +147,8 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
           window: Window, desc: str, log: StepLog | None = None,
           checkpoint: Checkpoint | None = None, precision: str = "fp32",
           device: str | None = None, micro_batch_size: int | None = None,
-          stop_on_nonfinite: bool = False) -> StepLog:
+          stop_on_nonfinite: bool = False, on_gradients: Callable[[int], None] | None = None,
+          on_step: Callable[[int], None] | None = None) -> StepLog:
     """Run optimiser steps up to ``steps`` (continuing ``log`` when resuming) inside ``window``,
     forward passes at ``precision`` (:func:`autocast`).
 
@@ -160,7 +161,9 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
     gradient, less activation memory). One step runs under the tensor tracker
     (:mod:`effllm.measure.tensors`) and its account goes to ``window``. A non-finite loss
     raises, or with ``stop_on_nonfinite`` ends training there, noted in ``log.nonfinite``: the
-    run is then marked diverged (:func:`divergence`) rather than lost.
+    run is then marked diverged (:func:`divergence`) rather than lost. ``on_gradients(step)``
+    runs when the step's gradients are complete (before clipping), ``on_step(step)`` after the
+    optimiser step: pruning-aware training scores and masks there (:mod:`effllm.training.prune`).
     """
     log = log or StepLog()
     model.train()
@@ -179,12 +182,16 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
                 total = all_reduce_(predicted.clone()) if distributed else predicted
                 loss_sum = _accumulate(model, batch, micro_batch_size, predicted, total,
                                        precision, device)
+                if on_gradients is not None:
+                    on_gradients(len(log.losses))
                 if grad_clip:
                     torch.nn.utils.clip_grad_norm_(
                         [p for p in model.parameters() if p.requires_grad], grad_clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if on_step is not None:
+                    on_step(len(log.losses))
             if probing:
                 log.probed.append(len(log.losses))
             counts = torch.stack([loss_sum, predicted,
