@@ -8,6 +8,7 @@ fine-tuning base that is not pretrained, steps that do not cover warm-up). Snake
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,9 @@ def _check_pruning(config: dict) -> None:
     if not block:
         return
     key = "pretrain.blocks.pruning"
+    if block["source"] in (config.get("hub_models") or {}):
+        _check_hub_source(config, block, key)
+        return
     sources = {f"{name}-{variant.get('size', size)}": (variant, variant.get("size", size))
                for _, name, size, variant in pretrain_variants(config)}
     if block["source"] not in sources:
@@ -123,6 +127,39 @@ def _check_pruning(config: dict) -> None:
     if block["every"] > block["prune_steps"]:
         raise ConfigError(f"config key '{key}.every': {block['every']} is more than prune_steps "
                           f"{block['prune_steps']}: no pruning event would run before the end")
+
+
+def _check_hub_source(config: dict, block: dict, key: str) -> None:
+    """A hub source is cached, reads the corpus in its own tokens, and maps onto our decoder
+    (checked on its config.json; the weights are converted when the run starts)."""
+    from effllm.data.hub import DataSourceError, cached_model
+
+    name = block["source"]
+    entry = config["hub_models"][name]
+    tokenizer = config["data"]["tokenizer"].get("hub")
+    if tokenizer not in (name, entry["repo_id"]):
+        raise ConfigError(f"config key 'data.tokenizer.hub': {tokenizer!r}; pruning the hub "
+                          f"model {name!r} ({key}.source) trains it on the corpus in its own "
+                          f"tokens: set data.tokenizer.hub to {name!r}")
+    try:
+        snapshot = cached_model(entry["repo_id"], entry.get("revision"))
+    except DataSourceError as err:
+        raise ConfigError(f"config key '{key}.source': {err}") from None
+    fields = json.loads((snapshot / "config.json").read_text())
+    rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
+    if fields.get("model_type") not in ("llama", "mistral") or fields.get("attention_bias") \
+            or fields.get("mlp_bias") or rope.get("rope_type", "default") != "default" \
+            or fields.get("sliding_window") is not None:
+        raise ConfigError(f"config key '{key}.source': {name!r} (model_type "
+                          f"{fields.get('model_type')!r}) is not a plain Llama-architecture "
+                          f"decoder (no biases, default RoPE, no sliding window), the one hub "
+                          f"architecture the pruning maps onto ours")
+    if isinstance(block["target_params"], str) and "scratch" in block["baselines"]:
+        size = config["sizes"].get(block["target_params"])
+        if size is None:
+            raise ConfigError(f"config key '{key}.target_params': unknown size "
+                              f"{block['target_params']!r}; defined sizes: "
+                              f"{sorted(config['sizes'])}")
 
 
 def _uniform_params(config: dict, model: dict, size: str) -> int:
@@ -416,7 +453,9 @@ def used_hub_models(config: dict) -> list[str]:
     """Hub models some stage reads (a listed but unused one need not be cached)."""
     hub = config.get("hub_models") or {}
     served = config["inference"].get("hub_models") or []
-    return [name for name in hub if name in config["finetune"]["bases"] or name in served]
+    pruning = (config["pretrain"]["blocks"].get("pruning") or {}).get("source")
+    return [name for name in hub if name in config["finetune"]["bases"] or name in served
+            or name == pruning]
 
 
 def check_config(config: dict, schema_path: str | os.PathLike) -> dict:

@@ -270,6 +270,28 @@ def pruning_settings(config: dict) -> dict | None:
     return {**PRUNING_DEFAULTS, **block} if block else None
 
 
+def hub_shape(config: dict, name: str) -> ModelShape:
+    """The shape of the hub model ``name`` as our decoder, from its cached ``config.json`` (the
+    pruning run converts it: :func:`effllm.models.pruning.as_decoder`)."""
+    from effllm.data.hub import cached_model
+
+    entry = config["hub_models"][name]
+    fields = json.loads((cached_model(entry["repo_id"], entry.get("revision"))
+                         / "config.json").read_text())
+    heads = fields["num_attention_heads"]
+    kv = fields.get("num_key_value_heads") or heads
+    rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
+    return ModelShape.from_json({
+        "family": "decoder", "hidden_size": fields["hidden_size"],
+        "num_hidden_layers": fields["num_hidden_layers"], "num_attention_heads": heads,
+        "intermediate_size": fields["intermediate_size"],
+        "max_position_embeddings": fields["max_position_embeddings"],
+        "num_key_value_heads": kv,
+        "rope_theta": float(rope.get("rope_theta") or fields.get("rope_theta") or 10000.0),
+        "attention": "mha" if kv == heads else "mqa" if kv == 1 else "gqa",
+        "position_encoding": "rope"}, f"hub_models.{name}")
+
+
 def source_variant(config: dict, source: Run) -> dict:
     """The variant settings the pruning source was trained from (its first place)."""
     m = source.memberships[0]
@@ -285,8 +307,13 @@ def _add_pruning_runs(config: dict, seed: int, runs: dict[str, Run], first: dict
     block = pruning_settings(config)
     if not block or seed not in block_seeds(config, PRUNING_BLOCK):
         return
-    source = base_run(runs, block["source"], seed)
-    variant = source_variant(config, source)
+    if block["source"] in (config.get("hub_models") or {}):  # a cached Llama-style model
+        source_id, source_model = f"hub/{block['source']}", hub_shape(config, block["source"])
+        variant = {}  # scratch: pretrain.model's defaults at the target size
+    else:
+        source = base_run(runs, block["source"], seed)
+        source_id, source_model = source.run_id, source.spec.model
+        variant = source_variant(config, source)
     target = block["target_params"]
     sized = isinstance(target, str)
     label = target if sized else f"{target / 1e6:g}M"
@@ -323,7 +350,7 @@ def _add_pruning_runs(config: dict, seed: int, runs: dict[str, Run], first: dict
             lr=block["lr"])
         name = f"{technique.replace('_', '-')}-{block['source']}-to-{label}-s{seed}"
         spec = PretrainSpec(**_identity("pretrain", name, technique, label, seed, group,
-                                        source.run_id), model=source.spec.model,
+                                        source_id), model=source_model,
                             train=route_train, pruning=pruning, **common)
         runs[name] = Run(spec, memberships=(member,))
 

@@ -936,3 +936,87 @@ def test_a_pruning_route_runs_end_to_end(stdlib_tokens, source_dir, tmp_path, te
     ids = torch.randint(2, 100, (1, 9))
     with torch.no_grad():
         assert torch.isfinite(loaded(input_ids=ids).logits).all()
+
+
+# ----------------------------------------------------------------------------------- hub sources
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_llama_maps_onto_our_decoder_exactly(tied):
+    """as_decoder: a Llama-architecture model becomes our decoder with identical logits (the
+    weights map by name), so it can be pruned and sliced like ours."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from effllm.models.pruning import as_decoder
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+        rope_theta=5e5)).eval()
+    ours = as_decoder(llama).eval()
+    assert type(ours) is DecoderForCausalLM and ours.config.rope_theta == 5e5
+    assert ours.config.tie_word_embeddings == tied
+    ids = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, llama(input_ids=ids).logits,
+                                   rtol=0, atol=1e-6)
+    assert count_params(ours)[0] == count_params(llama)[0]
+
+
+def test_a_hub_model_with_biases_is_refused():
+    """Qwen2's Q/K/V biases have no place in our decoder: as_decoder says so."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from effllm.models.pruning import as_decoder
+
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=48,
+                                        num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2))
+    with pytest.raises(ValueError, match="Llama-architecture.*qwen2"):
+        as_decoder(qwen)
+
+
+def hub_source_config(config, repo: str) -> dict:
+    config = copy.deepcopy(config)
+    config["hub_models"] = {"tiny-llama": {"repo_id": repo}}
+    config["data"]["tokenizer"]["hub"] = "tiny-llama"
+    config["pretrain"]["blocks"]["pruning"].update(
+        source="tiny-llama", target_params=30_000, baselines=["oneshot"], seeds=[0])
+    return config
+
+
+def test_a_cached_hub_model_is_a_pruning_source(config, schema, hub, use_cache, stdlib_tokens,
+                                                tmp_path):
+    """A Llama in the hub cache as the block's source: the routes start from hub/<name> with
+    its shape, the config insists on its tokenizer, and a one-shot route runs from the cached
+    snapshot to a sliced decoder of at most the target's parameters."""
+    from hubcache import REPO
+
+    from effllm.config import ConfigError, check_config
+    from effllm.data.hub import cached_model
+    from effllm.sweep import expand_runs
+    from effllm.training.prune import run_prune
+
+    use_cache(hub)
+    checked = check_config(hub_source_config(config, REPO), schema)
+    runs = expand_runs(checked)["pretrain"]
+    route = runs["oneshot-tiny-llama-to-0.03M-s0"].spec
+    assert route.upstream == "hub/tiny-llama"
+    assert (route.model.hidden_size, route.model.num_key_value_heads, route.model.attention) == (
+        64, 2, "gqa")
+    wrong = hub_source_config(config, REPO)
+    wrong["data"]["tokenizer"]["hub"] = None
+    with pytest.raises(ConfigError, match="'data.tokenizer.hub'"):
+        check_config(wrong, schema)
+
+    spec = route.to_json()
+    spec["settings"]["train"].update(steps=8, eval_tokens=256, seq_len=32, batch_size=4)
+    spec["settings"]["long_context"] = None
+    run_prune(spec, stdlib_tokens, cached_model(REPO), tmp_path / "model",
+              tmp_path / "record.json")
+    record = json.loads((tmp_path / "record.json").read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert type(loaded) is DecoderForCausalLM
+    assert record["metrics"]["params_total"]["value"] == count_params(loaded)[0] <= 30_000
+    assert record["metrics"]["source_hidden_size"]["value"] == 64

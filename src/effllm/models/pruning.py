@@ -55,6 +55,47 @@ def check_prunable(config: DecoderConfig, groups=GROUP_TYPES) -> None:
                          "table is built for the full hidden size")
 
 
+# Hub architectures whose every weight maps onto our decoder by name (Llama's names are ours).
+SAME_AS_DECODER = ("llama", "mistral")
+
+
+def as_decoder(model) -> DecoderForCausalLM:
+    """``model`` as our decoder, for a hub source: a Llama-architecture model (no attention or
+    MLP biases, SiLU, plain RoPE, no sliding window) maps onto it weight for weight, so the
+    groups, masks and slice apply unchanged. Anything else raises ValueError saying why."""
+    if isinstance(model, DecoderForCausalLM):
+        return model
+    c = model.config
+    rope = dict(getattr(c, "rope_parameters", None) or {})
+    why = [reason for reason, bad in (
+        (f"model_type {c.model_type!r} is not one of {SAME_AS_DECODER}",
+         c.model_type not in SAME_AS_DECODER),
+        ("attention or MLP biases", getattr(c, "attention_bias", False)
+         or getattr(c, "mlp_bias", False)),
+        (f"activation {getattr(c, 'hidden_act', None)!r}", getattr(c, "hidden_act", "silu")
+         != "silu"),
+        (f"RoPE type {rope.get('rope_type')!r}", rope.get("rope_type", "default") != "default"),
+        ("a sliding attention window", getattr(c, "sliding_window", None) is not None),
+    ) if bad]
+    if why:
+        raise ValueError(f"a hub source must be a Llama-architecture decoder to be pruned: "
+                         f"{'; '.join(why)}")
+    heads, kv = c.num_attention_heads, c.num_key_value_heads
+    config = DecoderConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings,
+        rope_theta=rope.get("rope_theta", getattr(c, "rope_theta", None) or 10000.0),
+        rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
+        attention="mha" if kv == heads else "mqa" if kv == 1 else "gqa", position_encoding="rope",
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+    ours = DecoderForCausalLM(config).to(model.dtype)
+    ours.load_state_dict(model.state_dict(), strict=True)
+    ours.tie_weights()
+    return ours.to(next(model.parameters()).device)
+
+
 # ------------------------------------------------------------------------------------ the groups
 
 

@@ -34,8 +34,8 @@ from effllm.measure import Window
 from effllm.models import DecoderForCausalLM
 from effllm.models.params import count_params
 from effllm.models.pruning import (
-    Masks, apply_masks, check_prunable, compensate_model, group_saliency, params_of, select,
-    slice_model,
+    Masks, apply_masks, as_decoder, check_prunable, compensate_model, group_saliency,
+    params_of, select, slice_model,
 )
 from effllm.precision import PRECISION_NOTES, autocast
 from effllm.records import Metric
@@ -175,7 +175,8 @@ def prune_pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     train_tokens = np.load(data_dir / "train.npy", mmap_mode="r")
     val_tokens = np.load(data_dir / "validation.npy", mmap_mode="r")
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
+    # Our decoder, or a cached Llama-architecture hub model mapped onto it weight for weight.
+    model = as_decoder(AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32))
     check_prunable(model.config, cfg.groups)
     model.to(placement.device).train()
     source_config = model.config
