@@ -89,11 +89,12 @@ def _check_pruning(config: dict) -> None:
     if not block:
         return
     key = "pretrain.blocks.pruning"
-    if block["source"] in (config.get("hub_models") or {}):
-        _check_hub_source(config, block, key)
-        return
     sources = {f"{name}-{variant.get('size', size)}": (variant, variant.get("size", size))
                for _, name, size, variant in pretrain_variants(config)}
+    # A grid run wins a name clash with a hub model (refused below, by _check_bases).
+    if block["source"] in (config.get("hub_models") or {}) and block["source"] not in sources:
+        _check_hub_source(config, block, key)
+        return
     if block["source"] not in sources:
         raise ConfigError(f"config key '{key}.source': {block['source']!r} is not a pretraining "
                           f"run of this grid (<variant>-<size>): {sorted(sources)}")

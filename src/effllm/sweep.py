@@ -307,7 +307,8 @@ def _add_pruning_runs(config: dict, seed: int, runs: dict[str, Run], first: dict
     block = pruning_settings(config)
     if not block or seed not in block_seeds(config, PRUNING_BLOCK):
         return
-    if block["source"] in (config.get("hub_models") or {}):  # a cached Llama-style model
+    ours = any(r.name == f"{block['source']}-s{r.seed}" for r in runs.values())
+    if block["source"] in (config.get("hub_models") or {}) and not ours:  # a cached Llama
         source_id, source_model = f"hub/{block['source']}", hub_shape(config, block["source"])
         variant = {}  # scratch: pretrain.model's defaults at the target size
     else:

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 CLUSTER = ROOT / "tests/slurm/minicluster.sh"
 # Rules that run as Slurm jobs; every other rule is a localrule (runs on the submit host).
-REMOTE = {"prepare_corpus", "train_tokenizer", "prepare_reasoning", "pretrain", "finetune",
-          "inference"}
+REMOTE = {"prepare_corpus", "train_tokenizer", "prepare_reasoning", "pretrain",
+          "prune_pretrain", "finetune", "inference"}
 GPUS = {"finetune": 2, "inference": 1}  # (fake) GPUs per job in this test
 # The single-node cluster has no accounting database: status via squeue (its MinJobAge, 2 h, is
 # above 3 x the first status-check delay and keeps every job of the run in `scontrol show job`)
