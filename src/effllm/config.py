@@ -91,6 +91,17 @@ def _check_pruning(config: dict) -> None:
     key = "pretrain.blocks.pruning"
     sources = {f"{name}-{variant.get('size', size)}": (variant, variant.get("size", size))
                for _, name, size, variant in pretrain_variants(config)}
+    if block["every"] > block["prune_steps"]:
+        raise ConfigError(f"config key '{key}.every': {block['every']} is more than prune_steps "
+                          f"{block['prune_steps']}: no pruning event would run before the end")
+    timed = config["measure"]["warmup_steps"] + 1  # the warm-up, and the tensor-tracked step
+    if block["continue_steps"] <= timed:
+        raise ConfigError(f"config key '{key}.continue_steps': {block['continue_steps']} leaves "
+                          f"no timed step after the slice (measure.warmup_steps "
+                          f"{config['measure']['warmup_steps']} and one tracked step)")
+    if not isinstance(block["target_params"], str) and "scratch" in block["baselines"]:
+        raise ConfigError(f"config key '{key}.baselines': the scratch baseline needs a uniform "
+                          f"shape: give target_params as a size name, or drop scratch")
     # A grid run wins a name clash with a hub model (refused below, by _check_bases).
     if block["source"] in (config.get("hub_models") or {}) and block["source"] not in sources:
         _check_hub_source(config, block, key)
@@ -122,12 +133,6 @@ def _check_pruning(config: dict) -> None:
             raise ConfigError(f"config key '{key}.target_params': size {target!r} "
                               f"(~{counts[target]:,} parameters) is not smaller than the "
                               f"source's size {size!r} (~{counts[size]:,})")
-    elif "scratch" in block["baselines"]:
-        raise ConfigError(f"config key '{key}.baselines': the scratch baseline needs a uniform "
-                          f"shape: give target_params as a size name, or drop scratch")
-    if block["every"] > block["prune_steps"]:
-        raise ConfigError(f"config key '{key}.every': {block['every']} is more than prune_steps "
-                          f"{block['prune_steps']}: no pruning event would run before the end")
 
 
 def _check_hub_source(config: dict, block: dict, key: str) -> None:
@@ -149,18 +154,16 @@ def _check_hub_source(config: dict, block: dict, key: str) -> None:
     fields = json.loads((snapshot / "config.json").read_text())
     rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
     if fields.get("model_type") not in ("llama", "mistral") or fields.get("attention_bias") \
-            or fields.get("mlp_bias") or rope.get("rope_type", "default") != "default" \
+            or fields.get("mlp_bias") or fields.get("hidden_act", "silu") != "silu" \
+            or rope.get("rope_type", rope.get("type", "default")) != "default" \
             or fields.get("sliding_window") is not None:
         raise ConfigError(f"config key '{key}.source': {name!r} (model_type "
                           f"{fields.get('model_type')!r}) is not a plain Llama-architecture "
                           f"decoder (no biases, default RoPE, no sliding window), the one hub "
                           f"architecture the pruning maps onto ours")
-    if isinstance(block["target_params"], str) and "scratch" in block["baselines"]:
-        size = config["sizes"].get(block["target_params"])
-        if size is None:
-            raise ConfigError(f"config key '{key}.target_params': unknown size "
-                              f"{block['target_params']!r}; defined sizes: "
-                              f"{sorted(config['sizes'])}")
+    if isinstance(block["target_params"], str) and block["target_params"] not in config["sizes"]:
+        raise ConfigError(f"config key '{key}.target_params': unknown size "
+                          f"{block['target_params']!r}; defined sizes: {sorted(config['sizes'])}")
 
 
 def _uniform_params(config: dict, model: dict, size: str) -> int:

@@ -27,6 +27,16 @@ def pretrain(tmp_path, name, nproc, tokens, spec):
     return json.loads((out / "record.json").read_text()), load_file(out / "model/model.safetensors")
 
 
+def one_and_two_ranks(tmp_path, stage: str, **kwargs) -> dict:
+    """Run a job of ``stage`` in one process, then on two ranks: the output folder of each."""
+    outs = {}
+    for nproc in (1, 2):
+        outs[nproc] = out = tmp_path / f"n{nproc}"
+        run_stage(stage, nproc, model_out=str(out / "model"),
+                  record_out=str(out / "record.json"), **kwargs)
+    return outs
+
+
 @pytest.mark.slow
 def test_two_ranks_train_like_one_process(stdlib_tokens, tmp_path):
     spec = copy.deepcopy(SPEC)
@@ -219,14 +229,11 @@ def test_two_ranks_fine_tune_like_one_process(finetune_inputs, tmp_path, method,
     spec = finetune_spec(method)
     spec["settings"]["train"]["precision"] = precision
     loose = 10 if precision == "bf16" else 1  # bf16 rounds differently when the batch is split
-    results = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"n{nproc}"
-        run_stage("finetune", nproc, spec=spec, base_dir=str(base),
-                  reasoning_dir=str(reasoning), model_out=str(out / "model"),
-                  record_out=str(out / "record.json"))
-        results[nproc] = (json.loads((out / "record.json").read_text()),
-                          load_file(out / "model/model.safetensors"))
+    results = {nproc: (json.loads((out / "record.json").read_text()),
+                       load_file(out / "model/model.safetensors"))
+               for nproc, out in one_and_two_ranks(tmp_path, "finetune", spec=spec,
+                                                   base_dir=str(base),
+                                                   reasoning_dir=str(reasoning)).items()}
     (one, one_weights), (two, two_weights) = results[1], results[2]
     assert two["provenance"]["execution"]["backend"] == f"torchrun {backend} (gloo)"
     assert two["provenance"]["execution"]["world_size"] == 2
@@ -455,3 +462,38 @@ def test_sharded_freeze_keeps_each_weight_in_its_dtype(finetune_inputs):
     base, _ = finetune_inputs
     stored = load_file(base / "model.safetensors")
     mp.spawn(_freeze_sharded_rank, args=(2, _free_port(), str(base), stored), nprocs=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["continuous", "oneshot"])
+def test_two_ranks_prune_like_one_process(stdlib_tokens, tmp_path, mode):
+    """A pruning route on two ranks picks the masks one process picks (one-shot gradients are
+    averaged over the ranks before the saliency's absolute value; compensation sums the ranks'
+    Gram matrices) and trains the same small model."""
+    from effllm.data.tokenizer import load_tokenizer, save_tokenizer
+    from effllm.specs import ModelShape
+    from effllm.training.pretrain import build_model
+
+    torch.manual_seed(0)
+    source = tmp_path / "source"
+    build_model(ModelShape.from_json(SPEC["settings"]["model"]),
+                load_tokenizer(stdlib_tokens / "tokenizer")).save_pretrained(
+        source, safe_serialization=True)
+    save_tokenizer(load_tokenizer(stdlib_tokens / "tokenizer"), source)
+    spec = copy.deepcopy(SPEC)
+    spec.update(run_id=f"pretrain/{mode}-x-s0", technique="pruning_aware", label="x", size="x",
+                group="pruning-x", upstream="pretrain/gqa-tiny-s0")
+    spec["settings"]["train"].update(steps=10, batch_size=4, checkpoint_every=0,
+                                     eval_tokens=256)
+    spec["settings"]["pruning"] = {"mode": mode, "compensation": True, "every": 2,
+                                   "prune_steps": 4 if mode == "continuous" else 0,
+                                   "groups": ["heads", "ffn", "hidden"], "saliency": "taylor",
+                                   "calib_batches": 2, "damp": 0.01, "target_params": 24_000}
+    one, two = (json.loads((out / "record.json").read_text()) for out in one_and_two_ranks(
+        tmp_path, "prune_pretrain", spec=spec, data_dir=str(stdlib_tokens),
+        source_dir=str(source)).values())
+    assert two["provenance"]["execution"]["world_size"] == 2
+    for key in ("prune_params", "prune_heads", "prune_ffn_channels", "prune_hidden",
+                "layer_heads", "layer_kv_heads", "layer_ffn"):
+        assert two["series"][key] == one["series"][key], key
+    assert two["series"]["train_loss"] == pytest.approx(one["series"]["train_loss"], rel=1e-4)

@@ -749,6 +749,7 @@ def _set_block(**changes):
     (_set_block(source="alibi-small"), "groups"),
     (_set_block(target_params=100_000), "baselines"),
     (_set_block(every=300), "every"),
+    (_set_block(prune_steps=494, continue_steps=6), "continue_steps"),  # no timed step after
 ])
 def test_bad_pruning_blocks_are_refused_naming_the_key(config, schema, mutate, key):
     """Each bad pruning block raises ConfigError naming pretrain.blocks.pruning.<key>."""
@@ -887,8 +888,11 @@ def test_a_pruning_route_runs_end_to_end(stdlib_tokens, source_dir, tmp_path, te
     assert metrics["source_hidden_size"] == 32
     bs, seq = spec["settings"]["train"]["batch_size"], spec["settings"]["train"]["seq_len"]
     assert metrics["route_tokens"] == steps * bs * seq
-    calibrated = pruning["compensation"] or pruning["mode"] == "oneshot"
-    assert metrics["calibration_tokens"] == (2 * bs * seq if calibrated else 0)
+    # passes over the 2 calibration batches: one-shot saliency once, compensation per event
+    # that cut something
+    cuts = sum(b < a for a, b in zip(series["prune_params"], series["prune_params"][1:]))
+    passes = (pruning["mode"] == "oneshot") + (cuts if pruning["compensation"] else 0)
+    assert metrics["calibration_tokens"] == passes * 2 * bs * seq
     assert record["provenance"]["execution"]["pruning"] == (
         f"{pruning['mode']}, groups {groups}, saliency {spec['settings']['pruning']['saliency']}"
         f", compensation {pruning['compensation']}")

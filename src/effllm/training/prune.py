@@ -21,6 +21,7 @@ widths at each event (series ``prune_*``) and the final per-layer widths (``laye
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from effllm.data.tokenizer import load_tokenizer, save_tokenizer
-from effllm.distributed import Placement, all_reduce_, end, is_distributed
+from effllm.distributed import Placement, all_reduce_, end, is_distributed, world
 from effllm.measure import Window
 from effllm.models import DecoderForCausalLM
 from effllm.models.params import count_params
@@ -42,7 +43,7 @@ from effllm.records import Metric
 from effllm.specs import PretrainSpec, PruningSpec
 from effllm.stage import Outcome, run_job
 from effllm.training.loop import (
-    adamw, cosine_schedule, step_batches, step_flops_per_token, train, unwrap,
+    adamw, cosine_schedule, step_batches, step_flops_per_token, train, unwrap, use_checkpointing,
 )
 from effllm.training.pretrain import build_model, pretrain_metrics, window_batch
 
@@ -96,6 +97,7 @@ class Pruner:
         self.trajectory = [widths_entry(self.config, self.masks, 0)]
         self.removed = {"heads": 0, "ffn": 0, "hidden": 0}
         self.compensated = 0
+        self.calibration_passes = 0  # passes over the calibration batches (saliency, OBS)
 
     def accumulate(self) -> None:
         """Add the current gradients' saliency (summed across steps between events)."""
@@ -117,8 +119,10 @@ class Pruner:
                               self.cfg.groups)
         if self.cfg.compensation:
             reduce = all_reduce_ if is_distributed() else None
-            self.compensated += compensate_model(self.model, self.masks, new,
-                                                 self.calibration(), self.cfg.damp, reduce)
+            layers = compensate_model(self.model, self.masks, new, self.calibration(),
+                                      self.cfg.damp, reduce)
+            self.compensated += layers
+            self.calibration_passes += bool(layers)
         self.masks = new
         apply_masks(self.model, self.masks)
         for kind, n in removed.items():
@@ -138,15 +142,31 @@ class Pruner:
             self.event(allowed, done * self.tokens_per_step)
 
 
-def oneshot_scores(pruner: Pruner, model, batches, precision: str) -> None:
-    """Saliency of the untouched source from the gradients of ``batches`` (no update)."""
+def oneshot_scores(pruner: Pruner, model, batches, precision: str,
+                   micro_batch_size: int | None) -> None:
+    """Saliency of the untouched source from the gradients of ``batches`` (no update): each
+    batch's whole gradient (in micro-batches of ``micro_batch_size`` rows, weighed by their
+    tokens), averaged over the ranks before the saliency's absolute value, so the masks do not
+    depend on how many GPUs the job has."""
     device = next(model.parameters()).device
     for batch in batches:
-        with autocast(device, precision):
-            out = model(**{k: v.to(device) for k, v in batch.items()})
-        out.loss.backward()
+        rows = batch["input_ids"].shape[0]
+        size = micro_batch_size or rows
+        total = (batch["labels"][:, 1:] != -100).sum()
+        for start in range(0, rows, size):
+            chunk = {k: v[start:start + size].to(device) for k, v in batch.items()}
+            with autocast(device, precision):
+                out = model(**chunk)
+            share = (chunk["labels"][:, 1:] != -100).sum() / total
+            (out.loss * share.to(out.loss.dtype)).backward()
+        if is_distributed():
+            for p in model.parameters():
+                if p.grad is not None:
+                    all_reduce_(p.grad)
+                    p.grad /= world()
         pruner.accumulate()
         model.zero_grad(set_to_none=True)
+    pruner.calibration_passes += 1
 
 
 def phase(model, spec: PretrainSpec, lr: float, steps: int, batches, placement: Placement,
@@ -179,6 +199,7 @@ def prune_pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
     model = as_decoder(AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32))
     check_prunable(model.config, cfg.groups)
     model.to(placement.device).train()
+    use_checkpointing(model, t)  # as the grid's runs (and the GPU plan) do
     source_config = model.config
     local_batch = window_batch(train_tokens, t.batch_size, t.seq_len, placement.rank,
                                placement.world)
@@ -200,11 +221,17 @@ def prune_pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
                           pruner)
         first_step = cfg.prune_steps
     else:
-        oneshot_scores(pruner, model, calibration(), t.precision)
+        oneshot_scores(pruner, model, calibration(), t.precision, t.micro_batch_size)
         pruner.event(pruner.target, 0)
         first_step = 0
     small = slice_model(unwrap(model), pruner.masks)
+    # Free the source (and its optimiser's and DDP's memory) before the measured phase, or the
+    # device memory the small model's window reads would still hold it.
     del model
+    pruner.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     prune_seconds = time.perf_counter() - started
     params_total = count_params(small)[0]
     expected = params_of(source_config, pruner.masks.widths(source_config))
@@ -214,6 +241,7 @@ def prune_pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
     probe = {k: v.to(placement.device) for k, v in
              local_batch(np.random.default_rng([spec.seed, 2**31])).items()}
     flops_per_token = step_flops_per_token(small, probe, t.precision)
+    use_checkpointing(small, t)  # after the FLOP count: it counts the plain step
     window = Window(spec.measure.sample_interval_s, spec.measure.watts_per_core)
     log = phase(small, spec, lr, t.steps - first_step,
                 step_batches(local_batch, spec.seed, first_step), placement, window,
@@ -242,7 +270,7 @@ def prune_pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
 def route_metrics(spec: PretrainSpec, pruner: Pruner, source, final, seconds: float
                   ) -> dict[str, Metric]:
     cfg, t = spec.pruning, spec.train
-    calib = cfg.calib_batches * (cfg.compensation or cfg.mode == "oneshot")
+    calib = cfg.calib_batches * pruner.calibration_passes
     return {
         "params_source": Metric.measured(pruner.source, "params", "count_widths"),
         "params_target": Metric.measured(pruner.target, "params", "pruning target"),
@@ -254,7 +282,8 @@ def route_metrics(spec: PretrainSpec, pruner: Pruner, source, final, seconds: fl
                                         f"steps while pruning, the rest after the slice"),
         "calibration_tokens": Metric.measured(
             calib * t.batch_size * t.seq_len, "tokens", "calib_batches x batch x seq_len",
-            "forward (and one-shot backward) passes outside the training stream"),
+            f"{pruner.calibration_passes} passes over the calibration batches (one-shot "
+            "saliency: forward and backward; compensation: forward), outside the training"),
         "prune_phase_seconds": Metric.measured(seconds, "s", "perf_counter",
                                                "source training and pruning, up to the slice"),
         **{f"groups_removed_{kind}": Metric.measured(n, "groups", "count")
