@@ -8,7 +8,6 @@ fine-tuning base that is not pretrained, steps that do not cover warm-up). Snake
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -138,29 +137,25 @@ def _check_pruning(config: dict) -> None:
 def _check_hub_source(config: dict, block: dict, key: str) -> None:
     """A hub source is cached, reads the corpus in its own tokens, and maps onto our decoder
     (checked on its config.json; the weights are converted when the run starts)."""
-    from effllm.data.hub import DataSourceError, cached_model
+    from effllm.data import DataSourceError
+    from effllm.specs import decoder_mismatch
+    from effllm.sweep import hub_fields
 
     name = block["source"]
-    entry = config["hub_models"][name]
     tokenizer = config["data"]["tokenizer"].get("hub")
-    if tokenizer not in (name, entry["repo_id"]):
+    if tokenizer not in (name, config["hub_models"][name]["repo_id"]):
         raise ConfigError(f"config key 'data.tokenizer.hub': {tokenizer!r}; pruning the hub "
                           f"model {name!r} ({key}.source) trains it on the corpus in its own "
                           f"tokens: set data.tokenizer.hub to {name!r}")
     try:
-        snapshot = cached_model(entry["repo_id"], entry.get("revision"))
+        fields, _ = hub_fields(config, name)
     except DataSourceError as err:
         raise ConfigError(f"config key '{key}.source': {err}") from None
-    fields = json.loads((snapshot / "config.json").read_text())
-    rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
-    if fields.get("model_type") not in ("llama", "mistral") or fields.get("attention_bias") \
-            or fields.get("mlp_bias") or fields.get("hidden_act", "silu") != "silu" \
-            or rope.get("rope_type", rope.get("type", "default")) != "default" \
-            or fields.get("sliding_window") is not None:
-        raise ConfigError(f"config key '{key}.source': {name!r} (model_type "
-                          f"{fields.get('model_type')!r}) is not a plain Llama-architecture "
-                          f"decoder (no biases, default RoPE, no sliding window), the one hub "
-                          f"architecture the pruning maps onto ours")
+    why = decoder_mismatch(fields)
+    if why:
+        raise ConfigError(f"config key '{key}.source': {name!r} is not a plain Llama-"
+                          f"architecture decoder, the one hub architecture the pruning maps "
+                          f"onto ours: {'; '.join(why)}")
     if isinstance(block["target_params"], str) and block["target_params"] not in config["sizes"]:
         raise ConfigError(f"config key '{key}.target_params': unknown size "
                           f"{block['target_params']!r}; defined sizes: {sorted(config['sizes'])}")

@@ -150,6 +150,26 @@ def decoder_params(vocab: int, hidden: int, head_dim: int, heads: list[int],
     return vocab * hidden * (1 if tied else 2) + positions * hidden + bias_table + hidden + layers
 
 
+# Hub architectures whose every weight maps onto our decoder by name (Llama's names are ours).
+SAME_AS_DECODER = ("llama", "mistral")
+
+
+def decoder_mismatch(fields: dict) -> list[str]:
+    """Why a hub model's ``config.json`` fields do not map onto our decoder weight for weight
+    (empty: they do). Torch-free: the config check reads it before any job, the pruning run
+    (:func:`effllm.models.pruning.as_decoder`) again on the loaded model."""
+    rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    return [reason for reason, bad in (
+        (f"model_type {fields.get('model_type')!r} is not one of {SAME_AS_DECODER}",
+         fields.get("model_type") not in SAME_AS_DECODER),
+        ("attention or MLP biases", fields.get("attention_bias") or fields.get("mlp_bias")),
+        (f"activation {fields.get('hidden_act')!r}", fields.get("hidden_act", "silu") != "silu"),
+        (f"RoPE type {rope_type!r}", rope_type != "default"),
+        ("a sliding attention window", fields.get("sliding_window") is not None),
+    ) if bad]
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainTrain(Spec):
     seq_len: int

@@ -270,17 +270,24 @@ def pruning_settings(config: dict) -> dict | None:
     return {**PRUNING_DEFAULTS, **block} if block else None
 
 
-def hub_shape(config: dict, name: str) -> ModelShape:
-    """The shape of the hub model ``name`` as our decoder, from its cached ``config.json`` (the
-    pruning run converts it: :func:`effllm.models.pruning.as_decoder`)."""
+def hub_fields(config: dict, name: str) -> tuple[dict, dict]:
+    """The cached ``config.json`` of the hub model ``name``, and its RoPE settings (the
+    ``rope_parameters`` of transformers 5, or the older ``rope_scaling``). Raises
+    DataSourceError when the model is not cached."""
     from effllm.data.hub import cached_model
 
     entry = config["hub_models"][name]
     fields = json.loads((cached_model(entry["repo_id"], entry.get("revision"))
                          / "config.json").read_text())
+    return fields, fields.get("rope_parameters") or fields.get("rope_scaling") or {}
+
+
+def hub_shape(config: dict, name: str) -> ModelShape:
+    """The shape of the hub model ``name`` as our decoder, from its cached ``config.json`` (the
+    pruning run converts it: :func:`effllm.models.pruning.as_decoder`)."""
+    fields, rope = hub_fields(config, name)
     heads = fields["num_attention_heads"]
     kv = fields.get("num_key_value_heads") or heads
-    rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
     return ModelShape.from_json({
         "family": "decoder", "hidden_size": fields["hidden_size"],
         "num_hidden_layers": fields["num_hidden_layers"], "num_attention_heads": heads,

@@ -1024,3 +1024,17 @@ def test_a_cached_hub_model_is_a_pruning_source(config, schema, hub, use_cache, 
     assert type(loaded) is DecoderForCausalLM
     assert record["metrics"]["params_total"]["value"] == count_params(loaded)[0] <= 30_000
     assert record["metrics"]["source_hidden_size"]["value"] == 64
+
+
+def test_the_schema_states_the_pruning_defaults_the_sweep_applies(schema):
+    """The schema's defaults of the pruning block (what config/README.md documents) are the
+    ones effllm.sweep.PRUNING_DEFAULTS fills in: one set of defaults, not two that drift."""
+    import yaml
+
+    from effllm.sweep import PRUNING_DEFAULTS
+
+    tree = yaml.safe_load(schema.read_text())
+    block = tree["properties"]["pretrain"]["properties"]["blocks"]["properties"]["pruning"]
+    props = next(o for o in block["anyOf"] if o.get("type") == "object")["properties"]
+    stated = {key: spec["default"] for key, spec in props.items() if "default" in spec}
+    assert stated == PRUNING_DEFAULTS

@@ -34,7 +34,7 @@ from torch import nn
 
 from effllm.models.config import BIAS_ENCODINGS
 from effllm.models.decoder import DecoderConfig, DecoderForCausalLM
-from effllm.specs import decoder_params
+from effllm.specs import decoder_mismatch, decoder_params
 
 GROUP_TYPES = ("heads", "ffn", "hidden")
 SALIENCIES = ("taylor", "taylor_elementwise")
@@ -55,10 +55,6 @@ def check_prunable(config: DecoderConfig, groups=GROUP_TYPES) -> None:
                          "table is built for the full hidden size")
 
 
-# Hub architectures whose every weight maps onto our decoder by name (Llama's names are ours).
-SAME_AS_DECODER = ("llama", "mistral")
-
-
 def as_decoder(model) -> DecoderForCausalLM:
     """``model`` as our decoder, for a hub source: a Llama-architecture model (no attention or
     MLP biases, SiLU, plain RoPE, no sliding window) maps onto it weight for weight, so the
@@ -66,20 +62,11 @@ def as_decoder(model) -> DecoderForCausalLM:
     if isinstance(model, DecoderForCausalLM):
         return model
     c = model.config
-    rope = dict(getattr(c, "rope_parameters", None) or {})
-    why = [reason for reason, bad in (
-        (f"model_type {c.model_type!r} is not one of {SAME_AS_DECODER}",
-         c.model_type not in SAME_AS_DECODER),
-        ("attention or MLP biases", getattr(c, "attention_bias", False)
-         or getattr(c, "mlp_bias", False)),
-        (f"activation {getattr(c, 'hidden_act', None)!r}", getattr(c, "hidden_act", "silu")
-         != "silu"),
-        (f"RoPE type {rope.get('rope_type')!r}", rope.get("rope_type", "default") != "default"),
-        ("a sliding attention window", getattr(c, "sliding_window", None) is not None),
-    ) if bad]
+    why = decoder_mismatch(c.to_dict())
     if why:
         raise ValueError(f"a hub source must be a Llama-architecture decoder to be pruned: "
                          f"{'; '.join(why)}")
+    rope = dict(getattr(c, "rope_parameters", None) or {})
     heads, kv = c.num_attention_heads, c.num_key_value_heads
     config = DecoderConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,

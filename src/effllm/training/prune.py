@@ -96,7 +96,6 @@ class Pruner:
         self.scores: Masks | None = None
         self.trajectory = [widths_entry(self.config, self.masks, 0)]
         self.removed = {"heads": 0, "ffn": 0, "hidden": 0}
-        self.compensated = 0
         self.calibration_passes = 0  # passes over the calibration batches (saliency, OBS)
 
     def accumulate(self) -> None:
@@ -119,10 +118,8 @@ class Pruner:
                               self.cfg.groups)
         if self.cfg.compensation:
             reduce = all_reduce_ if is_distributed() else None
-            layers = compensate_model(self.model, self.masks, new, self.calibration(),
-                                      self.cfg.damp, reduce)
-            self.compensated += layers
-            self.calibration_passes += bool(layers)
+            self.calibration_passes += bool(compensate_model(
+                self.model, self.masks, new, self.calibration(), self.cfg.damp, reduce))
         self.masks = new
         apply_masks(self.model, self.masks)
         for kind, n in removed.items():
@@ -273,14 +270,14 @@ def route_metrics(spec: PretrainSpec, pruner: Pruner, source, final, seconds: fl
     calib = cfg.calib_batches * pruner.calibration_passes
     return {
         "params_source": Metric.measured(pruner.source, "params", "count_widths"),
-        "params_target": Metric.measured(pruner.target, "params", "pruning target"),
+        "params_target": Metric.configured(pruner.target, "params", "pruning target"),
         "hidden_size": Metric.measured(final.hidden_size, "1", "config"),
-        "source_hidden_size": Metric.measured(source.hidden_size, "1", "config"),
-        "route_tokens": Metric.measured(t.steps * t.batch_size * t.seq_len, "tokens",
+        "source_hidden_size": Metric.configured(source.hidden_size, "1", "config"),
+        "route_tokens": Metric.configured(t.steps * t.batch_size * t.seq_len, "tokens",
                                         "steps x batch x seq_len",
                                         f"{cfg.prune_steps if cfg.mode == 'continuous' else 0} "
                                         f"steps while pruning, the rest after the slice"),
-        "calibration_tokens": Metric.measured(
+        "calibration_tokens": Metric.configured(
             calib * t.batch_size * t.seq_len, "tokens", "calib_batches x batch x seq_len",
             f"{pruner.calibration_passes} passes over the calibration batches (one-shot "
             "saliency: forward and backward; compensation: forward), outside the training"),
