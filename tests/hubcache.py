@@ -71,6 +71,7 @@ HUB_ARCHITECTURES = {
                                      500000.0, head_dim=128, rope_scaling=_llama3_rope(32.0)),
     "meta-llama/Llama-3.1-8B": _arch("llama", 4096, 32, 32, 8, 14336, 128256, False, 131072,
                                      500000.0, rope_scaling=_llama3_rope(8.0)),
+    "Qwen/Qwen2.5-0.5B": _arch("qwen2", 896, 24, 14, 2, 4864, 151936, True, 32768, 1e6),
     "Qwen/Qwen2.5-7B": _arch("qwen2", 3584, 28, 28, 4, 18944, 152064, False, 131072, 1e6),
     "Qwen/Qwen2.5-14B": _arch("qwen2", 5120, 48, 40, 8, 13824, 152064, False, 131072, 1e6),
     "mistralai/Mistral-7B-v0.3": _arch("mistral", 4096, 32, 32, 8, 14336, 32768, False, 32768,

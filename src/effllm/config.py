@@ -51,6 +51,7 @@ def check_semantics(config: dict) -> None:
     known = _pretrained_bases(config)
     _check_bases(config, known)
     _check_serving(config, known)
+    _check_techniques(config, known)
     _check_lengths(config)
     _check_methods(config, known)
     _check_finetune_sets(config)
@@ -236,6 +237,100 @@ def _check_serving(config: dict, known: dict) -> None:
                     f"{run.name.rsplit('-s', 1)[0]!r}, which cannot decode the left-padded "
                     "batches of the exact-match evaluation (NSA refuses them, RWKV lets the "
                     "padding into its state)")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
+
+
+def _check_techniques(config: dict, known: dict) -> None:
+    """The techniques block serves a model the grid has, its bf16 reference is there, and each
+    variant is a technique its library can run here (a speculative draft's tokenizer is
+    compared with the served model's when the job starts)."""
+    block = config["inference"].get("techniques")
+    if not block:
+        return
+    from effllm.cluster import stage_settings
+
+    key = "config key 'inference.techniques"
+    inf, ft, hub = config["inference"], config["finetune"], config.get("hub_models") or {}
+    source = block["source"]
+    served_hub = source in (inf.get("hub_models") or [])
+    tuned = source in ft["methods"] and ft["bases"]
+    if not served_hub and not tuned and source not in known:
+        raise ConfigError(f"{key}.source': {source!r} is neither a pretraining run "
+                          f"({sorted(known)}), a fine-tuning method of finetune.methods "
+                          f"({ft['methods']}, served from finetune.bases[0]) nor one of "
+                          f"inference.hub_models ({inf.get('hub_models') or []})")
+    gpus = stage_settings(config, "inference").gpus
+    base = None if served_hub else known.get(ft["bases"][0] if tuned else source)
+    if base is not None and (base.spec.model.family == "rwkv"
+                             or base.spec.model.attention == "nsa"):
+        raise ConfigError(f"{key}.source': {source!r} cannot decode the left-padded batches "
+                          "of the exact-match evaluation (NSA refuses them, RWKV lets the "
+                          "padding into its state)")
+    names = [v["name"] for v in block["variants"]]
+    plain = [v for v in block["variants"] if not set(v) & {"weights", "kv_cache", "speculative"}]
+    if not any(v["name"] == "bf16" and v.get("precision", "bf16") == "bf16" for v in plain):
+        raise ConfigError(f"{key}.variants': no plain variant named bf16 ({{name: bf16}}): "
+                          "the reference of the block's figure, MCR and claims")
+    for i, variant in enumerate(block["variants"]):
+        where = f"{key}.variants.{i}"
+        if variant["name"] in names[:i]:
+            raise ConfigError(f"{where}.name': {variant['name']!r} names two variants (the "
+                              f"first: variants.{names.index(variant['name'])})")
+        precision = variant.get("precision", "bf16")
+        weights, kv, spec = (variant.get(k) for k in ("weights", "kv_cache", "speculative"))
+        if (weights or kv or spec) and variant["name"] in PRECISIONS:
+            raise ConfigError(f"{where}.name': {variant['name']!r} is a precision's name, which "
+                              "its run would share with the inference block's; name the "
+                              "technique")
+        if kv and spec:
+            raise ConfigError(f"{where}': a quantised KV cache cannot be cropped after rejected "
+                              "speculative tokens (transformers' QuantizedCache); use two "
+                              "variants")
+        if weights:
+            if precision not in ("fp32", "bf16", "fp16"):
+                raise ConfigError(f"{where}.weights': weight-only quantisation applies to a "
+                                  f"float model, not to precision {precision!r} (bitsandbytes)")
+            if weights["method"] == "torchao" and weights["bits"] not in (4, 8):
+                raise ConfigError(f"{where}.weights.bits': torchao's weight-only configs are "
+                                  f"int4 and int8, not {weights['bits']} bits")
+            if weights["method"] == "torchao" and weights["bits"] == 4 and not gpus:
+                raise ConfigError(f"{where}.weights': torchao int4 weight-only needs a CUDA GPU "
+                                  "(tinygemm's layout, sm80 or newer; no CPU kernel in torchao "
+                                  "0.18) and resources.inference.gpus is 0; on a CPU use hqq "
+                                  "at 4 bits")
+        if kv:
+            if kv["backend"] == "fp8" and set(kv) - {"backend"}:
+                raise ConfigError(f"{where}.kv_cache': the fp8 backend quantises per tensor; "
+                                  f"{sorted(set(kv) - {'backend'})} apply to hqq only")
+            if base is not None and (base.spec.model.family != "decoder"
+                                     or base.spec.model.attention in ("mla", "nsa")):
+                raise ConfigError(f"{where}.kv_cache': the served model "
+                                  f"({ft['bases'][0]}) has no plain key/value cache to quantise")
+        if spec is not None:
+            if bool(spec.get("draft")) == bool(spec.get("lookup")):
+                raise ConfigError(f"{where}.speculative': give exactly one of draft (a draft "
+                                  "model) and lookup (prompt lookup)")
+            if spec.get("lookup") and spec.get("tokens"):
+                raise ConfigError(f"{where}.speculative.tokens': the draft's tokens per round; "
+                                  "prompt lookup proposes up to lookup tokens")
+            if inf["batch_size"] != 1:
+                raise ConfigError(f"{where}.speculative': transformers decodes speculatively "
+                                  f"one sequence at a time; inference.batch_size is "
+                                  f"{inf['batch_size']}")
+            draft = spec.get("draft")
+            if draft and served_hub and draft not in hub:
+                raise ConfigError(f"{where}.speculative.draft': the source is a hub model, so "
+                                  f"the draft must be one of hub_models ({sorted(hub)}) sharing "
+                                  "its tokenizer")
+            if draft and not served_hub and draft not in known:
+                raise ConfigError(f"{where}.speculative.draft': {draft!r} is not a pretraining "
+                                  f"run of the grid ({sorted(known)})")
+            if draft and not served_hub and (known[draft].spec.model.family != "decoder"
+                                             or known[draft].spec.model.attention == "nsa"):
+                raise ConfigError(f"{where}.speculative.draft': {draft!r} is not a decoder "
+                                  "whose cache can be cropped after rejected tokens (not NSA)")
 
 
 def _check_lengths(config: dict) -> None:
@@ -453,8 +548,10 @@ def used_hub_models(config: dict) -> list[str]:
     hub = config.get("hub_models") or {}
     served = config["inference"].get("hub_models") or []
     pruning = (config["pretrain"]["blocks"].get("pruning") or {}).get("source")
+    drafts = [(v.get("speculative") or {}).get("draft") for v in
+              (config["inference"].get("techniques") or {}).get("variants", [])]
     return [name for name in hub if name in config["finetune"]["bases"] or name in served
-            or name == pruning]
+            or name == pruning or name in drafts]
 
 
 def check_config(config: dict, schema_path: str | os.PathLike) -> dict:

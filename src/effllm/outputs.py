@@ -158,6 +158,10 @@ FIGURES: dict[str, Output] = {o.name: o for o in (
     _figure("fig_pruning_architecture", "pruning",
             "effllm.plots.pruning:draw_pruning_architecture", "Pretraining",
             inputs={"widths_csv": PRUNING_WIDTHS}),
+    # The survey's serving techniques on one served model (issue 22): weights, KV cache and
+    # speculative decoding, each in its own units.
+    _figure("fig_techniques", "techniques", "effllm.plots.techniques:draw_techniques",
+            "Inference"),
 )}
 
 # The tables' contents are effllm.analysis.paper_tables.TABLES (by name); the blocks here select
@@ -171,6 +175,7 @@ TABLES: dict[str, Output] = {o.name: o for o in (
     _table("table7_finetune", "finetune"),
     _table("table9_inference", "inference"),
     _table("table16_tasks", "inference"),
+    _table("table_techniques", "techniques"),
 )}
 # Table 8: table 7 on each fine-tuning set after the primary, whose runs form the block
 # "finetune_<set>" (effllm.sweep.finetune_group), named "table8_finetune_<set>".

@@ -163,6 +163,15 @@ METRICS: dict[str, MetricInfo] = _Catalogue({
     "kv_cache_bytes_per_token": MetricInfo(
         "B/token", False, "KV B/tok", "KV-cache bytes per token"
     ),
+    # the serving techniques (effllm.inference.techniques)
+    "kv_perplexity": MetricInfo("1", False, "PPL (cache)",
+                                "perplexity of text read back through the decoding cache"),
+    "tokens_per_pass": MetricInfo("tokens/pass", True, "Tok/pass",
+                                  "new tokens per forward pass of the served model"),
+    "draft_acceptance": MetricInfo("1", True, "Accept", "draft tokens accepted / proposed"),
+    "identical_output": MetricInfo("fraction", True, "Same out",
+                                   "prompts whose greedy output equals plain decoding's"),
+    "quantize_seconds": MetricInfo("s", False, "Quant s", "wall time of weight quantisation"),
     # the pruning block's route (effllm.training.prune)
     "params_source": MetricInfo("params", False, "Source", "parameters of the pruned source"),
     "params_target": MetricInfo("params", False, "Target", "parameter count pruned down to"),

@@ -365,6 +365,40 @@ class FinetuneSpec(RunSpec):
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightQuant(Spec):
+    """Weight-only quantisation of a served model's linear layers after loading
+    (``inference.techniques``): ``hqq`` (Half-Quadratic, group-wise) or ``torchao`` (int8
+    per-row), at ``bits`` with ``group_size`` weights per scale."""
+
+    method: str
+    bits: int
+    group_size: int | None = opt()
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheSpec(Spec):
+    """A quantised KV cache (transformers' ``QuantizedCache``): ``fp8`` (per-tensor e4m3), or
+    group-wise ``hqq`` at ``bits`` with ``group_size`` values per scale, keeping the newest
+    ``residual`` tokens in full precision."""
+
+    backend: str
+    bits: int | None = opt()
+    group_size: int | None = opt()
+    residual: int | None = opt()
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeSpec(Spec):
+    """Speculative decoding: ``draft`` (a run id whose model shares the tokenizer) proposes
+    ``tokens`` tokens a round, or prompt lookup proposes ``lookup`` tokens copied from the
+    context; the served model verifies them in one pass."""
+
+    draft: str | None = opt()
+    tokens: int | None = opt()
+    lookup: int | None = opt()
+
+
+@dataclasses.dataclass(frozen=True)
 class InferenceSpec(RunSpec):
     precision: str
     bits: int
@@ -373,6 +407,10 @@ class InferenceSpec(RunSpec):
     eval: EvalSpec
     harness: HarnessSpec | None
     measure: MeasureSpec
+    # The techniques block's settings (issue 22); absent for the paper's precisions.
+    weights: WeightQuant | None = opt()
+    kv_cache: KVCacheSpec | None = opt()
+    speculative: SpeculativeSpec | None = opt()
 
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from typing import Any
 
 from effllm.specs import (
@@ -502,20 +503,107 @@ def expand_runs(config: dict) -> dict[str, dict[str, Run]]:
         for source_name, source_id, size, dataset in served:
             for precision in inf["precisions"]:
                 name = f"{precision}-{source_name}"
-                quant = inf.get(precision, {}) if precision in ("int4", "int8") else {}
-                eval_keys = ("batch_size", "prompt_tokens", "new_tokens", "warmup_runs",
-                             "min_runs", "min_seconds", "eval_problems", "eval_max_new_tokens",
-                             "eval_max_length", "ppl_tokens")
-                spec = InferenceSpec.from_json({
-                    **_identity("inference", name, precision, size, seed, source_id, source_id),
-                    "precision": precision, "bits": BITS[precision], "quant": quant,
-                    "dataset": dataset, "eval": {k: inf[k] for k in eval_keys},
-                    "harness": inf.get("harness"), "measure": config["measure"]},
-                    f"inference ({name})")
+                spec = inference_spec(config, name, precision, size, seed, source_id, source_id,
+                                      dataset)
                 runs["inference"][name] = Run(
                     spec, (_membership("inference", source_id, precision),))
+        _add_technique_runs(config, seed, runs)
     mark_served(runs)
     return runs
+
+
+EVAL_KEYS = ("batch_size", "prompt_tokens", "new_tokens", "warmup_runs", "min_runs",
+             "min_seconds", "eval_problems", "eval_max_new_tokens", "eval_max_length",
+             "ppl_tokens")
+
+
+def inference_spec(config: dict, name: str, technique: str, size: str, seed: int, group: str,
+                   source_id: str, dataset: str, precision: str | None = None,
+                   **settings) -> InferenceSpec:
+    """The spec of serving ``source_id`` at ``precision`` (default: ``technique``), with a
+    technique's ``settings`` (weights, kv_cache, speculative)."""
+    inf = config["inference"]
+    precision = precision or technique
+    quant = inf.get(precision, {}) if precision in ("int4", "int8") else {}
+    return InferenceSpec.from_json({
+        **_identity("inference", name, technique, size, seed, group, source_id),
+        "precision": precision, "quant": quant, "dataset": dataset,
+        "bits": settings["weights"]["bits"] if settings.get("weights") else BITS[precision],
+        "eval": {k: inf[k] for k in EVAL_KEYS}, "harness": inf.get("harness"),
+        "measure": config["measure"], **settings}, f"inference ({name})")
+
+
+TECHNIQUES_BLOCK = "techniques"
+TECHNIQUE_KEYS = ("weights", "kv_cache", "speculative")
+
+
+def technique_source(config: dict, seed: int, runs: dict[str, dict[str, Run]]
+                     ) -> tuple[str, str, str, str] | None:
+    """(name, run id, size, dataset) of the model ``inference.techniques.source`` names at
+    ``seed``: a hub model, a pretraining run of the grid (at ``seed``, else its first), or the
+    fine-tuning method's run on the first base and the first set served
+    (``inference.finetune_datasets``, else the primary; None when fine-tuning does not run
+    that seed)."""
+    inf, datasets = config["inference"], config["finetune"]["datasets"]
+    source = inf["techniques"]["source"]
+    if source in (inf.get("hub_models") or []):
+        return f"{source}-s{seed}", f"hub/{source}", source, datasets[0]
+    if source not in config["finetune"]["methods"]:  # a pretraining run (the config checks it)
+        try:
+            run = base_run(runs["pretrain"], source, seed)
+        except ValueError:
+            return None
+        # named by the inference seed, as a hub model is: the model of another seed when the
+        # pretraining block does not run this one
+        return f"{source}-s{seed}", run.run_id, run.size, datasets[0]
+    if not config["finetune"]["bases"]:
+        return None
+    dataset = (inf.get("finetune_datasets") or datasets)[0]
+    _, group = finetune_group(config["finetune"]["bases"][0], dataset, datasets)
+    run = runs["finetune"].get(f"{source}-{group}-s{seed}")
+    return (run.name, run.run_id, run.size, dataset) if run else None
+
+
+def draft_id(config: dict, draft: str, seed: int, runs: dict[str, dict[str, Run]]) -> str:
+    """The run id of a speculative draft: a hub model, or a pretraining run of the grid (its
+    run at ``seed``, else at its first seed)."""
+    if draft in (config.get("hub_models") or {}):
+        return f"hub/{draft}"
+    return base_run(runs["pretrain"], draft, seed).run_id
+
+
+def _add_technique_runs(config: dict, seed: int, runs: dict[str, dict[str, Run]]) -> None:
+    """The techniques block's runs of ``seed`` (``inference.techniques``): each variant serves
+    the source; a variant with no technique is the inference block's run of its precision when
+    there is one (one run, two places)."""
+    block = config["inference"].get("techniques")
+    source = technique_source(config, seed, runs) if block else None
+    if source is None:
+        return
+    source_name, source_id, size, dataset = source
+    group = f"{TECHNIQUES_BLOCK}-{re.sub(r'-s[0-9]+$', '', source_id.rsplit('/', 1)[1])}"
+    for variant in block["variants"]:
+        member = _membership(TECHNIQUES_BLOCK, group, variant["name"], variant.get("label"))
+        precision = variant.get("precision", "bf16")
+        settings = {k: copy.deepcopy(variant[k]) for k in TECHNIQUE_KEYS if variant.get(k)}
+        if (settings.get("speculative") or {}).get("draft"):
+            try:
+                settings["speculative"]["draft"] = draft_id(
+                    config, settings["speculative"]["draft"], seed, runs)
+            except ValueError:  # no such run: the config check names the key
+                continue
+        name = f"{precision if not settings else variant['name']}-{source_name}"
+        existing = runs["inference"].get(name)
+        if existing is not None and settings:  # a name taken twice: the config check refuses
+            continue
+        if existing is not None:  # the same serving, already a run
+            runs["inference"][name] = dataclasses.replace(
+                existing, memberships=existing.memberships + (member,))
+            continue
+        technique = variant["name"] if settings else precision
+        spec = inference_spec(config, name, technique, size, seed, group, source_id, dataset,
+                              precision, **settings)
+        runs["inference"][name] = Run(spec, (member,))
 
 
 def mark_served(runs: dict[str, dict[str, Run]]) -> None:

@@ -155,6 +155,41 @@ def test_inference_every_precision_on_cuda(finetune_inputs, stdlib_tokens, tmp_p
     assert metrics["decode_latency"]["status"] == "measured"
 
 
+@pytest.mark.parametrize("technique", [
+    {"weights": {"method": "hqq", "bits": 4, "group_size": 64}},
+    {"weights": {"method": "torchao", "bits": 4, "group_size": 64}},  # CUDA only
+    {"weights": {"method": "torchao", "bits": 8}},
+    {"kv_cache": {"backend": "fp8"}},
+    {"kv_cache": {"backend": "hqq", "bits": 4, "group_size": 32, "residual": 8}},
+    {"speculative": {"draft": "pretrain/t", "tokens": 3}},
+    {"speculative": {"lookup": 3}}],
+    ids=["hqq4", "ao-int4", "ao-int8", "kv-fp8", "kv-hqq4", "draft", "lookup"])
+def test_inference_techniques_on_cuda(finetune_inputs, stdlib_tokens, tmp_path,  # noqa: F811
+                                      technique):
+    """The techniques block's variants (issue 22) as jobs on the device: the weight-only
+    quantisers' layers, the quantised caches and speculative decoding (the model drafting for
+    itself: every draft token accepted) run there and record what they change."""
+    base, reasoning = finetune_inputs
+    spec = inference_spec("bf16")
+    spec["settings"]["eval"]["batch_size"] = 1  # speculative decoding: one sequence
+    spec["settings"].update(copy.deepcopy(technique))
+    if "weights" in technique:
+        spec["settings"]["bits"] = technique["weights"]["bits"]
+    out = tmp_path / "record.json"
+    run_stage("inference", 1, spec=spec, model_dir=str(base),
+              corpus_dir=str(stdlib_tokens.parent / "corpus"), reasoning_dir=str(reasoning),
+              record_out=str(out), draft_dir=str(base) if "speculative" in technique else None)
+    rec = record(out)
+    metrics = rec["metrics"]
+    assert rec["provenance"]["execution"]["device"] == DEVICE
+    assert metrics["kv_perplexity"]["status"] == "measured"
+    if "weights" in technique:
+        assert metrics["quantize_seconds"]["status"] == "measured"
+    if (technique.get("speculative") or {}).get("draft"):
+        assert metrics["draft_acceptance"]["value"] > 0.9  # the model agrees with itself
+        assert metrics["identical_output"]["value"] == 1.0
+
+
 def test_nvml_reads_exactly_the_jobs_device(monkeypatch):
     from effllm.measure import nvml
 

@@ -25,11 +25,11 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 FIGURES = ("fig2_ranking", "fig3a_attention_radar", "fig3b_position_bars", "fig3c_moe_bubbles",
            "fig4a_finetune_mirrored", "fig4b_finetune_area", "fig5_inference_rose",
            "inference_radar", "fig_pruning_routes", "fig_pruning_dynamics",
-           "fig_pruning_architecture")  # one `figure` job each
+           "fig_pruning_architecture", "fig_techniques")  # one `figure` job each
 TABLES = ("table3_attention", "table4_position", "table5_moe", "table6_attention_free",
           "table7_finetune", "table9_inference", "table16_tasks", "table8_finetune_word_problems",
-          "table_pruning")
-TOTAL_JOBS = {"config/config.yaml": 96, "config/smoke.yaml": 73}
+          "table_pruning", "table_techniques")
+TOTAL_JOBS = {"config/config.yaml": 106, "config/smoke.yaml": 83}
 STAGE_RULES = {"prepare_corpus", "train_tokenizer", "prepare_reasoning", "pretrain",
                "prune_pretrain", "finetune", "inference", "aggregate", "pruning_tables",
                "normalise", "paper_table", "claims", "figure", "all"}
@@ -93,7 +93,10 @@ def test_dry_run_holds_every_stage(tmp_path, configfile):
     assert sorted(p for p in requested if p.startswith("results/tables/table")) == sorted(
         f"results/tables/{name}.{ext}" for name in TABLES for ext in ("csv", "md", "tex"))
     primary = [r for r in runs["finetune"].values() if r.spec.dataset == sets[0]]
-    assert counts["inference"] == len(primary) * len(config["inference"]["precisions"])
+    # each served model at each precision, and every variant of the techniques block (its
+    # source, a pretraining run, is not served by the inference block)
+    assert counts["inference"] == len(primary) * len(config["inference"]["precisions"]) + len(
+        config["inference"]["techniques"]["variants"]) == len(runs["inference"])
 
 
 def test_tune_target_runs_the_grid_on_one_base_and_picks(tmp_path):
@@ -251,6 +254,22 @@ def test_smoke_pipeline_end_to_end(tmp_path):
             "params_total"]["value"]
         assert m["params_total"]["value"] < m["params_source"]["value"]
         assert m["route_tokens"]["value"] == 40 * 8 * 64  # smoke: steps x batch x seq_len
+    # The techniques block: what each variant changes, beside the served model's bf16 run.
+    inf = {p.parts[-2]: json.loads(p.read_text())["metrics"]
+           for p in cwd.glob("results/inference/*/record.json")}
+    plain = inf["bf16-gqa-tiny-s0"]
+    assert inf["kv-fp8-gqa-tiny-s0"]["kv_cache_bytes_per_token"]["value"] < 0.6 * plain[
+        "kv_cache_bytes_per_token"]["value"]
+    for variant in ("hqq4", "ao-int8"):
+        assert inf[f"{variant}-gqa-tiny-s0"]["weight_bytes"]["value"] < plain[
+            "weight_bytes"]["value"]
+        assert inf[f"{variant}-gqa-tiny-s0"]["quantize_seconds"]["status"] == "measured"
+    for variant in ("draft", "lookup"):
+        m = inf[f"{variant}-gqa-tiny-s0"]
+        assert all(m[k]["status"] == "measured" for k in ("tokens_per_pass", "identical_output"))
+    assert inf["draft-gqa-tiny-s0"]["draft_acceptance"]["status"] == "measured"
+    # the KV techniques read text back through their cache; the others through the model's own
+    assert all(m["kv_perplexity"]["status"] == "measured" for m in inf.values())
     # int4 < bf16 memory for every served model, MoE above dense: from the tensor account
     assert technique_findings(cwd / "results") == []
     assert not list(cwd.glob("results/checkpoints/pretrain/*/checkpoint.pt"))  # cleared

@@ -192,8 +192,14 @@ def test_paper_scale_config_merges_and_expands(repo_root, schema):
     assert finetune["lora-llama-3.2-1b-s0"].spec.train.lr == 5e-5  # per size
     assert finetune["full-mistral-small-24b+medical_o1-s0"].spec.train.lr == 1e-5
     assert {r.spec.dataset for r in finetune.values()} == {"o1_sft", "medical_o1"}
-    assert len(inference) == 9 * 3 and {r.upstream for r in inference.values()} == {
+    # the nine models at three precisions, and the techniques block's seven more variants of
+    # Qwen2.5-7B (its bf16 and NF4 are the inference block's runs)
+    assert len(inference) == 9 * 3 + 7 and {r.upstream for r in inference.values()} == {
         f"hub/{name}" for name in config["inference"]["hub_models"]}
+    draft = inference["draft-qwen2.5-7b-s0"].spec.speculative
+    assert draft.draft == "hub/qwen2.5-0.5b" and draft.tokens == 5
+    assert [m.block for m in inference["bf16-qwen2.5-7b-s0"].memberships] == [
+        "inference", "techniques"]
     assert all(r.spec.harness.tasks == ("MMLU-Pro", "BBH", "GPQA", "IFEval", "MATH",
                                        "MuSR") for r in inference.values())
 
@@ -279,7 +285,8 @@ def test_two_finetune_sets_give_named_runs_upstreams_and_groups(config, schema):
             ("finetune_word_problems" if second else "finetune", run.group)]
     assert memberships(runs)["finetune/dora-gqa-small+word_problems-s1"][0]["block"] == (
         "finetune_word_problems")
-    served = {r.upstream for r in runs["inference"].values()}
+    served = {r.upstream for r in runs["inference"].values()
+              if r.memberships[0].block == "inference"}  # not the techniques block's source
     assert served == {f"finetune/{n}" for n in runs["finetune"] if "+" not in n}
     assert {r.spec.dataset for r in runs["inference"].values()} == {"arithmetic"}
 
@@ -293,7 +300,9 @@ def test_two_finetune_sets_give_named_runs_upstreams_and_groups(config, schema):
     both = copy.deepcopy(config)
     both["inference"]["finetune_datasets"] = ["arithmetic", "word_problems"]
     inference = expand_runs(check_config(both, schema))["inference"]
-    assert len(inference) == 2 * len(runs["inference"])
+    techniques = [n for n, r in runs["inference"].items()
+                  if all(m.block == "techniques" for m in r.memberships)]  # one served model
+    assert len(inference) == 2 * len(runs["inference"]) - len(techniques)
     second = inference["int4-pissa-gqa-small+word_problems-s1"]
     assert second.upstream == "finetune/pissa-gqa-small+word_problems-s1"
     assert second.spec.dataset == "word_problems"
@@ -313,6 +322,7 @@ def test_learning_rate_per_base_and_method(config, schema):
 
     config = copy.deepcopy(config)
     config["pretrain"]["blocks"]["attention"]["sizes"] = ["small", "medium"]
+    config["inference"]["techniques"] = None  # its draft, gqa-tiny, is gone
     config["finetune"]["bases"] = ["gqa-small", "gqa-medium"]
     config["finetune"]["lr_by_base"] = {"gqa-medium": 1e-3}
     config["finetune"]["lr_by_method"] = {"lora_plus": 3e-4}

@@ -308,6 +308,7 @@ def test_tuned_rates_reach_the_runs_with_their_source(config, schema, tmp_path):
     ft.update(lr_file=str(path), lr_by_method={"full": 4e-3},
               bases=["gqa-small", "gqa-medium"], lr_by_base={"gqa-medium": 1e-3})
     config["pretrain"]["blocks"]["attention"]["sizes"] = ["small", "medium"]
+    config["inference"]["techniques"] = None  # its draft, gqa-tiny, is gone
     runs = expand_runs(check_config(config, schema))["finetune"]
     train = {name: run.spec.train for name, run in runs.items()}
     assert (train["lora-gqa-small-s0"].lr, train["lora-gqa-small-s0"].lr_source) == (
@@ -368,6 +369,7 @@ def test_tune_runs_are_the_methods_runs_at_scaled_rates_on_one_base(config, sche
 
     config = copy.deepcopy(config)
     config["pretrain"]["blocks"]["attention"]["sizes"] = ["small", "medium"]
+    config["inference"]["techniques"] = None  # its draft, gqa-tiny, is gone
     config["finetune"].update(bases=["gqa-medium", "gqa-small"],
                               tune={"factors": [0.5, 2], "steps": 40, "eval_problems": 7,
                                     "centre": {"rslora": 1e-4}})

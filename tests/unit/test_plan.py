@@ -5,6 +5,8 @@ refusal names the job, its parts and what would fit; and the paper's configurati
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -161,6 +163,50 @@ def test_four_bit_bytes_are_bitsandbytes_bytes(tmp_path, double_quant):
     assert layers and held == {name: real_layers[name] for name in held}
     static = sim.simulate(served, use_cache=False).static
     assert static["params"] + static["buffers"] + static["quant_state"] == weight_bytes(real)
+
+
+@pytest.mark.parametrize("method, bits", [("hqq", 1), ("hqq", 2), ("hqq", 3), ("hqq", 4),
+                                          ("hqq", 8), ("torchao", 8)])
+def test_weight_only_bytes_are_the_quantisers_bytes(method, bits):
+    """A techniques-block variant's linears as the plan books them hold exactly the bytes the
+    quantiser's layers hold (HQQ's packed codes and per-group scales and zero points;
+    torchao's int8 data, scale and zero point per row), and the head stays in bf16."""
+    from effllm.inference.techniques import quantize_weights
+    from effllm.measure.tensors import linear_weight_bytes, weight_bytes
+    from effllm.specs import WeightQuant
+
+    model, weights = ref("llama"), WeightQuant(method, bits, 64)
+    torch.manual_seed(0)
+    real = sim.build(model, dtype=torch.bfloat16)
+    quantize_weights(real, weights, ["lm_head"])
+    served = ServeWork(model, "bf16", QuantSpec(), (ServePass("p", 1, 8, 0, "last"),),
+                       weights=weights)
+    with sim.fake_runtime(1):
+        fake = sim.serving_model(served, 4)
+        held = {name: m.weight.numel() + m.quant_state.numel()
+                for name, m in fake.named_modules() if type(m).__name__ == "QuantisedLinear"}
+    real_layers = linear_weight_bytes(real)
+    assert len(held) == 4 * 7 and held == {name: real_layers[name] for name in held}
+    assert "lm_head" not in held
+    static = sim.simulate(served, use_cache=False).static
+    assert static["params"] + static["buffers"] + static["quant_state"] == weight_bytes(real)
+
+
+def test_a_draft_models_weights_are_on_the_device_too():
+    """Speculative decoding holds the draft beside the served model: its bf16 weights are
+    added to every phase and to the state, as the weights part of the peak."""
+    served = ServeWork(ref("llama"), "bf16", QuantSpec(), (ServePass("p", 1, 8, 4, "last"),))
+    draft = ref("gqa")
+    alone = sim.simulate(served, use_cache=False)
+    both = sim.simulate(dataclasses.replace(served, draft=draft), use_cache=False)
+    weights = sum(p.numel() * 2 for p in {id(p): p for p in sim.build(draft).parameters()
+                                          }.values())
+    assert both.static["draft"] == weights
+    assert both.phases["p"]["total"] == alone.phases["p"]["total"] + weights
+    assert rank_peak(both, served).parts["weights"] == rank_peak(alone, served).parts[
+        "weights"] + weights
+    state = sim.state(dataclasses.replace(served, draft=draft))
+    assert state.phases["state"]["total"] == sim.state(served).phases["state"]["total"] + weights
 
 
 @pytest.mark.parametrize("family, method, checkpointing", [

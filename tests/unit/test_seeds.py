@@ -149,6 +149,9 @@ def test_per_block_seeds_give_the_expected_jobs():
     served = {r.upstream for r in runs["inference"].values()}
     assert {int(s.rsplit("-s", 1)[1]) for s in served} == {0, 5}
     assert len(runs["inference"]) == 2 * len(plain["inference"])
+    # the techniques block serves the pretrained GQA-tiny at both: seed 5 its seed-0 model
+    assert runs["inference"]["draft-gqa-tiny-s5"].upstream == "pretrain/gqa-tiny-s0"
+    assert runs["inference"]["draft-gqa-tiny-s5"].spec.seed == 5
 
 
 def test_stage_seeds_stay_out_of_the_run_settings():

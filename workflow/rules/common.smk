@@ -109,6 +109,12 @@ def upstream_model(stage):
     return path
 
 
+def draft_model(wildcards):
+    """Input function: the draft model of a speculative-decoding run; none for the others."""
+    speculative = RUNS["inference"][wildcards.run].spec.speculative
+    return f"results/{speculative.draft}/model" if speculative and speculative.draft else []
+
+
 def reasoning_data(stage):
     """Input function: the fine-tuning set a run trains or is scored on."""
 
@@ -135,7 +141,9 @@ def blocks():
 # Fine-tuning sets after the primary are blocks "finetune_<set>", each with its table 8.
 SET_BLOCKS = [block for block in dict.fromkeys(m.block for run in RUNS["finetune"].values()
                                                for m in run.memberships) if block != "finetune"]
-PRESENT_BLOCKS = blocks() | {"finetune", "inference", *SET_BLOCKS}
+# Inference blocks beyond "inference" itself: the techniques block (inference.techniques).
+SERVING_BLOCKS = {m.block for run in RUNS["inference"].values() for m in run.memberships}
+PRESENT_BLOCKS = blocks() | {"finetune", "inference", *SET_BLOCKS, *SERVING_BLOCKS}
 PAPER_FIGURES = outputs.FIGURES
 PAPER_TABLES = outputs.tables(SET_BLOCKS)
 PAPER_OUTPUTS = {**PAPER_FIGURES, **PAPER_TABLES}

@@ -9,6 +9,8 @@ rule inference:
         # served model's tokenizer is the pipeline's (a hub model's too, via data.tokenizer.hub)
         tokens="results/data/tokens",
         reasoning=reasoning_data("inference"),
+        # speculative decoding's draft model (inference.techniques), for the runs that have one
+        draft=draft_model,
         code=run_code("inference", "effllm.inference.run"),
     output:
         record="results/inference/{run}/record.json",

@@ -12,4 +12,5 @@ run_stage("inference", getattr(sm.resources, "gpu", 0),
           gpu_memory_gb=getattr(sm.resources, "gpu_memory_gb", None),
           spec=json.loads(sm.params.spec),
           model_dir=sm.input.model, corpus_dir=sm.input.corpus,
-          reasoning_dir=sm.input.reasoning, record_out=sm.output.record)
+          reasoning_dir=sm.input.reasoning, record_out=sm.output.record,
+          draft_dir=str(sm.input.draft) if sm.input.draft else None)

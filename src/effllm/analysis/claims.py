@@ -32,7 +32,11 @@ Claims over more than two values:
   unless the claim names each of them (``Claim.every``: pruning-aware pretraining against
   one-shot pruning with and without compensation): then a missing one makes the claim not
   measurable.
-* ``drop`` (within a bound of a reference): ``d = bound - (reference - subject)``.
+* ``drop`` (within a bound of a reference): ``d = bound - loss``, the loss ``reference -
+  subject`` for a metric where higher is better (performance), ``subject - reference`` where
+  lower is (perplexity); with ``Claim.relative`` the bound is a fraction of the reference.
+* ``at_least`` (a value of the subject alone, e.g. the share of outputs identical to plain
+  decoding): ``d = subject - bound``, ``SE = s / sqrt(n)``.
 * ``agree`` (a ratio of two metrics of the same runs at least ``1 - bound``): the ratio per
   run, ``d = mean ratio - (1 - bound)``, ``SE = s / sqrt(n)``.
 * ``trade_off`` ("no single method is best on every metric"): a technique is *beaten* when some
@@ -91,6 +95,9 @@ STAGE_METRICS = {"pretrain": ("perplexity", "amu", "al", "tt", "aec"),
 PAPER_SCALE = 1e9  # fine-tuning bases below this many parameters are CPU-scale stand-ins
 # Pruning-aware pretraining (issue 21), not the EfficientLLM benchmark paper's claim.
 XING = "Xing et al. 2025, arXiv 2502.06663"
+# The serving techniques (issue 22): the survey of seed 002.
+DING = "Ding et al. 2023, The Efficiency Spectrum of LLMs (seed 002)"
+TECHNIQUES = "techniques"
 
 Pairs = Callable[[pd.DataFrame], list[tuple[str, str | None]]]
 Applies = Callable[[pd.DataFrame, pd.DataFrame], bool]
@@ -127,6 +134,7 @@ class Claim:
     exact: bool = False
     exclude: tuple[str, ...] = ()
     every: bool = False
+    relative: bool = False  # ``drop``: the bound is this fraction of the reference's value
 
 
 def moe_vs_dense(rows: pd.DataFrame) -> list[tuple[str, str | None]]:
@@ -292,6 +300,24 @@ CLAIMS: tuple[Claim, ...] = (
           "LLM-Pruner and SparseGPT, into pretraining); issue 21", "pruning", "perplexity",
           "lowest", "pruning_aware", among=("pruning_aware", "oneshot", "oneshot_obs"),
           every=True),
+    # Issue 22: the serving techniques on one served model (the default's variant names).
+    Claim("hqq4_beats_nf4", "HQQ int4 (optimised zero points) keeps lower perplexity than "
+          "bitsandbytes NF4 at the same 4 bits", f"{DING} (weight-only quantisation); issue 22 "
+          "(GPTQ/AWQ, the calibrated quantisers, have no CPU path with our pins)",
+          TECHNIQUES, "perplexity", "lower", "hqq4", "nf4"),
+    Claim("kv_fp8_less_kv", "An fp8 KV cache holds fewer bytes per cached token than the "
+          "bf16 cache (half, plus one scale per tensor)", f"{DING} (KV-cache compression); "
+          "issue 22", TECHNIQUES, "kv_cache_bytes_per_token", "lower", "kv-fp8", "bf16"),
+    Claim("kv_fp8_small_ppl_cost", "An fp8 KV cache costs at most 2% perplexity on text read "
+          "back through the cache", f"{DING}; issue 22", TECHNIQUES, "kv_perplexity", "drop",
+          "kv-fp8", "bf16", bound=0.02, relative=True),
+    Claim("speculative_faster", "Speculative decoding with a small draft lowers latency (AL) "
+          "against plain decoding", f"{DING} (speculative decoding); issue 22", TECHNIQUES,
+          "al", "lower", "draft", "bf16"),
+    Claim("speculative_identical", "Speculative decoding returns plain greedy decoding's tokens "
+          "(at least 99% of prompts identical; bf16 verification in one pass may flip a "
+          "near-tie)", f"{DING}; issue 22", TECHNIQUES, "identical_output", "at_least",
+          "draft", bound=0.99, exact=True),
     Claim("no_single_best", "No single technique is best on every metric (each block's "
           "leaderboard columns, the metrics every technique of the group has)",
           "abstract (\"no single method is universally optimal\"); Fig. 2 (no row ranks 1 in "
@@ -491,6 +517,16 @@ def _check_pair(claim: Claim, values: dict[str, _Value], subject: str, other: st
                spread="; ".join(_spread(v) for v in [s, *others]), subject_value=s.mean)
     if claim.kind == "agree":
         return _check_agree(claim, row, s, second[subject], ratio)
+    if claim.kind == "at_least":
+        if not math.isfinite(s.mean):
+            return {**row, "reason": s.why}
+        var = s.var_of_mean()
+        se = None if var is None else math.sqrt(var)
+        c = _Comparison(s, s, s.mean - claim.bound, se, judge(s.mean - claim.bound, se))
+        return _result({**row, "rival": f"bound {format_number(claim.bound)}",
+                        "rival_value": claim.bound}, c.verdict, c, s.n,
+                       f"{_fmt(s)} (needs >= {format_number(claim.bound)})"
+                       + _estimated([s]))
     unavailable = [v for v in [s, *others] if not math.isfinite(v.mean)]
     if not math.isfinite(s.mean):
         return {**row, "reason": s.why}
@@ -500,7 +536,7 @@ def _check_pair(claim: Claim, values: dict[str, _Value], subject: str, other: st
                 or "no other technique to compare with"}
     if claim.kind == "drop":
         ref = others[0]
-        d = claim.bound - (ref.mean - s.mean)
+        d = _bound(claim, ref) - _loss(claim, s, ref)
         se = welch_se(s, ref)
         verdict, c = judge(d, se), _Comparison(s, ref, d, se, judge(d, se))
     else:
@@ -512,6 +548,19 @@ def _check_pair(claim: Claim, values: dict[str, _Value], subject: str, other: st
         [s, *others])
     return _result({**row, "rival": c.second.label, "rival_value": c.second.mean}, verdict, c,
                    min(s.n, c.second.n), reason)
+
+
+def _higher(claim: Claim) -> bool:
+    return METRICS[claim.metric].higher_is_better if claim.metric in METRICS else True
+
+
+def _loss(claim: Claim, s: _Value, ref: _Value) -> float:
+    """How much worse the subject is than the reference (``drop``), in the metric's units."""
+    return ref.mean - s.mean if _higher(claim) else s.mean - ref.mean
+
+
+def _bound(claim: Claim, ref: _Value) -> float:
+    return claim.bound * abs(ref.mean) if claim.relative else claim.bound
 
 
 def _ratio(claim: Claim, rows: pd.DataFrame) -> _Value:
@@ -554,8 +603,11 @@ def _estimated(values: list[_Value]) -> str:
 
 def _reason(claim: Claim, s: _Value, c: _Comparison) -> str:
     if claim.kind == "drop":
-        return (f"drop {c.second.label} - {s.label} = {format_number(c.second.mean - s.mean)} "
-                f"(bound {format_number(claim.bound)})")
+        first, second = ((c.second, s) if _higher(claim) else (s, c.second))
+        return (f"drop {first.label} - {second.label} = {format_number(_loss(claim, s, c.second))}"
+                f" (bound {format_number(_bound(claim, c.second))}"
+                + (f" = {format_number(claim.bound)} x {c.second.label})" if claim.relative
+                   else ")"))
     word = {"lowest": "deciding rival", "highest": "deciding rival"}.get(claim.kind, "against")
     return f"{word}: {_fmt(c.second)}"
 

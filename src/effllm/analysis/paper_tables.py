@@ -81,6 +81,11 @@ TABLES: dict[str, tuple[str, MetricList]] = {
         "mcr_nominal", "mcr_measured", "weight_bytes")),
     # Per-task scores of each model and precision (the paper's table 16).
     "table16_tasks": ("inference", _task_table),
+    # Not in the paper: the survey's serving techniques on one served model (issue 22).
+    "table_techniques": ("techniques", present(
+        "perplexity", "kv_perplexity", "performance", "amu", "al", "decode_latency", "it",
+        "aec", "weight_bytes", "mcr_nominal", "mcr_measured", "kv_cache_bytes_per_token",
+        "tokens_per_pass", "draft_acceptance", "identical_output", "quantize_seconds")),
 }
 
 

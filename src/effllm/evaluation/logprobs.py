@@ -46,20 +46,22 @@ def _hidden_only(head: torch.nn.Linear, kept: list):
 
 @torch.no_grad()
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 targets: torch.Tensor, rows: int = ROWS, vocab: int = VOCAB
-                 ) -> tuple[float, int, int]:
+                 targets: torch.Tensor, rows: int = ROWS, vocab: int = VOCAB,
+                 forward: dict | None = None) -> tuple[float, int, int]:
     """(summed NLL, correct argmax predictions, scored tokens) of ``targets`` (the next token
-    at each position; -100 = not scored) under the model's causal predictions."""
+    at each position; -100 = not scored) under the model's causal predictions; ``forward``:
+    more forward arguments (a decoding cache holding earlier tokens)."""
     head = model.get_output_embeddings()
+    forward = {"use_cache": False, **(forward or {})}
     if not blockable(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       use_cache=False).logits.float()
+                       **forward).logits.float()
         keep = targets != -100
         nll = F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
         return nll, int((logits.argmax(-1)[keep] == targets[keep]).sum()), int(keep.sum())
     kept: list = []
     with _hidden_only(head, kept):
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, **forward)
     keep = targets != -100
     hidden, wanted = kept[-1][keep], targets[keep]
     nll, correct = 0.0, 0

@@ -24,12 +24,15 @@ from effllm.data.tokenizer import with_pad_token
 from effllm.distributed import Placement, place
 from effllm.evaluation.perplexity import finite_metric, perplexity
 from effllm.evaluation.scoring import reasoning_metrics
+from effllm.inference.techniques import (NoCache, PassCounter, cache_factory,
+                                         cached_perplexity, check_draft_tokenizer,
+                                         generate_options, quantize_weights)
 from effllm.measure import Timer, Window, count_flops, latency_summary, sync
 from effllm.measure.cache import CACHE_FIELDS, tensor_bytes
 from effllm.measure.peak import Peak, device_peak, mfu_metric, pcu_from_mfu
 from effllm.measure.tensors import linear_weight_bytes, quant_state_bytes, track, weight_bytes
 from effllm.models.baselines import sequence_kernel
-from effllm.models.quantize import DTYPES, load_quantised, model_config
+from effllm.models.quantize import DTYPES, exact_modules, load_quantised, model_config
 from effllm.records import Metric
 from effllm.specs import HarnessSpec, InferenceSpec, QuantSpec
 from effllm.stage import Outcome, run_job
@@ -41,35 +44,42 @@ def load_model(model_dir: str | os.PathLike, precision: str, quant: QuantSpec):
     if precision in DTYPES:  # on the job's device (load_quantised places int8/int4 there)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision])
         return model.to(place().device), None
+    if precision not in ("int8", "int4"):
+        raise ValueError(f"precision {precision!r}: one of {[*DTYPES, 'int8', 'int4']}")
     # Unquantised parts (embeddings, head, norms) in the compute dtype, as the bf16 run holds them.
     dtype = DTYPES[quant.compute_dtype or "bf16"] if precision == "int4" else torch.bfloat16
     return load_quantised(model_dir, precision, quant, dtype)
 
 
 class _TokenClock:
-    """A ``generate`` streamer that stamps the time each token leaves the model: the prompt is
-    put first, then every new token, so first-token and per-token decode times are read
-    directly, never as a difference of two separate runs that noise can make negative."""
+    """A ``generate`` streamer that stamps the time tokens leave the model: the prompt is put
+    first, then the new tokens (one at a time, or a verified run of them under speculative
+    decoding), so first-token and per-token decode times are read directly, never as a
+    difference of two separate runs that noise can make negative."""
 
     def __init__(self):
         self.stamps: list[float] = []
+        self.counts: list[int] = []
 
     def put(self, value) -> None:
         sync()
         self.stamps.append(time.perf_counter())
+        self.counts.append(int(value.numel()))
 
     def end(self) -> None:
         pass
 
 
 def time_generation(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: int,
-                    warmup: int, min_runs: int, min_seconds: float, window: Window) -> dict:
+                    warmup: int, min_runs: int, min_seconds: float, window: Window,
+                    options: dict | None = None, make_cache=lambda: None) -> dict:
     """Per repeat of fixed-length greedy generation: time to first token (prefill), time per
     output token after it (decode, from the token timestamps) and end-to-end latency.
 
     Warm-up runs (which on CPU also trigger bitsandbytes' one-off 4-bit weight repack) happen
     before ``window`` opens, so memory and energy cover only the timed repeats. Timing noise can
-    widen the spread but never fails the job.
+    widen the spread but never fails the job. ``options``: more generate() arguments
+    (speculative decoding); ``make_cache``: a fresh decoding cache per call (None: the model's).
     """
     if new_tokens < 2:
         raise ValueError("inference.new_tokens must be at least 2 to time decoding")
@@ -77,9 +87,15 @@ def time_generation(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: in
     cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                            do_sample=False, pad_token_id=pad_id)
 
-    def gen(clock=None) -> torch.Tensor:
+    options = options or {}
+
+    as_dict = GenerationConfig(**{**cfg.to_diff_dict(), "return_dict_in_generate": True})
+
+    def gen(clock=None, dict_out=False):
+        cache = make_cache()
         return model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
-                              generation_config=cfg, streamer=clock)
+                              generation_config=as_dict if dict_out else cfg, streamer=clock,
+                              **options, **({} if cache is None else {"past_key_values": cache}))
 
     with torch.no_grad():
         for _ in range(warmup):
@@ -92,23 +108,32 @@ def time_generation(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: in
                 with Timer() as t:
                     out = gen(clock)
                 produced = out.shape[1] - prompt_ids.shape[1]
-                if produced != new_tokens or len(clock.stamps) != new_tokens + 1:
+                streamed = sum(clock.counts[1:]) // prompt_ids.shape[0]
+                if produced != new_tokens or streamed != new_tokens:
                     raise RuntimeError(f"generated {produced} tokens, expected {new_tokens}")
                 first, last = clock.stamps[1], clock.stamps[-1]
                 prefill.append(first - t.start)
-                decode.append((last - first) / (new_tokens - 1))
+                after_first = new_tokens - clock.counts[1] // prompt_ids.shape[0]
+                # a speculative first round may yield every token at once: no decode time
+                if after_first:
+                    decode.append((last - first) / after_first)
                 e2e.append(t.seconds)
         # One more, outside the window, with every tensor booked: the memory of the technique.
-        with track(model, extra_bytes=quant_state_bytes(model)) as tracked:
-            out = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
-                                 generation_config=cfg, return_dict_in_generate=True)
+        draft = options.get("assistant_model")
+        with track(model, *([draft] if draft is not None else []),
+                   extra_bytes=quant_state_bytes(model)) as tracked:
+            out = gen(dict_out=True)
         account = tracked.account
         state = next((getattr(out, f) for f in CACHE_FIELDS if getattr(out, f, None) is not None),
                      None)
         account.kv_cache = tensor_bytes(state) if state is not None else None
+        # tokens a transformers Cache holds (the prompt and every new token but the last, never
+        # fed back); None for a constant-size state (Mamba, RWKV): no bytes per token
+        length = getattr(state, "get_seq_length", None)
+        cached = prompt_ids.shape[0] * length() if length else None
         window.account(account, f"one generate() of the timed batch ({prompt_ids.shape[0]} x "
                                 f"{prompt_ids.shape[1]} prompt, {new_tokens} new tokens)")
-    return {"prefill": prefill, "e2e": e2e, "decode": decode}
+    return {"prefill": prefill, "e2e": e2e, "decode": decode, "cached_tokens": cached}
 
 
 def corpus_test_tokens(tokenizer, corpus_dir: str | os.PathLike,
@@ -159,20 +184,41 @@ def harness_metrics(model, tokenizer, harness: HarnessSpec, seed: int) -> dict[s
 
 def run_inference(spec: InferenceSpec | dict, model_dir: str | os.PathLike,
                   corpus_dir: str | os.PathLike, reasoning_dir: str | os.PathLike,
-                  record_out: str | os.PathLike):
-    """Serve one model at one precision: time it, score it, write its record."""
+                  record_out: str | os.PathLike, draft_dir: str | os.PathLike | None = None):
+    """Serve one model at one precision (and technique): time it, score it, write its
+    record. ``draft_dir``: the draft model of speculative decoding."""
     return run_job(spec, lambda s, placement: serve(s, placement, model_dir, corpus_dir,
-                                                    reasoning_dir), record_out)
+                                                    reasoning_dir, draft_dir), record_out)
 
 
-def serve(spec: InferenceSpec, placement: Placement, model_dir, corpus_dir, reasoning_dir
-          ) -> Outcome:
+def load_served(spec: InferenceSpec, model_dir, draft_dir=None):
+    """(model, note, seconds the weight quantiser took or None, draft model or None): the model
+    at the spec's precision, its linear layers then quantised by ``spec.weights``."""
+    model, note = load_model(model_dir, spec.precision, spec.quant)
+    seconds = None
+    if spec.weights:
+        note, seconds = quantize_weights(model, spec.weights, exact_modules(model_dir))
+    draft = None
+    if spec.speculative and spec.speculative.draft:
+        if draft_dir is None:
+            raise ValueError(f"{spec.run_id}: speculative decoding with draft "
+                             f"{spec.speculative.draft!r} needs its model directory")
+        check_draft_tokenizer(AutoTokenizer.from_pretrained(model_dir),
+                              AutoTokenizer.from_pretrained(draft_dir), spec.run_id)
+        draft, _ = load_model(draft_dir, spec.precision if spec.precision in DTYPES else "bf16",
+                              spec.quant)
+        draft.eval()
+    return model, note or None, seconds, draft
+
+
+def serve(spec: InferenceSpec, placement: Placement, model_dir, corpus_dir, reasoning_dir,
+          draft_dir=None) -> Outcome:
     """Load at the precision, time decoding in its own window, then the quality passes (never
     time under evaluation)."""
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_dir), model_dir)
     with Window(spec.measure.sample_interval_s) as load_window:
-        model, quant_note = load_model(model_dir, spec.precision, spec.quant)
+        model, quant_note, quantize_seconds, draft = load_served(spec, model_dir, draft_dir)
     model.eval()
     tokens = corpus_test_tokens(tokenizer, corpus_dir, max(
         spec.eval.ppl_tokens, spec.eval.eval_max_length, spec.eval.prompt_tokens + 1))
@@ -181,13 +227,19 @@ def serve(spec: InferenceSpec, placement: Placement, model_dir, corpus_dir, reas
     ev = spec.eval
     prompt_ids = timing_prompts(tokens, ev.prompt_tokens, ev.batch_size, spec.seed)
     window = Window(spec.measure.sample_interval_s, spec.measure.watts_per_core)
+    options = generate_options(model, spec.speculative, draft)
+    make_cache = cache_factory(model, spec.kv_cache)
     times = time_generation(model, prompt_ids.to(model.device), ev.new_tokens,
                             tokenizer.pad_token_id, ev.warmup_runs, ev.min_runs, ev.min_seconds,
-                            window)
+                            window, options, make_cache)
     flops = generation_flops(model, prompt_ids.to(model.device), ev.new_tokens,
-                             tokenizer.pad_token_id)  # untimed, after the window
+                             tokenizer.pad_token_id, options)  # untimed, after the window
     peak = device_peak(spec.measure.peak_flops, model.device, compute_dtype(spec))
     metrics = timing_metrics(ev, times, window, flops, peak)
+    metrics.update(technique_metrics(spec, model, prompt_ids.to(model.device),
+                                     tokenizer.pad_token_id, options, draft, window,
+                                     quantize_seconds, times["cached_tokens"]))
+    metrics.update(cached_quality(spec, model, tokens, make_cache))
     metrics.update({
         "weight_bytes": Metric.measured(weight_bytes(model), "B", "tensor_bytes_with_quant_state",
                                         quant_note),
@@ -220,13 +272,84 @@ def compute_dtype(spec: InferenceSpec) -> str:
 
 
 @torch.no_grad()
-def generation_flops(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: int) -> int:
-    """FLOPs of one timed repeat (fixed-length greedy generate), counted in a separate pass:
-    the counter runs Python per op and must never sit inside the timing."""
+def generation_flops(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: int,
+                     options: dict | None = None) -> int:
+    """FLOPs of one timed repeat (fixed-length greedy generate; a draft model's included),
+    counted in a separate pass: the counter runs Python per op and must never sit inside the
+    timing."""
     cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                            do_sample=False, pad_token_id=pad_id)
     return count_flops(lambda: model.generate(
-        input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), generation_config=cfg))
+        input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), generation_config=cfg,
+        **(options or {})))
+
+
+@torch.no_grad()
+def technique_metrics(spec: InferenceSpec, model, prompt_ids: torch.Tensor, pad_id: int,
+                      options: dict, draft, window: Window, quantize_seconds: float | None,
+                      cached: int | None) -> dict[str, Metric]:
+    """What the techniques change beyond latency: KV bytes per cached token (every run whose
+    decoding state is a transformers Cache), the weight quantiser's time, and for speculative
+    decoding tokens per pass of the served model, the draft's acceptance rate and whether the
+    output is plain greedy decoding's."""
+    ev = spec.eval
+    metrics = {}
+    kv = window.tensors.kv_cache if window.tensors else None
+    if kv is not None and cached:
+        metrics["kv_cache_bytes_per_token"] = Metric.measured(
+            kv / cached, "B/token", "tensor_bytes_of_cache",
+            f"bytes of the cache after one generate() of {ev.prompt_tokens} + {ev.new_tokens} "
+            f"tokens x batch {ev.batch_size}, over the {cached} tokens it holds"
+            + (f"; {spec.kv_cache.backend} cache" if spec.kv_cache else ""))
+    if quantize_seconds is not None:
+        metrics["quantize_seconds"] = Metric.measured(
+            quantize_seconds, "s", "perf_counter",
+            f"{spec.weights.method} int{spec.weights.bits} over the loaded model; "
+            "no calibration data (weight error only)")
+    if not spec.speculative:
+        return metrics
+    cfg = GenerationConfig(max_new_tokens=ev.new_tokens, min_new_tokens=ev.new_tokens,
+                           do_sample=False, pad_token_id=pad_id)
+    mask = torch.ones_like(prompt_ids)
+    with PassCounter(model, draft) as passes:
+        fast = model.generate(input_ids=prompt_ids, attention_mask=mask, generation_config=cfg,
+                              **options)
+    plain = model.generate(input_ids=prompt_ids, attention_mask=mask, generation_config=cfg)
+    new = fast.shape[1] - prompt_ids.shape[1]
+    served = passes.calls["target"]
+    how = f"one greedy generate() of {new} tokens, forward passes counted"
+    metrics["tokens_per_pass"] = Metric.measured(new / served, "tokens/pass", "forward_hooks",
+                                                 f"{how}: {served} passes of the served model")
+    if draft is not None:
+        accepted, proposed = new - served, passes.calls["draft"]
+        metrics["draft_acceptance"] = Metric.measured(
+            accepted / proposed if proposed else 0.0, "1", "forward_hooks",
+            f"{how}: {accepted} accepted of {proposed} draft tokens (accepted = new tokens - "
+            "served-model passes)")
+    same = (fast == plain).all(dim=1).float().mean().item()
+    metrics["identical_output"] = Metric.measured(
+        same, "fraction", "token_equality_vs_plain_greedy",
+        f"timed prompts whose {new} tokens equal plain greedy decoding's, at "
+        f"{spec.precision}")
+    return metrics
+
+
+def cached_quality(spec: InferenceSpec, model, tokens: np.ndarray, make_cache
+                   ) -> dict[str, Metric]:
+    """Perplexity of each window's second half read through the decoding cache (the KV cache's
+    quality: plain perplexity never reads a cache)."""
+    ev = spec.eval
+    method = "exp_mean_nll_second_half_from_cache"
+    try:
+        ppl, scored = cached_perplexity(model, tokens, ev.eval_max_length, ev.ppl_tokens,
+                                        make_cache)
+    except NoCache as err:  # a recurrent state (Mamba, RWKV): no cache to read text back from
+        return {"kv_perplexity": Metric.unavailable("1", method, str(err))}
+    what = f"{spec.kv_cache.backend} KV cache" if spec.kv_cache else "the model's own cache"
+    return {"kv_perplexity": finite_metric(
+        ppl, "1", method,
+        f"{scored} tokens: the second half of {ev.eval_max_length}-token windows after the "
+        f"first half prefilled into {what}")}
 
 
 def load_peak(window: Window) -> Metric:
@@ -242,7 +365,8 @@ def timing_metrics(ev, times: dict, window: Window, flops: int | None = None,
     """Latency and throughput of the timed repeats (medians with their spread), what the
     window sampled while they ran, and MFU from ``flops`` per repeat over the ``peak`` (PCU =
     MFU where no duty cycle was sampled)."""
-    e2e, prefill, decode = (latency_summary(times[k]) for k in ("e2e", "prefill", "decode"))
+    e2e, prefill = (latency_summary(times[k]) for k in ("e2e", "prefill"))
+    decode = latency_summary(times["decode"]) if times["decode"] else None
     generated = ev.batch_size * ev.new_tokens
     note = (f"{e2e['count']} runs after {ev.warmup_runs} warm-up; batch {ev.batch_size}, "
             f"prompt {ev.prompt_tokens}, exactly {ev.new_tokens} new tokens "
@@ -273,8 +397,10 @@ def timing_metrics(ev, times: dict, window: Window, flops: int | None = None,
                                            f"generate() start to first token; {spread(prefill)}"),
         "decode_latency": Metric.measured(
             decode["p50"], "s/token", Timer.method + "_streamer",
-            f"(last token - first token) / (new_tokens - 1), timestamps in one generate(); "
-            f"{spread(decode)}"),
+            f"(last token - first token) / tokens after the first, timestamps in one "
+            f"generate(); {spread(decode)}") if decode else Metric.unavailable(
+            "s/token", Timer.method + "_streamer", "every repeat streamed all its tokens at "
+            "once (one speculative round): no decode time after the first token"),
         "it": Metric.measured(generated * e2e["count"] / e2e["total"], "tokens/s", Timer.method,
                               note),
     })

@@ -8,7 +8,9 @@ training step, a generate()) under it, on the run's real tensors or on fake ones
 read the peak by part and a time-weighted mean: the same account on any device.
 
 Tensors torch does not see as parameters (bitsandbytes' quantisation state: absmax, codebooks,
-LLM.int8's ``CB``/``SCB``) are added as the constant part ``quant_state``, each storage once.
+LLM.int8's ``CB``/``SCB``; HQQ's scales and zero points) are added as the constant part
+``quant_state``, each storage once. A quantised weight that is a tensor subclass (torchao's) is
+counted by the plain tensors it holds, never by its logical dtype's size.
 """
 
 from __future__ import annotations
@@ -33,22 +35,39 @@ METHOD = "tensor_account"
 def _quantisation_state(module: torch.nn.Module) -> list[torch.Tensor]:
     """Tensors bitsandbytes keeps beside a layer's weight: the 4-bit ``quant_state`` (absmax,
     codebook, offset, and double quant's nested ``state2``) and LLM.int8's ``CB``/``SCB``, which
-    sit on the weight after loading and move to ``module.state`` on the first forward."""
+    sit on the weight after loading and move to ``module.state`` on the first forward; and
+    HQQ's ``meta`` (scales and zero points, quantised themselves when so configured)."""
     weight = getattr(module, "weight", None)
-    holders, state = [weight], getattr(weight, "quant_state", None)
+    # a tensor subclass (torchao) holds its data in inner tensors: counted as the weight's own
+    subclass = hasattr(type(weight), "__tensor_flatten__")
+    holders, state = [None if subclass else weight], getattr(weight, "quant_state", None)
     while state is not None:
         holders.append(state)
         state = getattr(state, "state2", None)
     if hasattr(getattr(module, "state", None), "SCB"):  # bitsandbytes' MatmulLtState
         holders.append(module.state)
-    return [v for h in holders if h is not None for v in vars(h).values()
-            if isinstance(v, torch.Tensor)]
+    found = [v for h in holders if h is not None and hasattr(h, "__dict__")
+             for v in vars(h).values() if isinstance(v, torch.Tensor)]
+    meta = getattr(module, "meta", None) if hasattr(module, "W_q") else None  # HQQLinear
+    while isinstance(meta, dict):
+        found += [v for v in meta.values() if isinstance(v, torch.Tensor)]
+        meta = next((v for k, v in meta.items() if k in ("meta_scale", "meta_zero")), None)
+    return found
+
+
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s data: itself, or a subclass's inner tensors (torchao's
+    quantised weights report their logical dtype's ``nbytes`` and no data pointer)."""
+    if hasattr(type(t), "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [p for name in names for p in _plain_tensors(getattr(t, name))]
+    return [t]
 
 
 def _distinct_bytes(tensors, seen: set) -> int:
     """Bytes of the tensors not in ``seen`` (then added): shared or tied memory counts once."""
     total = 0
-    for t in tensors:
+    for t in (p for tensor in tensors for p in _plain_tensors(tensor)):
         key = (t.data_ptr(), t.nbytes)
         if key not in seen:
             seen.add(key)
@@ -59,8 +78,10 @@ def _distinct_bytes(tensors, seen: set) -> int:
 def linear_weight_bytes(model) -> dict[str, int]:
     """Bytes each linear layer's weight holds now (bias excluded): packed 4-bit or int8 data plus
     its quantisation state, or a plain weight's nbytes."""
-    return {name: _distinct_bytes([mod.weight, *_quantisation_state(mod)], set())
-            for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    return {name: _distinct_bytes([mod.W_q if hasattr(mod, "W_q") else mod.weight,
+                                   *_quantisation_state(mod)], set())
+            for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) or hasattr(mod, "W_q")}  # or HQQLinear
 
 
 def weight_bytes(model) -> int:
@@ -73,7 +94,8 @@ def weight_bytes(model) -> int:
 def quant_state_bytes(model) -> int:
     """Bytes of quantisation state that are neither parameters nor buffers (MemTracker cannot
     see them: they exist before the work and belong to no module's parameters)."""
-    seen: set = {(t.data_ptr(), t.nbytes) for t in (*model.parameters(), *model.buffers())}
+    seen: set = {(p.data_ptr(), p.nbytes) for t in (*model.parameters(), *model.buffers())
+                 for p in _plain_tensors(t)}
     return sum(_distinct_bytes(_quantisation_state(mod), seen) for mod in model.modules())
 
 

@@ -50,19 +50,20 @@ class JobFit:
         return f"{self.stage}/{self.name}"
 
 
-def fit_job(spec, ref, gpus: int, *, use_cache: bool = True, flops: bool = False) -> JobFit:
-    """Simulate ``spec`` (a run spec) with model ``ref`` on ``gpus`` GPUs (its FLOPs counted
-    too with ``flops``)."""
+def fit_job(spec, ref, gpus: int, *, use_cache: bool = True, flops: bool = False,
+            draft=None) -> JobFit:
+    """Simulate ``spec`` (a run spec) with model ``ref`` (and speculative ``draft``) on
+    ``gpus`` GPUs (its FLOPs counted too with ``flops``)."""
     from effllm.plan.fit import rank_peak
     from effllm.plan.grid import job_work
     from effllm.plan.simulate import simulate
 
-    work = job_work(spec, ref, gpus)
+    work = job_work(spec, ref, gpus, draft)
     sim = simulate(work, use_cache=use_cache, flops=flops)
     return JobFit(spec.stage, spec.name, gpus, work, sim, rank_peak(sim, work))
 
 
-def remedies(spec, ref, gpus: int, device_gb: float) -> list[str]:
+def remedies(spec, ref, gpus: int, device_gb: float, draft=None) -> list[str]:
     """Config keys that would make the job fit ``device_gb`` devices, each checked by
     simulation: more GPUs (the smallest count that fits), ZeRO-3 offload, gradient
     checkpointing, a smaller micro-batch, and together."""
@@ -72,10 +73,10 @@ def remedies(spec, ref, gpus: int, device_gb: float) -> list[str]:
     stage, out = spec.stage, []
 
     def peak_gb(candidate, n):
-        return fit_job(candidate, ref, n).peak
+        return fit_job(candidate, ref, n, draft=draft).peak
 
     for n in gpu_choices(spec):
-        if n > gpus and fits(state_fit(spec, ref, n).peak, device_gb):  # the floor first: cheap
+        if n > gpus and fits(state_fit(spec, ref, n, draft).peak, device_gb):  # the floor first
             peak = peak_gb(spec, n)
             if fits(peak, device_gb):
                 way = {"fsdp": "ZeRO-3 (FSDP2)", "ddp": "DDP", "single": "one process"}[
@@ -205,14 +206,14 @@ def jobs_to_check(config: Mapping, runs: Mapping):
             yield stage, run, settings.gpus, settings.gpu_memory_gb, key
 
 
-def state_fit(spec, ref, gpus: int) -> JobFit:
+def state_fit(spec, ref, gpus: int, draft=None) -> JobFit:
     """The job's floor: its weights, gradients and optimiser state alone, from the full
     simulation when one is cached, else built without a step (``simulate.state``: a second)."""
     from effllm.plan.fit import rank_peak
     from effllm.plan.grid import job_work
     from effllm.plan.simulate import cached, state
 
-    work = job_work(spec, ref, gpus)
+    work = job_work(spec, ref, gpus, draft)
     sim = cached(work) or state(work)
     return JobFit(spec.stage, spec.name, gpus, work, sim, rank_peak(sim, work))
 
@@ -225,17 +226,18 @@ def refuse_unfit(config: Mapping, runs: Mapping, limit: int = 5) -> tuple[int, i
     exceeds; its activations are checked by the job itself before it reads a weight
     (:func:`preflight`). Returns (jobs checked by their plan, jobs checked by their state)."""
     from effllm.plan.fit import fits
-    from effllm.plan.grid import model_ref
+    from effllm.plan.grid import draft_ref, model_ref
 
     refused, refs, counts = [], {}, [0, 0]
     for stage, run, gpus, device_gb, key in jobs_to_check(config, runs):
         upstream = run.spec.upstream or run.run_id
         if upstream not in refs:
             refs[upstream] = model_ref(config, runs, upstream)
-        job = state_fit(run.spec, refs[upstream], gpus)
+        draft = draft_ref(config, runs, run.spec, refs)
+        job = state_fit(run.spec, refs[upstream], gpus, draft)
         counts[job.peak.phase == "state"] += 1
         if not fits(job.peak, device_gb):
-            fixes = (remedies(run.spec, refs[upstream], gpus, device_gb)
+            fixes = (remedies(run.spec, refs[upstream], gpus, device_gb, draft)
                      if len(refused) < limit else None)
             refused.append(refusal(job, device_gb, key, fixes))
     if refused:
@@ -266,7 +268,7 @@ def auto_resources(config: Mapping, runs: Mapping, only: set[str] | None = None
 
     from effllm.cluster import stage_settings
     from effllm.plan.fit import GB, fits, host_bytes
-    from effllm.plan.grid import gpu_choices, model_ref
+    from effllm.plan.grid import draft_ref, gpu_choices, model_ref
 
     out, refs = {}, {}
     for stage in auto_stages(config):
@@ -278,13 +280,14 @@ def auto_resources(config: Mapping, runs: Mapping, only: set[str] | None = None
             if upstream not in refs:
                 refs[upstream] = model_ref(config, runs, upstream)
             ref, device_gb = refs[upstream], settings.gpu_memory_gb
+            draft = draft_ref(config, runs, run.spec, refs)
             offload = getattr(getattr(run.spec, "method", None), "offload", False)
             chosen = None
             for n in gpu_choices(run.spec):
                 if n > settings.gpus or (offload and n < 2):
                     continue
-                if fits(state_fit(run.spec, ref, n).peak, device_gb) and \
-                        fits(fit_job(run.spec, ref, n).peak, device_gb):
+                if fits(state_fit(run.spec, ref, n, draft).peak, device_gb) and \
+                        fits(fit_job(run.spec, ref, n, draft=draft).peak, device_gb):
                     chosen = n
                     break
             mine = {"gpus": chosen or settings.gpus}
@@ -345,7 +348,7 @@ def device_memory_gb() -> float | None:
 
 
 def preflight(spec: dict, gpus: int, gpu_memory_gb: float | None, model_dir=None,
-              data_dir=None) -> None:
+              data_dir=None, draft_dir=None) -> None:
     """A job's first act, before it reads a weight: simulate its own workload (the model's
     config.json in ``model_dir``, or for pretraining the tokenizer in ``data_dir``) and refuse
     it, as the DAG build would, when it does not fit the smaller of ``gpu_memory_gb`` and the
@@ -371,7 +374,11 @@ def preflight(spec: dict, gpus: int, gpu_memory_gb: float | None, model_dir=None
     else:
         config = json.loads((Path(model_dir) / "config.json").read_text())
         ref = ModelRef(Path(model_dir).parent.name, config=config)
-    job = fit_job(run, ref, gpus)
+    draft = None
+    if draft_dir:  # a speculative draft: its weights are on the device too
+        draft = ModelRef(Path(draft_dir).parent.name,
+                         config=json.loads((Path(draft_dir) / "config.json").read_text()))
+    job = fit_job(run, ref, gpus, draft=draft)
     if not fits(job.peak, device_gb):
         key = ("the device it got" if device_gb == device and device != gpu_memory_gb
                else f"resources.{run.stage}.gpu_memory_gb")

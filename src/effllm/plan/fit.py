@@ -17,7 +17,7 @@ DEVICE_SIZES = (80, 96, 141)  # GB: H100 80 GB, H100 NVL/GH200 96 GB, H200 141 G
 GPU_COUNTS = (1, 2, 4, 8)  # one node
 # Display parts, each the sum of the tensor account's parts.
 PARTS = {
-    "weights": ("params", "buffers", "quant_state"),
+    "weights": ("params", "buffers", "quant_state", "draft"),  # draft: a speculative draft model
     "grads": ("grads",),
     "optimizer": ("optimizer",),
     "activations": ("activations", "temporaries", "other", "kv_growth"),
@@ -136,7 +136,7 @@ def host_bytes(job) -> int | None:
     estimated here (None), never 0."""
     static, work = job.sim.static, job.work
     if work.kind == "serve":
-        return static["params"] + static["buffers"]
+        return static["params"] + static["buffers"] + static.get("draft", 0)
     world = work.world
     if work.method is None:
         full = static["params"] * (world if work.strategy == "fsdp" else 1)

@@ -98,11 +98,13 @@ def train_work(spec: RunSpec, ref: ModelRef, gpus: int) -> TrainWork:
                      bool(train.gradient_checkpointing), way, world, offload)
 
 
-def serve_work(spec: InferenceSpec, ref: ModelRef) -> ServeWork:
+def serve_work(spec: InferenceSpec, ref: ModelRef, draft: ModelRef | None = None) -> ServeWork:
     """The passes of an inference job: the timed decoding batch, the held-out problems'
     generation (batches of ``generate_answers``), and with lm-evaluation-harness its
     log-likelihood batches over ``eval_max_length + eval_max_new_tokens`` tokens with every
-    position's log-softmax, and its generation batches."""
+    position's log-softmax, and its generation batches. A weight-only quantiser and a
+    speculative ``draft`` model (:func:`draft_ref`) are part of the work; a quantised KV cache
+    is planned at the full cache's bytes (an upper bound)."""
     import inspect
 
     from effllm.evaluation.scoring import generate_answers
@@ -120,12 +122,29 @@ def serve_work(spec: InferenceSpec, ref: ModelRef) -> ServeWork:
                              ev.eval_max_new_tokens, "last")]
     # fp16 holds and moves the bytes bf16 does: one simulation for both
     precision = "bf16" if spec.precision == "fp16" else spec.precision
-    return ServeWork(ref, precision, spec.quant, tuple(passes))
+    return ServeWork(ref, precision, spec.quant, tuple(passes), weights=spec.weights,
+                     draft=draft)
 
 
-def job_work(spec: RunSpec, ref: ModelRef, gpus: int) -> TrainWork | ServeWork:
-    return serve_work(spec, ref) if isinstance(spec, InferenceSpec) else train_work(spec, ref,
-                                                                                     gpus)
+def job_work(spec: RunSpec, ref: ModelRef, gpus: int, draft: ModelRef | None = None
+             ) -> TrainWork | ServeWork:
+    """The workload of ``spec`` on ``gpus`` GPUs; ``draft``: its speculative draft model."""
+    if isinstance(spec, InferenceSpec):
+        return serve_work(spec, ref, draft)
+    return train_work(spec, ref, gpus)
+
+
+def draft_ref(config: Mapping, runs: Mapping, spec: RunSpec,
+              refs: dict | None = None) -> ModelRef | None:
+    """The model of an inference job's speculative draft (None without one), kept in
+    ``refs`` by run id."""
+    speculative = getattr(spec, "speculative", None)
+    if not speculative or not speculative.draft:
+        return None
+    refs = {} if refs is None else refs
+    if speculative.draft not in refs:
+        refs[speculative.draft] = model_ref(config, runs, speculative.draft)
+    return refs[speculative.draft]
 
 
 def gpu_choices(spec: RunSpec) -> tuple[int, ...]:

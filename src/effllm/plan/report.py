@@ -85,17 +85,17 @@ def _cached_rows(block: Mapping) -> int:
 
 
 def job_row(config: Mapping, run, ref, gpus: int, device_gb, samples, peak_flops: float,
-            mfu: dict) -> dict:
+            mfu: dict, draft=None) -> dict:
     """The plan of one job: its configured GPUs and, for each device size, the fewest GPUs
     that fit."""
     from effllm.plan.grid import gpu_choices, steps
 
     spec = run.spec
-    job = fit_job(spec, ref, gpus, flops=True)
+    job = fit_job(spec, ref, gpus, flops=True, draft=draft)
     peak = job.peak
     smallest: dict[int, int | None] = {size: None for size in DEVICE_SIZES}
     for n in gpu_choices(spec):
-        candidate = candidate_peak(job, spec, ref, n)
+        candidate = candidate_peak(job, spec, ref, n, draft)
         for size in DEVICE_SIZES:
             if smallest[size] is None and fits(candidate, size):
                 smallest[size] = n
@@ -140,7 +140,7 @@ def job_row(config: Mapping, run, ref, gpus: int, device_gb, samples, peak_flops
     return row
 
 
-def candidate_peak(job, spec, ref, gpus: int):
+def candidate_peak(job, spec, ref, gpus: int, draft=None):
     """The job's per-GPU peak on ``gpus`` GPUs: from its own simulation where the step is the
     same (:func:`effllm.plan.fit.rescaled`), else simulated."""
     from effllm.plan.fit import rescaled
@@ -148,8 +148,8 @@ def candidate_peak(job, spec, ref, gpus: int):
 
     if gpus == job.gpus:
         return job.peak
-    peak = rescaled(job.sim, job.work, job_work(spec, ref, gpus))
-    return peak if peak is not None else fit_job(spec, ref, gpus).peak
+    peak = rescaled(job.sim, job.work, job_work(spec, ref, gpus, draft))
+    return peak if peak is not None else fit_job(spec, ref, gpus, draft=draft).peak
 
 
 def serving_flops(spec, sim) -> float:
@@ -179,12 +179,12 @@ def plan_rows(config: Mapping, runs: Mapping, results: Path = Path("results"),
     fewer GPUs already fit the smallest device needs no more)."""
     from effllm.cluster import stage_settings
     from effllm.plan.fit import rank_peak, rescaled
-    from effllm.plan.grid import gpu_choices, job_work, model_ref
+    from effllm.plan.grid import draft_ref, gpu_choices, job_work, model_ref
     from effllm.plan.simulate import simulate
 
     peak_flops, mfu = plan_settings(config)
     samples = set_sizes(config, results)
-    refs, jobs = {}, []
+    refs, jobs, drafts = {}, [], {}
     for stage in GPU_STAGES:
         for name, run in runs.get(stage, {}).items():
             settings = stage_settings(config, stage, name)
@@ -192,28 +192,33 @@ def plan_rows(config: Mapping, runs: Mapping, results: Path = Path("results"),
             if source not in refs:
                 refs[source] = model_ref(config, runs, source)
             jobs.append((run, refs[source], settings.gpus, settings.gpu_memory_gb))
+            drafts[run.run_id] = draft_ref(config, runs, run.spec, refs)
+
+    def work(run, ref, n):
+        return job_work(run.spec, ref, n, drafts[run.run_id])
+
     start = time.perf_counter()
-    prefetch([job_work(run.spec, ref, gpus) for run, ref, gpus, _ in jobs], flops=True)
+    prefetch([work(run, ref, gpus) for run, ref, gpus, _ in jobs], flops=True)
     open_jobs = [(run, ref, gpus) for run, ref, gpus, _ in jobs]
     for n in sorted({n for run, *_ in jobs for n in gpu_choices(run.spec)}):
         batch = [(run, ref, gpus) for run, ref, gpus in open_jobs
                  if n in gpu_choices(run.spec)]
-        own = {run.run_id: job_work(run.spec, ref, gpus) for run, ref, gpus in batch}
+        own = {run.run_id: work(run, ref, gpus) for run, ref, gpus in batch}
         derived = {run.run_id: rescaled(simulate(own[run.run_id], flops=False),
-                                        own[run.run_id], job_work(run.spec, ref, n))
+                                        own[run.run_id], work(run, ref, n))
                    for run, ref, gpus in batch}
-        prefetch([job_work(run.spec, ref, n) for run, ref, _ in batch
+        prefetch([work(run, ref, n) for run, ref, _ in batch
                   if derived[run.run_id] is None])
         fitted = {run.run_id for run, ref, _ in batch
                   if fits(derived[run.run_id] or rank_peak(
-                      simulate(job_work(run.spec, ref, n), flops=False),
-                      job_work(run.spec, ref, n)), DEVICE_SIZES[0])}
+                      simulate(work(run, ref, n), flops=False),
+                      work(run, ref, n)), DEVICE_SIZES[0])}
         open_jobs = [job for job in open_jobs if job[0].run_id not in fitted]
         if progress:
             progress(f"{len(batch)} jobs simulated on {n} GPU(s), {len(open_jobs)} not yet "
                      f"fitting {DEVICE_SIZES[0]} GB ({time.perf_counter() - start:.0f} s)")
-    rows = [job_row(config, run, ref, gpus, device_gb, samples, peak_flops, mfu)
-            for run, ref, gpus, device_gb in jobs]
+    rows = [job_row(config, run, ref, gpus, device_gb, samples, peak_flops, mfu,
+                    drafts[run.run_id]) for run, ref, gpus, device_gb in jobs]
     if progress:
         progress(f"planned {len(rows)} jobs in {time.perf_counter() - start:.0f} s")
     return rows

@@ -153,6 +153,26 @@ def int8_bytes(out_features: int, in_features: int) -> dict[str, int]:
     return {"weight": out_features * in_features, "quant_state": 4 * out_features}
 
 
+def weight_only_bytes(out_features: int, in_features: int, method: str, bits: int,
+                      group_size: int | None) -> dict[str, int]:
+    """What a weight-only quantiser of the techniques block holds for one linear weight: HQQ
+    views it as rows of ``group_size`` (64) weights, packs 8 / ``bits`` rows a byte (3 bits:
+    10 rows an int32) and keeps a bf16 scale and zero point per row; torchao int8 an int8
+    weight with an fp32 scale and an int8 zero point per output row; torchao int4 two weights
+    a byte and a bf16 scale and zero point per group (128). As
+    :func:`effllm.measure.tensors.linear_weight_bytes` counts them (tested)."""
+    n = out_features * in_features
+    if method == "torchao" and bits == 8:
+        return {"weight": n, "quant_state": 5 * out_features}
+    group = group_size or (64 if method == "hqq" else 128)
+    rows = math.ceil(n / group)
+    if method == "hqq":
+        packed = (4 * group * math.ceil(rows / 10) if bits == 3
+                  else group * math.ceil(rows * bits / 8))
+        return {"weight": packed, "quant_state": 4 * rows}
+    return {"weight": math.ceil(n / 2), "quant_state": 4 * rows}
+
+
 def _quantised_linear_class():
     torch = _torch()
 
@@ -177,13 +197,10 @@ def _quantised_linear_class():
         """A linear layer holding bitsandbytes' bytes (packed weight as a frozen parameter,
         quantisation state as buffers), computing as its kernels do."""
 
-        def __init__(self, linear, bits: int, double_quant: bool):
+        def __init__(self, linear, parts: dict[str, int]):
             torch.nn.Module.__init__(self)
             self.in_features, self.out_features = linear.in_features, linear.out_features
-            parts = (int4_bytes(self.out_features, self.in_features, double_quant) if bits == 4
-                     else int8_bytes(self.out_features, self.in_features))
-            dtype = torch.uint8 if bits == 4 else torch.int8
-            self.weight = torch.nn.Parameter(torch.empty(parts["weight"], 1, dtype=dtype),
+            self.weight = torch.nn.Parameter(torch.empty(parts["weight"], 1, dtype=torch.uint8),
                                              requires_grad=False)
             self.register_buffer("quant_state", torch.empty(parts["quant_state"],
                                                             dtype=torch.uint8))
@@ -196,29 +213,42 @@ def _quantised_linear_class():
     return QuantisedLinear
 
 
-def quantise(model, ref: ModelRef, bits: int, double_quant: bool) -> list[str]:
+def quantise(model, ref: ModelRef, bits: int, double_quant: bool, weights=None) -> list[str]:
     """Replace the linears bitsandbytes would quantise (every one the job's ``bnb_config``
-    does not keep: head, routers, the CPU kernels' odd widths) by :func:`_quantised_linear_class`
-    layers; returns the names kept in high precision."""
+    does not keep: head, routers, the CPU kernels' odd widths), or with ``weights`` (a
+    :class:`effllm.specs.WeightQuant`) those the weight-only quantiser takes (all but head,
+    routers and directly read layers), by :func:`_quantised_linear_class` layers holding their
+    bytes; returns the names kept in high precision."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     from effllm.models.quantize import exact_modules, quantisable_skips
 
     torch = _torch()
     with saved_config(ref) as folder:
-        keep = exact_modules(folder) + (quantisable_skips(folder) if bits == 4 else [])
+        keep = exact_modules(folder) + (quantisable_skips(folder) if bits == 4 and not weights
+                                        else [])
     cls = _quantised_linear_class()
+
+    def parts(linear) -> dict[str, int]:
+        shape = (linear.out_features, linear.in_features)
+        if weights is not None:
+            return weight_only_bytes(*shape, weights.method, weights.bits, weights.group_size)
+        return int4_bytes(*shape, double_quant) if bits == 4 else int8_bytes(*shape)
+
     kept = []
+    group = (weights.group_size or 64) if weights is not None else None
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear):
             continue
-        if not should_convert_module(name, keep):
+        indivisible = (weights is not None and weights.method == "hqq"
+                       and module.weight.numel() % group)  # HQQ leaves these in bf16
+        if not should_convert_module(name, keep) or indivisible:
             kept.append(name)
             continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
-                cls(module, bits, double_quant))
-    model.is_loaded_in_4bit = bits == 4
+                cls(module, parts(module)))
+    model.is_loaded_in_4bit = bits == 4 and weights is None
     return kept
 
 
@@ -551,7 +581,33 @@ def serving_model(work: ServeWork, layers: int):
     if work.precision in ("int4", "int8"):
         quantise(model, work.model, 4 if work.precision == "int4" else 8,
                  quant.double_quant is not False)
+    elif work.weights is not None:
+        quantise(model, work.model, work.weights.bits, False, work.weights)
     return model.eval()
+
+
+def draft_bytes(work: ServeWork) -> int:
+    """Bytes of a speculative draft model's weights, held beside the served model for the
+    whole job (full depth on fake tensors, in the served compute dtype; its own small cache
+    and activations while it drafts are left out)."""
+    if work.draft is None:
+        return 0
+    torch = _torch()
+    dtype = getattr(torch, SERVE_DTYPES.get(work.precision, "bfloat16"))
+    with fake_runtime(1):
+        return sum(static_bytes(build(work.draft, None, dtype), training=False).values())
+
+
+def _with_draft(sim: Simulation, work) -> Simulation:
+    """``sim`` with the draft's weights (:func:`draft_bytes`) added to every phase as
+    ``draft``."""
+    extra = draft_bytes(work) if work.kind == "serve" else 0
+    if not extra:
+        return sim
+    phases = {name: {**parts, "draft": extra, "total": parts["total"] + extra}
+              for name, parts in sim.phases.items()}
+    return dataclasses.replace(sim, phases=phases, static={**sim.static, "draft": extra},
+                               method=f"{sim.method}; draft model's weights added")
 
 
 def serve_account(work: ServeWork, layers: int, seq_len: int | None, fake: bool = True,
@@ -743,8 +799,8 @@ def simulate(work: TrainWork | ServeWork, use_cache: bool = True, flops: bool = 
     result = _extrapolate(accounts, layers, lengths, length)
     how = (f"simulated at depths {sim_depths(work)}"
            + (f" x lengths {LENGTHS}" if recurrent else "") + f", extrapolated to {layers}")
-    sim = Simulation(result["phases"], result["flops"], result["static"], result["kv_cache"],
-                     how)
+    sim = _with_draft(Simulation(result["phases"], result["flops"], result["static"],
+                                 result["kv_cache"], how), work)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, sim.to_json())
@@ -788,9 +844,10 @@ def state(work: TrainWork | ServeWork) -> Simulation:
     first = next(iter(points.values()))
     static = {name: round(_fit({k: v[name] for k, v in points.items()}, layers, 0))
               for name in first}
-    result = Simulation({"state": {**static, "total": sum(static.values())}}, {}, static, {},
-                        f"state only (no step), built at depths {sim_depths(work)}, "
-                        f"extrapolated to {layers}")
+    result = _with_draft(Simulation(
+        {"state": {**static, "total": sum(static.values())}}, {}, static, {},
+        f"state only (no step), built at depths {sim_depths(work)}, extrapolated to {layers}"),
+        work)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result.to_json())
     return result

@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 
-from effllm.specs import MethodSpec, ModelShape, QuantSpec, Spec, opt
+from effllm.specs import MethodSpec, ModelShape, QuantSpec, Spec, WeightQuant, opt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,9 @@ class ServeWork(Spec):
     precision: str
     quant: QuantSpec
     passes: tuple[ServePass, ...]
+    # the techniques block (issue 22): weight-only quantisation, a speculative draft model
+    weights: WeightQuant | None = opt()
+    draft: ModelRef | None = opt()
 
     kind = "serve"
 
