@@ -213,13 +213,17 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     for path in records:
         data = json.loads(path.read_text())
         validate_record(data)
+        # a pretrained model served by the techniques block has never seen the problems: its
+        # exact match and token accuracy may well be 0
+        untrained = str(data["params"].get("upstream") or "").startswith("pretrain/")
         for name, metric in data["metrics"].items():
             assert metric["status"] in STATUSES
             if metric["status"] == "measured" and name in (
                     "al", "amu", "it", "tt", "st", "perplexity", "tokens_per_s", "token_accuracy",
                     "performance", "decode_latency", "prefill_latency", "weight_bytes",
                     "flops_per_token", "completion_perplexity"):
-                assert metric["value"] > 0, (path, name)
+                if not (untrained and name in ("token_accuracy", "performance")):
+                    assert metric["value"] > 0, (path, name)
         assert data["metrics"]["amu"]["status"] == "measured"
         if data["stage"] != "pretrain":
             assert data["metrics"]["exact_match"]["status"] == "measured"

@@ -38,9 +38,9 @@ def _quantisation_state(module: torch.nn.Module) -> list[torch.Tensor]:
     sit on the weight after loading and move to ``module.state`` on the first forward; and
     HQQ's ``meta`` (scales and zero points, quantised themselves when so configured)."""
     weight = getattr(module, "weight", None)
-    # a tensor subclass (torchao) holds its data in inner tensors: counted as the weight's own
-    subclass = hasattr(type(weight), "__tensor_flatten__")
-    holders, state = [None if subclass else weight], getattr(weight, "quant_state", None)
+    # torchao's weight holds its data in inner tensors: counted as the weight's own
+    holders, state = [None if _quantised_subclass(weight) else weight], getattr(
+        weight, "quant_state", None)
     while state is not None:
         holders.append(state)
         state = getattr(state, "state2", None)
@@ -55,12 +55,18 @@ def _quantisation_state(module: torch.nn.Module) -> list[torch.Tensor]:
     return found
 
 
+def _quantised_subclass(t) -> bool:
+    """A torchao quantised weight: a tensor subclass whose ``nbytes`` is its logical dtype's
+    and whose data pointer is 0 (DTensor shards and bitsandbytes' parameters are not)."""
+    return type(t).__module__.startswith("torchao.") and hasattr(type(t), "__tensor_flatten__")
+
+
 def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors holding ``t``'s data: itself, or a subclass's inner tensors (torchao's
-    quantised weights report their logical dtype's ``nbytes`` and no data pointer)."""
-    if hasattr(type(t), "__tensor_flatten__"):
+    """The plain tensors holding ``t``'s data: itself, or a torchao weight's inner tensors."""
+    if _quantised_subclass(t):
         names, _ = t.__tensor_flatten__()
-        return [p for name in names for p in _plain_tensors(getattr(t, name))]
+        return [p for name in names if isinstance(getattr(t, name), torch.Tensor)
+                for p in _plain_tensors(getattr(t, name))]
     return [t]
 
 
