@@ -56,12 +56,19 @@ def _whiskers(rows: pd.DataFrame, column: str) -> np.ndarray | None:
     return np.vstack([mean - lo, hi - mean])
 
 
+def colours(labels) -> dict[str, tuple]:
+    """One tab10 colour per variant, in the block's order: distinct within the figure (hashed
+    technique colours can meet among eight variants)."""
+    palette = plt.get_cmap("tab10").colors
+    return {label: palette[i % len(palette)] for i, label in enumerate(dict.fromkeys(labels))}
+
+
 def _scatter(ax, rows: pd.DataFrame, x: str, y: str, scale: float, size: np.ndarray | None,
-             xlabel: str, ylabel: str) -> None:
+             xlabel: str, ylabel: str, colour_of: dict) -> None:
     rows = rows.dropna(subset=[x, y])
     xs, ys = rows[x].to_numpy(float) / scale, rows[y].to_numpy(float)
     for i, (_, row) in enumerate(rows.iterrows()):
-        colour = style.technique_colour(row["label"])
+        colour = colour_of[row["label"]]
         area = 30 if size is None else float(size[i])
         ax.scatter(xs[i], ys[i], s=area, color=colour, alpha=0.8, edgecolor="0.2",
                    linewidth=0.4, zorder=3)
@@ -91,16 +98,17 @@ def draw_techniques(normalised_csv: str | os.PathLike, out_pdf: str | os.PathLik
         for column in COLUMNS:  # a column no run recorded: drawn as absent
             summary[column] = summary[column] if column in summary else np.nan
         parts = panels(summary)
+        colour_of = colours(summary["label"])
         al = parts["weights"]["al"].to_numpy(float)
         size = 20 + 160 * al / np.nanmax(al) if np.isfinite(al).any() else None
         served = f"{group}\n" if len(groups) > 1 else ""
         _scatter(row_axes[0], parts["weights"], "weight_bytes", "perplexity", MB, size,
-                 "weights (MB)", f"{served}perplexity \u2193")
+                 "weights (MB)", f"{served}perplexity \u2193", colour_of)
         row_axes[0].set_title("weights (area: AL)", loc="left")
         _scatter(row_axes[1], parts["kv"], "kv_cache_bytes_per_token", "kv_perplexity", 1, None,
-                 "KV cache (B / cached token)", "perplexity through the cache \u2193")
+                 "KV cache (B / cached token)", "perplexity through the cache \u2193", colour_of)
         row_axes[1].set_title("KV cache", loc="left")
-        _draw_decoding(row_axes[2], parts["decoding"])
+        _draw_decoding(row_axes[2], parts["decoding"], colour_of)
     seeds = f"mean over {most} seeds, whiskers min\u2013max" if most > 1 else "1 seed"
     fig.suptitle(title or "Serving techniques: what each costs and gains"
                  + (f" ({groups[0]})" if len(groups) == 1 else ""), fontweight="bold")
@@ -108,7 +116,7 @@ def draw_techniques(normalised_csv: str | os.PathLike, out_pdf: str | os.PathLik
     style.save_figure(fig, out_pdf, out_png)
 
 
-def _draw_decoding(ax, rows: pd.DataFrame) -> None:
+def _draw_decoding(ax, rows: pd.DataFrame, colour_of: dict) -> None:
     """Speed-up over plain decoding per speculative variant, with tokens per pass and the
     share of identical outputs over each bar."""
     ref = rows[rows["technique"] == REFERENCE]
@@ -121,7 +129,7 @@ def _draw_decoding(ax, rows: pd.DataFrame) -> None:
     else:
         speed = ref_al / rows["al"].to_numpy(float)
         labels = [str(label) for label in rows["label"]]
-        bars = ax.bar(labels, speed, color=[style.technique_colour(x) for x in labels])
+        bars = ax.bar(labels, speed, color=[colour_of[x] for x in labels])
         for bar, (_, row) in zip(bars, rows.iterrows()):
             same = row.get("identical_output", math.nan)
             text = f"{row['tokens_per_pass']:.2f} tok/pass"
