@@ -230,13 +230,20 @@ def _check_serving(config: dict, known: dict) -> None:
                           f"{harness['include_path']} is not a folder of lm-eval task YAMLs")
     if "pretrain" in inf["sources"]:
         for run in known.values():
-            model = run.spec.model
-            if model.attention == "nsa" or model.family == "rwkv":
+            if not decodes_padded(run.spec.model):
                 raise ConfigError(
                     f"config key 'inference.sources': serving pretraining runs includes "
-                    f"{run.name.rsplit('-s', 1)[0]!r}, which cannot decode the left-padded "
-                    "batches of the exact-match evaluation (NSA refuses them, RWKV lets the "
-                    "padding into its state)")
+                    f"{run.name.rsplit('-s', 1)[0]!r}, which {PADDED}")
+
+
+# Why a model cannot be served (its exact match decodes left-padded batches).
+PADDED = ("cannot decode the left-padded batches of the exact-match evaluation (NSA refuses "
+          "them, RWKV lets the padding into its state)")
+
+
+def decodes_padded(model) -> bool:
+    """Whether a model (its ModelShape) can decode left-padded batches: not NSA, not RWKV."""
+    return model.attention != "nsa" and model.family != "rwkv"
 
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
@@ -263,11 +270,8 @@ def _check_techniques(config: dict, known: dict) -> None:
                           f"inference.hub_models ({inf.get('hub_models') or []})")
     gpus = stage_settings(config, "inference").gpus
     base = None if served_hub else known.get(ft["bases"][0] if tuned else source)
-    if base is not None and (base.spec.model.family == "rwkv"
-                             or base.spec.model.attention == "nsa"):
-        raise ConfigError(f"{key}.source': {source!r} cannot decode the left-padded batches "
-                          "of the exact-match evaluation (NSA refuses them, RWKV lets the "
-                          "padding into its state)")
+    if base is not None and not decodes_padded(base.spec.model):
+        raise ConfigError(f"{key}.source': {source!r} {PADDED}")
     names = [v["name"] for v in block["variants"]]
     plain = [v for v in block["variants"] if not set(v) & {"weights", "kv_cache", "speculative"}]
     if not any(v["name"] == "bf16" and v.get("precision", "bf16") == "bf16" for v in plain):

@@ -29,17 +29,24 @@ def finite_metric(value: float, unit: str, method: str, note: str | None = None)
                               f"overflowed at this precision; {note or ''}".rstrip("; "))
 
 
+def token_windows(tokens: np.ndarray, length: int, max_tokens: int) -> list[np.ndarray]:
+    """Non-overlapping windows of ``length`` tokens from the start, at most ``max_tokens``
+    (at least one window)."""
+    n_windows = max(1, min(len(tokens), max_tokens) // length)
+    windows = [tokens[i * length:(i + 1) * length] for i in range(n_windows)]
+    windows = [w for w in windows if len(w) == length]
+    if not windows:
+        raise ValueError(f"held-out split has {len(tokens)} tokens, fewer than seq_len {length}")
+    return windows
+
+
 @torch.no_grad()
 def perplexity(model, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int = 8,
                precision: str = "fp32") -> tuple[float, int]:
     """exp(mean NLL) over non-overlapping windows of held-out tokens, forward passes at
     ``precision``, never holding a batch's full logits; returns (ppl, scored)."""
     model.eval()
-    n_windows = max(1, min(len(tokens), max_tokens) // seq_len)
-    windows = [tokens[i * seq_len:(i + 1) * seq_len] for i in range(n_windows)]
-    windows = [w for w in windows if len(w) == seq_len]
-    if not windows:
-        raise ValueError(f"held-out split has {len(tokens)} tokens, fewer than seq_len {seq_len}")
+    windows = token_windows(tokens, seq_len, max_tokens)
     nll, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
         ids = torch.from_numpy(np.stack(windows[i:i + batch_size]).astype(np.int64))

@@ -322,10 +322,11 @@ def technique_metrics(spec: InferenceSpec, model, prompt_ids: torch.Tensor, pad_
                                                  f"{how}: {served} passes of the served model")
     if draft is not None:
         accepted, proposed = new - served, passes.calls["draft"]
-        metrics["draft_acceptance"] = Metric.measured(
-            accepted / proposed if proposed else 0.0, "1", "forward_hooks",
-            f"{how}: {accepted} accepted of {proposed} draft tokens (accepted = new tokens - "
-            "served-model passes)")
+        what = (f"{how}: {accepted} accepted of {proposed} draft tokens (accepted = new tokens "
+                "- served-model passes)")
+        metrics["draft_acceptance"] = (
+            Metric.measured(accepted / proposed, "1", "forward_hooks", what) if proposed
+            else Metric.unavailable("1", "forward_hooks", f"{how}: the draft proposed nothing"))
     same = (fast == plain).all(dim=1).float().mean().item()
     metrics["identical_output"] = Metric.measured(
         same, "fraction", "token_equality_vs_plain_greedy",

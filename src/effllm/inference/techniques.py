@@ -24,37 +24,35 @@ import torch
 import torch.nn.functional as F
 
 from effllm.evaluation.logprobs import token_scores
-from effllm.evaluation.perplexity import safe_exp
+from effllm.evaluation.perplexity import safe_exp, token_windows
 from effllm.specs import KVCacheSpec, SpeculativeSpec, WeightQuant
 
-# What a weight-only method runs on: torchao 0.18's int4 weight-only needs CUDA (tinygemm's
-# tile-packed layout, sm80+; its default layout the mslk package); its int8 and HQQ run on a CPU.
-CPU_WEIGHTS = {("hqq", 1), ("hqq", 2), ("hqq", 3), ("hqq", 4), ("hqq", 8), ("torchao", 8)}
-GPU_WEIGHTS = {("torchao", 4)}
 KV_BACKENDS = ("fp8", "hqq")
+HQQ_GROUP = 64  # HQQ's group size when the config gives none
 
 
-def _kept(name: str, keep: list[str]) -> bool:
-    parts = name.split(".")
-    return any(k in parts or name == k for k in keep)
+def takes(name: str, module: torch.nn.Module, weights: WeightQuant, keep: list[str]) -> bool:
+    """Whether the weight-only quantiser takes this layer: a linear the ``keep`` list does not
+    name (transformers' skip-list rule, as bitsandbytes applies it to the same list) whose
+    weight HQQ can split into its groups. The GPU plan books layers by this rule too."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    if not isinstance(module, torch.nn.Linear) or not should_convert_module(name, keep):
+        return False
+    return weights.method != "hqq" or not module.weight.numel() % (weights.group_size
+                                                                   or HQQ_GROUP)
 
 
 def quantize_weights(model: torch.nn.Module, weights: WeightQuant, keep: list[str]
                      ) -> tuple[str, float]:
-    """Quantise the model's linear layers in place (all but ``keep``: names or name parts);
-    returns (a note naming the layers left in high precision, seconds the quantiser took)."""
+    """Quantise the model's linear layers in place (those :func:`takes` takes); returns (a
+    note naming the layers left in high precision, seconds the quantiser took)."""
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    group = weights.group_size or 64
-    skipped = []
-
-    def wanted(module: torch.nn.Module, name: str) -> bool:
-        if not isinstance(module, torch.nn.Linear) or _kept(name, keep):
-            return False
-        if weights.method == "hqq" and module.weight.numel() % group:
-            skipped.append(name)  # HQQ groups the flattened weight: it must divide
-            return False
-        return True
+    group = weights.group_size or HQQ_GROUP
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    kept = sorted(name for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and not takes(name, m, weights, keep))
 
     start = time.perf_counter()
     if weights.method == "hqq":
@@ -62,7 +60,7 @@ def quantize_weights(model: torch.nn.Module, weights: WeightQuant, keep: list[st
 
         config = BaseQuantizeConfig(nbits=weights.bits, group_size=group)
         for name, module in list(model.named_modules()):
-            if wanted(module, name):
+            if takes(name, module, weights, keep):
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child,
                         HQQLinear(module, config, compute_dtype=dtype, device=str(device),
@@ -70,18 +68,19 @@ def quantize_weights(model: torch.nn.Module, weights: WeightQuant, keep: list[st
     elif weights.method == "torchao":
         from torchao.quantization import quantize_
 
-        if (weights.method, weights.bits) not in CPU_WEIGHTS and device.type != "cuda":
-            raise RuntimeError(f"torchao int{weights.bits} weight-only quantisation needs a "
-                               "CUDA GPU (torchao 0.18's int4 layouts); int8 runs on a CPU")
-        quantize_(model, _torchao_config(weights), filter_fn=lambda m, fqn: wanted(m, fqn))
+        if weights.bits == 4 and device.type != "cuda":  # tinygemm's layout; int8 runs anywhere
+            raise RuntimeError("torchao int4 weight-only quantisation needs a CUDA GPU "
+                               "(tinygemm's layout, sm80 or newer); int8 runs on a CPU")
+        quantize_(model, _torchao_config(weights),
+                  filter_fn=lambda m, fqn: takes(fqn, m, weights, keep))
     else:
         raise ValueError(f"weights.method {weights.method!r}: one of hqq, torchao")
     seconds = time.perf_counter() - start
-    kept = sorted({k for k in keep if any(_kept(n, [k]) for n, _ in model.named_modules())})
-    note = f"kept in {str(dtype).removeprefix('torch.')}: {kept}" if kept else ""
-    if skipped:
-        note += f"; not divisible into groups of {group}: {sorted(skipped)}"
-    return note.lstrip("; "), seconds
+    note = (f"{len(kept)} of {len(linears)} linear layers kept in "
+            f"{str(dtype).removeprefix('torch.')} (the skip list {keep}"
+            + (f", or not divisible into HQQ groups of {group}" if weights.method == "hqq"
+               else "") + f"): {kept}") if kept else ""
+    return note, seconds
 
 
 def _torchao_config(weights: WeightQuant):
@@ -180,11 +179,9 @@ def cached_perplexity(model, tokens: np.ndarray, length: int, max_tokens: int, m
     if "past_key_values" not in inspect.signature(model.forward).parameters:
         raise NoCache(f"{type(model).__name__} keeps a recurrent state, not a key/value cache")
     half = length // 2
-    n = max(1, min(len(tokens), max_tokens) // length)
-    windows = [tokens[i * length:(i + 1) * length] for i in range(n)]
-    windows = [w for w in windows if len(w) == length]
-    if not windows or half < 2:
+    if half < 2:
         raise ValueError(f"cached perplexity needs windows of at least 4 tokens ({length})")
+    windows = token_windows(tokens, length, max_tokens)
     nll, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
         ids = torch.from_numpy(np.stack(windows[i:i + batch_size]).astype(np.int64))

@@ -236,13 +236,13 @@ def quantise(model, ref: ModelRef, bits: int, double_quant: bool, weights=None) 
         return int4_bytes(*shape, double_quant) if bits == 4 else int8_bytes(*shape)
 
     kept = []
-    group = (weights.group_size or 64) if weights is not None else None
+    if weights is not None:
+        from effllm.inference.techniques import takes
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear):
             continue
-        indivisible = (weights is not None and weights.method == "hqq"
-                       and module.weight.numel() % group)  # HQQ leaves these in bf16
-        if not should_convert_module(name, keep) or indivisible:
+        if not (takes(name, module, weights, keep) if weights is not None
+                else should_convert_module(name, keep)):
             kept.append(name)
             continue
         parent, _, child = name.rpartition(".")
