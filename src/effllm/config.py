@@ -48,6 +48,7 @@ def check_semantics(config: dict) -> None:
     key. Fills in empty int4/int8 blocks for the precisions served."""
     _check_sizes_and_steps(config)
     _check_pruning(config)
+    _check_distillation(config)
     known = _pretrained_bases(config)
     _check_bases(config, known)
     _check_serving(config, known)
@@ -133,6 +134,37 @@ def _check_pruning(config: dict) -> None:
             raise ConfigError(f"config key '{key}.target_params': size {target!r} "
                               f"(~{counts[target]:,} parameters) is not smaller than the "
                               f"source's size {size!r} (~{counts[size]:,})")
+
+
+def _check_distillation(config: dict) -> None:
+    """The distillation block's teacher is a run of this grid and its student a smaller size
+    of the teacher's variant."""
+    from effllm.sweep import DISTILL_BLOCK, pretrain_variants, variant_model
+
+    block = config["pretrain"]["blocks"].get(DISTILL_BLOCK)
+    if not block:
+        return
+    key = f"pretrain.blocks.{DISTILL_BLOCK}"
+    teachers = {f"{name}-{variant.get('size', size)}": (variant, variant.get("size", size))
+                for _, name, size, variant in pretrain_variants(config)}
+    if block["teacher"] not in teachers:
+        raise ConfigError(f"config key '{key}.teacher': {block['teacher']!r} is not a "
+                          f"pretraining run of this grid (<variant>-<size>): {sorted(teachers)}"
+                          " (a hub teacher would need the corpus in its tokens)")
+    variant, size = teachers[block["teacher"]]
+    student = block["student"]
+    if student not in config["sizes"]:
+        raise ConfigError(f"config key '{key}.student': unknown size {student!r}; defined "
+                          f"sizes: {sorted(config['sizes'])}")
+    m = variant_model(config, variant)
+    if m["family"] == "decoder":
+        counts = {name: _uniform_params(config, m, name) for name in (student, size)}
+        if counts[student] >= counts[size]:
+            raise ConfigError(f"config key '{key}.student': size {student!r} (~"
+                              f"{counts[student]:,} parameters) is not smaller than the "
+                              f"teacher's {size!r} (~{counts[size]:,})")
+    elif student == size:
+        raise ConfigError(f"config key '{key}.student': {student!r} is the teacher's size")
 
 
 def _check_hub_source(config: dict, block: dict, key: str) -> None:
@@ -273,7 +305,8 @@ def _check_techniques(config: dict, known: dict) -> None:
     if base is not None and not decodes_padded(base.spec.model):
         raise ConfigError(f"{key}.source': {source!r} {PADDED}")
     names = [v["name"] for v in block["variants"]]
-    plain = [v for v in block["variants"] if not set(v) & {"weights", "kv_cache", "speculative"}]
+    plain = [v for v in block["variants"]
+             if not set(v) & {"weights", "kv_cache", "speculative", "prune"}]
     if not any(v["name"] == "bf16" and v.get("precision", "bf16") == "bf16" for v in plain):
         raise ConfigError(f"{key}.variants': no plain variant named bf16 ({{name: bf16}}): "
                           "the reference of the block's figure, MCR and claims")
@@ -283,8 +316,9 @@ def _check_techniques(config: dict, known: dict) -> None:
             raise ConfigError(f"{where}.name': {variant['name']!r} names two variants (the "
                               f"first: variants.{names.index(variant['name'])})")
         precision = variant.get("precision", "bf16")
-        weights, kv, spec = (variant.get(k) for k in ("weights", "kv_cache", "speculative"))
-        if (weights or kv or spec) and variant["name"] in PRECISIONS:
+        weights, kv, spec, prune = (variant.get(k) for k in ("weights", "kv_cache",
+                                                               "speculative", "prune"))
+        if (weights or kv or spec or prune) and variant["name"] in PRECISIONS:
             raise ConfigError(f"{where}.name': {variant['name']!r} is a precision's name, which "
                               "its run would share with the inference block's; name the "
                               "technique")
@@ -304,6 +338,9 @@ def _check_techniques(config: dict, known: dict) -> None:
                                   "(tinygemm's layout, sm80 or newer; no CPU kernel in torchao "
                                   "0.18) and resources.inference.gpus is 0; on a CPU use hqq "
                                   "at 4 bits")
+        if prune:
+            _check_prune(config, prune, f"{where}.prune", precision, bool(weights), served_hub,
+                         base)
         if kv:
             if kv["backend"] == "fp8" and set(kv) - {"backend"}:
                 raise ConfigError(f"{where}.kv_cache': the fp8 backend quantises per tensor; "
@@ -335,6 +372,60 @@ def _check_techniques(config: dict, known: dict) -> None:
                                              or known[draft].spec.model.attention == "nsa"):
                 raise ConfigError(f"{where}.speculative.draft': {draft!r} is not a decoder "
                                   "whose cache can be cropped after rejected tokens (not NSA)")
+
+
+def _check_prune(config: dict, prune: dict, where: str, precision: str, quantised: bool,
+                 served_hub: bool, base) -> None:
+    """A post-training pruning variant: a float model, one of sparsity and pattern for the
+    unstructured methods, and for structured pruning a dense decoder of ours."""
+    from effllm.specs import nm_pattern
+
+    if precision not in ("fp32", "bf16", "fp16") or quantised:
+        raise ConfigError(f"{where}': pruning applies to a float model with no weight "
+                          f"quantisation, not precision {precision!r}"
+                          + (" with weights" if quantised else ""))
+    method, pattern, sparsity = prune["method"], prune.get("pattern"), prune.get("sparsity")
+    if method == "structured":
+        if sparsity is None or pattern:
+            raise ConfigError(f"{where}': structured pruning takes sparsity (the share of the "
+                              "decoder layers' linear weights removed), not pattern")
+        if served_hub:
+            raise ConfigError(f"{where}': structured pruning needs a decoder of this grid "
+                              "(saliency from a backward pass the GPU plan does not book for "
+                              "hub models); use magnitude or wanda")
+        m = base.spec.model if base is not None else None
+        if m is not None and (m.family != "decoder" or m.attention not in ("mha", "mqa", "gqa")
+                              or m.num_experts):
+            raise ConfigError(f"{where}': structured pruning needs a dense MHA/MQA/GQA "
+                              f"decoder, not {m.family} {m.attention}")
+        groups = prune.get("groups") or ["heads", "ffn"]
+        pe = m.position_encoding if m is not None else "rope"
+        if "heads" in groups and pe in ("relative", "alibi"):
+            raise ConfigError(f"{where}.groups': heads cannot be pruned under "
+                              f"position_encoding {pe!r} (a score bias per head index)")
+        if "hidden" in groups and pe == "sinusoidal":
+            raise ConfigError(f"{where}.groups': hidden cannot be pruned under sinusoidal "
+                              "positions (a fixed table of the full width)")
+        return
+    if prune.get("groups"):
+        raise ConfigError(f"{where}.groups': groups are structured pruning's; {method} prunes "
+                          "single weights")
+    if (sparsity is None) == (pattern is None):
+        raise ConfigError(f"{where}': give exactly one of sparsity (unstructured) and pattern "
+                          f"(n:m) for {method}")
+    if pattern:
+        try:
+            _, m_of = nm_pattern(pattern)
+        except ValueError as err:
+            raise ConfigError(f"{where}.pattern': {err}") from None
+        shape = base.spec.model if base is not None else None
+        widths = {"hidden_size": shape.hidden_size, "intermediate_size":
+                  shape.intermediate_size} if shape is not None else {}
+        for key, width in widths.items():
+            if width and width % m_of:
+                raise ConfigError(f"{where}.pattern': {pattern} needs every pruned layer's "
+                                  f"inputs in groups of {m_of}; the served model's {key} is "
+                                  f"{width}")
 
 
 def _check_lengths(config: dict) -> None:

@@ -61,7 +61,8 @@ def run_stage(stage: str, gpus: int, gpu_memory_gb: float | None = None, **kwarg
 
         preflight(kwargs["spec"], gpus, gpu_memory_gb,
                   model_dir=kwargs.get("base_dir") or kwargs.get("model_dir"),
-                  data_dir=kwargs.get("data_dir"), draft_dir=kwargs.get("draft_dir"))
+                  data_dir=kwargs.get("data_dir"),
+                  draft_dir=kwargs.get("draft_dir") or kwargs.get("teacher_dir"))
     if gpus < 2:
         previous = os.environ.get(ENV_GPUS)
         os.environ[ENV_GPUS] = str(gpus)

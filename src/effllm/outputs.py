@@ -158,6 +158,9 @@ FIGURES: dict[str, Output] = {o.name: o for o in (
     _figure("fig_pruning_architecture", "pruning",
             "effllm.plots.pruning:draw_pruning_architecture", "Pretraining",
             inputs={"widths_csv": PRUNING_WIDTHS}),
+    # Knowledge distillation (issue 22): student, scratch twin and teacher as Fig. 3b.
+    _figure("fig_distillation", "distillation", "effllm.plots.bars:draw_bars_with_line",
+            "Pretraining", {"metrics": PRETRAIN_METRICS, "line_metric": "perplexity"}),
     # The survey's serving techniques on one served model (issue 22): weights, KV cache and
     # speculative decoding, each in its own units.
     _figure("fig_techniques", "techniques", "effllm.plots.techniques:draw_techniques",
@@ -172,6 +175,7 @@ TABLES: dict[str, Output] = {o.name: o for o in (
     _table("table5_moe", "moe"),
     _table("table6_attention_free", "attention_free"),
     _table("table_pruning", "pruning"),
+    _table("table_distillation", "distillation"),
     _table("table7_finetune", "finetune"),
     _table("table9_inference", "inference"),
     _table("table16_tasks", "inference"),

@@ -172,6 +172,13 @@ METRICS: dict[str, MetricInfo] = _Catalogue({
     "identical_output": MetricInfo("fraction", True, "Same out",
                                    "prompts whose greedy output equals plain decoding's"),
     "quantize_seconds": MetricInfo("s", False, "Quant s", "wall time of weight quantisation"),
+    "weight_sparsity": MetricInfo("fraction", True, "Sparsity",
+                                  "share of the pruned linear layers' weights removed"),
+    "prune_seconds": MetricInfo("s", False, "Prune s",
+                                "wall time of one-shot pruning, calibration included"),
+    # the distillation block's students (effllm.training.distill)
+    "distill_kl": MetricInfo("nats/token", False, "KL", "student's KL from its teacher"),
+    "teacher_params": MetricInfo("params", False, "Teacher", "parameters of the teacher"),
     # the pruning block's route (effllm.training.prune)
     "params_source": MetricInfo("params", False, "Source", "parameters of the pruned source"),
     "params_target": MetricInfo("params", False, "Target", "parameter count pruned down to"),

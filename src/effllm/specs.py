@@ -345,12 +345,24 @@ class PruningSpec(Spec):
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillSpec(Spec):
+    """Knowledge distillation (``pretrain.blocks.distillation``): the run's model learns from
+    its teacher's (the run's ``upstream``) next-token distribution as well as from the text:
+    loss = (1 - ``weight``) x cross-entropy + ``weight`` x T^2 x KL(teacher_T || student_T) at
+    ``temperature`` T (Hinton et al. 2015)."""
+
+    temperature: float
+    weight: float
+
+
+@dataclasses.dataclass(frozen=True)
 class PretrainSpec(RunSpec):
     model: ModelShape
     train: PretrainTrain
     long_context: LongContext | None
     measure: MeasureSpec
     pruning: PruningSpec | None = opt()  # a run of the pruning block: model is its source's
+    distill: DistillSpec | None = opt()  # a student of the distillation block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,6 +411,34 @@ class SpeculativeSpec(Spec):
 
 
 @dataclasses.dataclass(frozen=True)
+class PruneSpec(Spec):
+    """One-shot post-training pruning of a served model's linear layers after loading: each
+    weight row keeps its highest-scoring weights (``magnitude``: |w|; ``wanda``: |w| times the
+    norm of its input over the calibration tokens, Sun et al. 2023), ``sparsity`` of them
+    removed or ``pattern`` "n:m" (n kept of every m consecutive inputs); or ``structured``:
+    heads and FFN channels of our decoder (``groups``) cut to ``sparsity`` of its parameters by
+    first-order saliency with second-order compensation, then sliced. Calibration:
+    ``calib_windows`` windows of the train split."""
+
+    method: str  # magnitude | wanda | structured
+    sparsity: float | None = opt()
+    pattern: str | None = opt()
+    groups: tuple[str, ...] | None = opt()
+    calib_windows: int | None = opt()
+
+
+def nm_pattern(pattern: str) -> tuple[int, int]:
+    """(n kept, of every m) from "n:m"; ValueError naming the pattern otherwise."""
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError:
+        raise ValueError(f"prune.pattern {pattern!r}: give n:m, e.g. 2:4") from None
+    if not 0 < n < m:
+        raise ValueError(f"prune.pattern {pattern!r}: n kept of every m needs 0 < n < m")
+    return n, m
+
+
+@dataclasses.dataclass(frozen=True)
 class InferenceSpec(RunSpec):
     precision: str
     bits: int
@@ -411,6 +451,7 @@ class InferenceSpec(RunSpec):
     weights: WeightQuant | None = opt()
     kv_cache: KVCacheSpec | None = opt()
     speculative: SpeculativeSpec | None = opt()
+    prune: PruneSpec | None = opt()
 
 
 

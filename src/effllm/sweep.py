@@ -23,8 +23,8 @@ import re
 from typing import Any
 
 from effllm.specs import (
-    STAGES, FinetuneSpec, GridOrder, InferenceSpec, LongContext, MeasureSpec, ModelShape,
-    PretrainSpec, PretrainTrain, PruningSpec, RunSpec,
+    STAGES, DistillSpec, FinetuneSpec, GridOrder, InferenceSpec, LongContext, MeasureSpec,
+    ModelShape, PretrainSpec, PretrainTrain, PruningSpec, RunSpec,
 )
 from effllm.training.methods import ADAPTER_METHODS, LABELS as METHOD_LABELS
 
@@ -36,7 +36,7 @@ LABELS = {
     "dense": "Dense", "transformer": "Transformer", "mamba": "Mamba", "rwkv": "RWKV",
     "pythia": "Pythia",
     "pruning_aware": "Pruning-aware", "oneshot": "One-shot", "oneshot_obs": "One-shot + OBS",
-    "scratch": "Scratch",
+    "scratch": "Scratch", "distilled": "Distilled",
     **METHOD_LABELS,
     "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int8": "int8", "int4": "int4",
 }
@@ -153,17 +153,24 @@ VARIANT_MODULES = {
 }
 
 
+DISTILL_MODULE = "effllm.training.distill"  # read by distillation students only
+
+
 def unused_modules(runs: dict[str, dict[str, "Run"]], run: "Run") -> list[str]:
-    """The variant modules the model behind ``run`` (its root pretraining run) does not use."""
+    """The variant modules the model behind ``run`` (its root pretraining run) does not use,
+    and the distillation loss unless ``run`` is a student."""
+    extra = [] if getattr(run.spec, "distill", None) else [DISTILL_MODULE]
     while run.upstream is not None:
         stage, name = run.upstream.split("/", 1)
         if stage == "hub":  # a transformers model class: none of our variant modules
-            return sorted(VARIANT_MODULES)
+            return sorted([*VARIANT_MODULES, *extra])
         run = runs[stage][name]
-    return sorted(m for m, used in VARIANT_MODULES.items() if not used(run.spec.model))
+    return sorted([*(m for m, used in VARIANT_MODULES.items() if not used(run.spec.model)),
+                   *extra])
 
 
 PRUNING_BLOCK = "pruning"  # not variants x sizes: a source pruned by several routes
+DISTILL_BLOCK = "distillation"  # not variants x sizes: a teacher's student and its twin
 # The pruning block's routes after a source: (mode, compensation; None = the block's setting).
 PRUNING_ROUTES = {"pruning_aware": ("continuous", None), "oneshot": ("oneshot", False),
                   "oneshot_obs": ("oneshot", True)}
@@ -174,9 +181,9 @@ PRUNING_DEFAULTS = {"every": 20, "groups": ["heads", "ffn", "hidden"], "saliency
 
 def pretrain_variants(config: dict):
     """(block, variant name, size, variant settings) in config order; null blocks and the
-    pruning block skipped."""
+    pruning and distillation blocks skipped."""
     for block, spec in config["pretrain"]["blocks"].items():
-        if spec is None or block == PRUNING_BLOCK:
+        if spec is None or block in (PRUNING_BLOCK, DISTILL_BLOCK):
             continue
         for size in spec["sizes"]:
             for variant in spec["variants"]:
@@ -249,6 +256,7 @@ def _add_pretrain_runs(config: dict, seed: int, runs: dict[str, Run]) -> None:
             continue
         _place(runs, first[key], seed, settings, member)
     _add_pruning_runs(config, seed, runs, first, train)
+    _add_distillation_runs(config, seed, runs, first, train)
 
 
 def _place(runs: dict[str, Run], identity: tuple[str, str, str, str], seed: int,
@@ -362,6 +370,45 @@ def _add_pruning_runs(config: dict, seed: int, runs: dict[str, Run], first: dict
                                         source_id), model=source_model,
                             train=route_train, pruning=pruning, **common)
         runs[name] = Run(spec, memberships=(member,))
+
+
+def _add_distillation_runs(config: dict, seed: int, runs: dict[str, Run], first: dict,
+                           train: dict) -> None:
+    """The distillation block's runs of ``seed``: the student (the teacher's variant at the
+    student size) learning from the teacher (trained with this seed, else its first), its
+    scratch twin (the same shape, batches and steps: one run with an equal run of another
+    block), and the teacher itself as the block's reference row."""
+    block = config["pretrain"]["blocks"].get(DISTILL_BLOCK)
+    if not block or seed not in block_seeds(config, DISTILL_BLOCK):
+        return
+    teacher = base_run(runs, block["teacher"], seed)
+    variant = source_variant(config, teacher)
+    size = block["student"]
+    group = f"{DISTILL_BLOCK}-{size}"
+    twin_model = model_shape(config, size, variant)
+    long_context = config["pretrain"].get("long_context")
+    settings = {"model": twin_model, "train": PretrainTrain.from_json(train, "pretrain"),
+                "long_context": LongContext.from_json(long_context, "pretrain.long_context")
+                if long_context else None,
+                "measure": MeasureSpec.from_json(config["measure"], "measure")}
+    key = json.dumps({k: v.to_json() if v else v for k, v in settings.items()}, sort_keys=True)
+    # another block's run of this shape and training (the pruning block's scratch baseline
+    # too), else the block's own
+    equal = next((r for r in runs.values() if r.seed == seed and not r.spec.pruning
+                  and not r.spec.distill and all(getattr(r.spec, k) == v
+                                                 for k, v in settings.items())), None)
+    identity = ((equal.name, equal.technique, equal.size, equal.spec.group) if equal else
+                first.get(key, (f"scratch-{size}-s{seed}", "scratch", size, group)))
+    _place(runs, identity, seed, settings, _membership(DISTILL_BLOCK, group, "scratch"))
+    if teacher.seed == seed:  # the reference row, once per seed the teacher has
+        runs[teacher.name] = dataclasses.replace(teacher, memberships=teacher.memberships + (
+            _membership(DISTILL_BLOCK, group, "teacher", f"Teacher ({block['teacher']})"),))
+    name = f"distilled-{block['teacher']}-to-{size}-s{seed}"
+    spec = PretrainSpec(**_identity("pretrain", name, "distilled", size, seed, group,
+                                    teacher.run_id), **settings,
+                        distill=DistillSpec(temperature=block["temperature"],
+                                            weight=block["weight"]))
+    runs[name] = Run(spec, memberships=(_membership(DISTILL_BLOCK, group, "distilled"),))
 
 
 # Fine-tuning keys that are method settings (or the grid), not shared training settings.
@@ -521,7 +568,7 @@ def inference_spec(config: dict, name: str, technique: str, size: str, seed: int
                    source_id: str, dataset: str, precision: str | None = None,
                    **settings) -> InferenceSpec:
     """The spec of serving ``source_id`` at ``precision`` (default: ``technique``), with a
-    technique's ``settings`` (weights, kv_cache, speculative)."""
+    technique's ``settings`` (weights, kv_cache, speculative, prune)."""
     inf = config["inference"]
     precision = precision or technique
     quant = inf.get(precision, {}) if precision in ("int4", "int8") else {}
@@ -534,7 +581,7 @@ def inference_spec(config: dict, name: str, technique: str, size: str, seed: int
 
 
 TECHNIQUES_BLOCK = "techniques"
-TECHNIQUE_KEYS = ("weights", "kv_cache", "speculative")
+TECHNIQUE_KEYS = ("weights", "kv_cache", "speculative", "prune")
 
 
 def technique_source(config: dict, seed: int, runs: dict[str, dict[str, Run]]
@@ -677,7 +724,9 @@ def grid_order(config: dict) -> GridOrder:
         variants=tuple(v["name"] for b in config["pretrain"]["blocks"].values() if b
                        for v in b.get("variants", ())) + (
             ("pruning_aware", *pruning_settings(config)["baselines"])
-            if pruning_settings(config) else ()),
+            if pruning_settings(config) else ()) + (
+            ("distilled", "teacher") if config["pretrain"]["blocks"].get(DISTILL_BLOCK)
+            else ()),
         methods=tuple(config["finetune"]["methods"]),
         precisions=tuple(config["inference"]["precisions"]), sizes=tuple(config["sizes"]))
 

@@ -25,11 +25,11 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 FIGURES = ("fig2_ranking", "fig3a_attention_radar", "fig3b_position_bars", "fig3c_moe_bubbles",
            "fig4a_finetune_mirrored", "fig4b_finetune_area", "fig5_inference_rose",
            "inference_radar", "fig_pruning_routes", "fig_pruning_dynamics",
-           "fig_pruning_architecture", "fig_techniques")  # one `figure` job each
+           "fig_pruning_architecture", "fig_distillation", "fig_techniques")  # a job each
 TABLES = ("table3_attention", "table4_position", "table5_moe", "table6_attention_free",
           "table7_finetune", "table9_inference", "table16_tasks", "table8_finetune_word_problems",
-          "table_pruning", "table_techniques")
-TOTAL_JOBS = {"config/config.yaml": 106, "config/smoke.yaml": 83}
+          "table_pruning", "table_distillation", "table_techniques")
+TOTAL_JOBS = {"config/config.yaml": 114, "config/smoke.yaml": 89}
 STAGE_RULES = {"prepare_corpus", "train_tokenizer", "prepare_reasoning", "pretrain",
                "prune_pretrain", "finetune", "inference", "aggregate", "pruning_tables",
                "normalise", "paper_table", "claims", "figure", "all"}
@@ -258,6 +258,12 @@ def test_smoke_pipeline_end_to_end(tmp_path):
             "params_total"]["value"]
         assert m["params_total"]["value"] < m["params_source"]["value"]
         assert m["route_tokens"]["value"] == 40 * 8 * 64  # smoke: steps x batch x seq_len
+    # The distillation block: the student has its twin's shape and tokens, and its teacher.
+    student = pre["distilled-gqa-tiny-to-micro-s0"]["metrics"]
+    assert student["params_total"]["value"] == scratch["params_total"]["value"]
+    assert student["teacher_params"]["value"] == pre["gqa-tiny-s0"]["metrics"]["params_total"][
+        "value"]
+    assert student["distill_kl"]["status"] == "measured" and student["distill_kl"]["value"] > 0
     # The techniques block: what each variant changes, beside the served model's bf16 run.
     inf = {p.parts[-2]: json.loads(p.read_text())["metrics"]
            for p in cwd.glob("results/inference/*/record.json")}
@@ -272,6 +278,13 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         m = inf[f"{variant}-gqa-tiny-s0"]
         assert all(m[k]["status"] == "measured" for k in ("tokens_per_pass", "identical_output"))
     assert inf["draft-gqa-tiny-s0"]["draft_acceptance"]["status"] == "measured"
+    for variant in ("magnitude-2of4", "wanda-2of4"):  # zeros in dense tensors: the same bytes
+        m = inf[f"{variant}-gqa-tiny-s0"]
+        assert m["weight_sparsity"]["value"] == 0.5
+        assert m["weight_bytes"]["value"] == plain["weight_bytes"]["value"]
+    sliced = inf["structured-25-gqa-tiny-s0"]
+    assert sliced["weight_sparsity"]["value"] >= 0.2
+    assert sliced["weight_bytes"]["value"] < plain["weight_bytes"]["value"]
     # the KV techniques read text back through their cache; the others through the model's own
     assert all(m["kv_perplexity"]["status"] == "measured" for m in inf.values())
     # int4 < bf16 memory for every served model, MoE above dense: from the tensor account

@@ -115,8 +115,10 @@ def test_sweep_is_deterministic_and_links_stages(config, schema):
         up = run.upstream.split("/", 1)
         assert up[1] in runs[up[0]]
         assert run.spec.bits in (4, 8, 16, 32)
-    assert {r.seed for r in runs["pretrain"].values()} == {0, 1, 2}  # the pruning block: 3
-    others = [r for r in runs["pretrain"].values() if r.memberships[0].block != "pruning"]
+    # the pruning and distillation blocks: 3
+    assert {r.seed for r in runs["pretrain"].values()} == {0, 1, 2}
+    others = [r for r in runs["pretrain"].values()
+              if not {m.block for m in r.memberships} & {"pruning", "distillation"}]
     assert {r.seed for r in others} == {0, 1}
 
 
@@ -136,10 +138,17 @@ def test_shared_runs_are_trained_once_and_keep_every_place(config, schema):
     runs = expand_runs(config)["pretrain"]
     gqa = runs["gqa-small-s0"]
     assert [(m.block, m.label) for m in gqa.memberships] == [
-        ("attention", "GQA"), ("position", "RoPE"), ("moe", "Dense")]
-    # ... and the pruning block's scratch baseline (the same model, steps and settings)
-    assert [m.label for m in runs["gqa-tiny-s0"].memberships] == ["GQA", "Transformer",
-                                                                   "Scratch"]
+        ("attention", "GQA"), ("position", "RoPE"), ("moe", "Dense"),
+        ("distillation", "Teacher (gqa-small)")]
+    # ... and the pruning and distillation blocks' scratch baseline (the same model, steps and
+    # settings)
+    assert [(m.block, m.label) for m in runs["gqa-tiny-s0"].memberships] == [
+        ("attention", "GQA"), ("attention_free", "Transformer"), ("pruning", "Scratch"),
+        ("distillation", "Scratch")]
+    student = runs["distilled-gqa-small-to-tiny-s1"].spec
+    assert student.upstream == "pretrain/gqa-small-s0" and student.distill.weight == 0.5
+    assert student.model == runs["gqa-tiny-s1"].spec.model  # the twin's shape and training
+    assert student.train == runs["gqa-tiny-s1"].spec.train
     assert "rope-small-s0" not in runs and "dense-small-s0" not in runs
     dropped = copy.deepcopy(config)
     dropped["pretrain"]["blocks"]["moe"] = None  # a block removed: the shared run is unchanged
@@ -180,9 +189,10 @@ def test_paper_scale_config_merges_and_expands(repo_root, schema):
         1536, 28, 2)
     assert ("moe-1.5b", "Dense 3B") in [(m.group, m.label) for m in runs["gqa-3b-s0"].memberships]
     assert "gqa-3b-s0" in runs and "mamba-3b-s0" in runs and "alibi-1.5b-s0" not in runs
-    # attention, position, MoE, attention-free, and the pruning block's three routes (its
-    # scratch baseline is the attention block's gqa-0.5b: same tokens)
-    assert len(runs) == 4 * 3 + 4 + 2 + 3 * 3 + 3
+    # attention, position, MoE, attention-free, the pruning block's three routes (its
+    # scratch baseline is the attention block's gqa-0.5b: same tokens) and the distilled student
+    # (its twin: gqa-0.5b too)
+    assert len(runs) == 4 * 3 + 4 + 2 + 3 * 3 + 3 + 1
     pruned = runs["pruning-aware-gqa-1.5b-to-0.5b-s0"].spec
     assert pruned.upstream == "pretrain/gqa-1.5b-s0" and pruned.train.sharding is None
     assert "Scratch" in [m.label for m in runs["gqa-0.5b-s0"].memberships]
@@ -192,9 +202,9 @@ def test_paper_scale_config_merges_and_expands(repo_root, schema):
     assert finetune["lora-llama-3.2-1b-s0"].spec.train.lr == 5e-5  # per size
     assert finetune["full-mistral-small-24b+medical_o1-s0"].spec.train.lr == 1e-5
     assert {r.spec.dataset for r in finetune.values()} == {"o1_sft", "medical_o1"}
-    # the nine models at three precisions, and the techniques block's seven more variants of
+    # the nine models at three precisions, and the techniques block's nine more variants of
     # Qwen2.5-7B (its bf16 and NF4 are the inference block's runs)
-    assert len(inference) == 9 * 3 + 7 and {r.upstream for r in inference.values()} == {
+    assert len(inference) == 9 * 3 + 9 and {r.upstream for r in inference.values()} == {
         f"hub/{name}" for name in config["inference"]["hub_models"]}
     draft = inference["draft-qwen2.5-7b-s0"].spec.speculative
     assert draft.draft == "hub/qwen2.5-0.5b" and draft.tokens == 5

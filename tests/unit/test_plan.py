@@ -209,6 +209,24 @@ def test_a_draft_models_weights_are_on_the_device_too():
     assert state.phases["state"]["total"] == sim.state(served).phases["state"]["total"] + weights
 
 
+def test_a_distillation_teacher_is_booked_beside_the_students_step():
+    """A student's step holds its teacher: fp32 weights (as the job loads them; the real
+    model's bytes) and one pass's logits at the compute dtype plus the KL's three fp32 tensors
+    of that size, on every phase and on the state."""
+    student, teacher = ref("gqa"), ref("llama")
+    work = TrainWork(student, None, "bf16", 2, 1, 16, False, "single", 1)
+    alone = sim.simulate(work, use_cache=False)
+    both = sim.simulate(dataclasses.replace(work, teacher=teacher), use_cache=False)
+    real = sim.build(teacher, dtype=torch.float32)
+    weights = sum(p.numel() * 4 for p in {id(p): p for p in real.parameters()}.values()) + sum(
+        b.numel() * b.element_size() for b in real.buffers())
+    logits = 2 * 16 * real.get_input_embeddings().num_embeddings
+    assert both.static["teacher"] == weights + logits * (2 + 12)
+    for name, parts in both.phases.items():
+        assert parts["total"] == alone.phases[name]["total"] + both.static["teacher"]
+    assert rank_peak(both, work).parts["weights"] > rank_peak(alone, work).parts["weights"]
+
+
 @pytest.mark.parametrize("family, method, checkpointing", [
     ("gqa", None, False), ("gqa", None, True), ("mla", None, False),
     pytest.param("nsa", None, False, marks=SLOW), ("moe", None, False), ("alibi", None, False),

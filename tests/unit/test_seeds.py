@@ -138,7 +138,7 @@ def test_per_block_seeds_give_the_expected_jobs():
                                                run_id=f"pretrain/gqa-tiny-s{seed}")
     assert [(m.block, m.label) for m in runs["pretrain"]["gqa-tiny-s0"].memberships] == [
         ("attention", "GQA"), ("position", "RoPE"), ("moe", "Dense"),
-        ("attention_free", "Transformer")]
+        ("attention_free", "Transformer"), ("distillation", "Teacher (gqa-tiny)")]
     # Fine-tuning at 0, 1 and 5: seed 1 starts from the base pretrained at 1; the base has no
     # seed 5, so seed 5 starts from its first seed (the extra seed varies fine-tuning only).
     upstream = {r.seed: r.upstream for r in runs["finetune"].values() if r.technique == "lora"}

@@ -1,8 +1,10 @@
 """The serving techniques (issue 22), each against its invariant: speculative decoding and
 prompt lookup return plain greedy decoding's tokens; a quantised KV cache's attention stays
 within its format's error of the full cache's; weight-only quantisers dequantise within their
-bits' error of the bf16 weights and are counted by the bytes they really hold; and one
-inference job of each technique writes the metrics the techniques table reads."""
+bits' error of the bf16 weights and are counted by the bytes they really hold; one-shot pruning
+keeps exactly its pattern's weights, by the score its method names, and structured pruning's
+slice computes what the masked model does; and one inference job of each technique writes the
+metrics the techniques table reads."""
 
 import copy
 
@@ -15,12 +17,15 @@ from effllm.data.tokenizer import load_tokenizer, save_tokenizer
 from effllm.inference.run import run_inference
 from effllm.inference.techniques import (PassCounter, cache_factory, cached_perplexity,
                                          check_draft_tokenizer, generate_options,
-                                         quantize_weights)
+                                         linear_sparsity, prune_weights, quantize_weights,
+                                         sparsity_mask)
 from effllm.measure.cache import tensor_bytes
 from effllm.measure.tensors import linear_weight_bytes, quant_state_bytes, track, weight_bytes
 from effllm.models import DecoderConfig, DecoderForCausalLM
 from effllm.records import load_record
-from effllm.specs import InferenceSpec, KVCacheSpec, SpeculativeSpec, WeightQuant
+from effllm.models.params import count_params
+from effllm.models.pruning import oneshot_prune
+from effllm.specs import InferenceSpec, KVCacheSpec, PruneSpec, SpeculativeSpec, WeightQuant
 
 
 def decoder(hidden: int, layers: int, seed: int, vocab: int = 97) -> DecoderForCausalLM:
@@ -153,6 +158,70 @@ def test_weight_only_quantisers_stay_within_their_bits_error(method, bits, rel):
     assert (parts["quant_state"] > 0) == (method == "hqq")
 
 
+def test_sparsity_masks_keep_exactly_the_highest_scores():
+    score = torch.rand(6, 16, generator=torch.Generator().manual_seed(0))
+    keep = sparsity_mask(score, pattern="2:4")
+    groups, kept = score.reshape(6, 4, 4), keep.reshape(6, 4, 4)
+    assert (kept.sum(-1) == 2).all()
+    # every kept weight outscores every dropped one of its group of four
+    low_kept = torch.where(kept, groups, torch.inf).amin(-1)
+    high_dropped = torch.where(kept, -torch.inf, groups).amax(-1)
+    assert (low_kept > high_dropped).all()
+    keep = sparsity_mask(score, sparsity=0.25)
+    assert (keep.sum(1) == 12).all()  # per row: Wanda's comparison group
+    assert (torch.where(keep, score, torch.inf).amin(1)
+            > torch.where(keep, -torch.inf, score).amax(1)).all()
+    with pytest.raises(ValueError, match="groups of 4"):
+        sparsity_mask(torch.rand(2, 6), pattern="2:4")
+    with pytest.raises(ValueError, match="0 < n < m"):
+        sparsity_mask(score, pattern="4:2")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_pruning_zeros_by_its_methods_score_and_touches_nothing_else(pair, method):
+    model = copy.deepcopy(pair[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [{"input_ids": torch.randint(0, 97, (2, 24), generator=torch.Generator()
+                                           .manual_seed(i))} for i in range(2)]
+    # Wanda's input norms, recorded independently of the code under test
+    norms = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: norms.__setitem__(
+        name, norms.get(name, 0) + args[0].reshape(-1, args[0].shape[-1]).pow(2).sum(0)))
+        for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for batch in batches:
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    prune_weights(model, PruneSpec(method=method, pattern="2:4"), ["lm_head"], batches)
+    after = model.state_dict()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+            continue
+        w = before[f"{name}.weight"]
+        score = w.abs() * (norms[name].sqrt() if method == "wanda" else 1)
+        expected = w * sparsity_mask(score, pattern="2:4")
+        assert torch.equal(after[f"{name}.weight"], expected), name
+    untouched = [k for k in before if "proj" not in k]
+    assert untouched and all(torch.equal(before[k], after[k]) for k in untouched)
+    zeros, total = linear_sparsity(model, ["lm_head"])
+    assert zeros == total // 2
+
+
+def test_structured_pruning_slices_to_what_the_masked_model_computes(pair):
+    model = copy.deepcopy(pair[0])
+    ids = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(5))
+    source = count_params(model)[0]
+    small, removed = oneshot_prune(model, [{"input_ids": ids, "labels": ids}],
+                                   int(source * 0.8))
+    assert count_params(small)[0] <= int(source * 0.8) and removed["ffn"] > 0
+    assert removed["hidden"] == 0 and small.config.hidden_size == 64
+    with torch.no_grad():  # ``model`` is left masked and compensated: the same function
+        torch.testing.assert_close(small(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    assert small.dtype == pair[0].dtype and not small.training
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, stdlib_tokens):
     """A target and a draft of ours saved as the pipeline saves models, with its tokenizer,
@@ -189,7 +258,10 @@ def job(root, tmp_path, corpus, **technique):
     {}, {"weights": {"method": "hqq", "bits": 4, "group_size": 32}},
     {"weights": {"method": "torchao", "bits": 8}}, {"kv_cache": {"backend": "fp8"}},
     {"speculative": {"draft": "pretrain/draft", "tokens": 3}},
-    {"speculative": {"lookup": 2}}], ids=["plain", "hqq4", "ao8", "kv-fp8", "draft", "lookup"])
+    {"speculative": {"lookup": 2}},
+    {"prune": {"method": "wanda", "pattern": "2:4", "calib_windows": 3}},
+    {"prune": {"method": "structured", "sparsity": 0.25, "calib_windows": 2}}],
+    ids=["plain", "hqq4", "ao8", "kv-fp8", "draft", "lookup", "wanda", "structured"])
 def test_an_inference_job_of_each_technique_records_what_it_changes(
         technique, served, stdlib_tokens, tmp_path):
     m = job(served, tmp_path, stdlib_tokens.parent / "corpus", **technique)
@@ -198,7 +270,15 @@ def test_an_inference_job_of_each_technique_records_what_it_changes(
     # bf16 keys and values: 2 layers x 2 (K, V) x 2 KV heads x 16 dims x 2 bytes per token
     plain_kv = 2 * 2 * 2 * 16 * 2
     kv = m["kv_cache_bytes_per_token"].value
-    if "kv_cache" in technique:
+    prune = technique.get("prune", {})
+    assert ("weight_sparsity" in m) == bool(prune) == ("prune_seconds" in m)
+    if prune.get("method") == "structured":  # sliced KV heads hold fewer bytes
+        assert m["weight_sparsity"].value >= 0.2 and kv <= plain_kv
+        assert m["calibration_tokens"].value == 2 * 48
+    elif prune:
+        assert m["weight_sparsity"].value == 0.5 and kv == pytest.approx(plain_kv)
+        assert m["calibration_tokens"].value == 3 * 48
+    elif "kv_cache" in technique:
         assert kv < plain_kv * 0.6
     elif "speculative" in technique:  # a cropped cache's views keep the rejected tokens' storage
         assert plain_kv <= kv < plain_kv * 1.2

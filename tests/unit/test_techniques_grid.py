@@ -19,6 +19,10 @@ from effllm.sweep import expand_runs
 from invariants import assert_real_figure
 
 
+VARIANTS = ("bf16", "int4", "hqq4", "ao-int8", "kv-fp8", "kv-hqq4", "draft", "lookup",
+            "magnitude-2of4", "wanda-2of4", "structured-25")
+
+
 def techniques(config: dict) -> dict:
     return {n: r for n, r in expand_runs(config)["inference"].items()
             if any(m.block == "techniques" for m in r.memberships)}
@@ -27,8 +31,7 @@ def techniques(config: dict) -> dict:
 def test_each_variant_serves_the_pretrained_source(config, schema):
     runs = techniques(check_config(copy.deepcopy(config), schema))
     source = "gqa-small-s0"
-    assert sorted(runs) == sorted(f"{v}-{source}" for v in (
-        "bf16", "int4", "hqq4", "ao-int8", "kv-fp8", "kv-hqq4", "draft", "lookup"))
+    assert sorted(runs) == sorted(f"{v}-{source}" for v in VARIANTS)
     assert {r.upstream for r in runs.values()} == {f"pretrain/{source}"}
     assert all(len(r.memberships) == 1 for r in runs.values())  # the inference block serves
     nf4 = runs[f"int4-{source}"]                                  # fine-tuned models only
@@ -38,9 +41,12 @@ def test_each_variant_serves_the_pretrained_source(config, schema):
     assert hqq.group == "techniques-gqa-small" and hqq.kv_cache is None
     assert runs[f"draft-{source}"].spec.speculative.draft == "pretrain/gqa-tiny-s0"
     assert runs[f"kv-hqq4-{source}"].spec.kv_cache.residual == 16
+    wanda = runs[f"wanda-2of4-{source}"].spec
+    assert (wanda.prune.method, wanda.prune.pattern, wanda.bits) == ("wanda", "2:4", 16)
+    assert runs[f"structured-25-{source}"].spec.prune.groups == ("heads", "ffn")
     # a plain variant's params are the inference block's: the techniques' fields left out
     assert set(runs[f"bf16-{source}"].spec.to_json()["settings"]).isdisjoint(
-        {"weights", "kv_cache", "speculative"})
+        {"weights", "kv_cache", "speculative", "prune"})
 
 
 def test_a_served_source_shares_its_plain_runs_with_the_inference_block(config, schema):
@@ -61,8 +67,7 @@ def test_without_the_block_the_grid_is_the_papers(config, schema):
     config = copy.deepcopy(config)
     config["inference"]["techniques"] = None
     off = expand_runs(check_config(config, schema))["inference"]
-    assert set(on) - set(off) == {f"{v}-gqa-small-s0" for v in (
-        "bf16", "int4", "hqq4", "ao-int8", "kv-fp8", "kv-hqq4", "draft", "lookup")}
+    assert set(on) - set(off) == {f"{v}-gqa-small-s0" for v in VARIANTS}
     assert all(on[n].spec == off[n].spec for n in off)  # nothing of the paper's reruns
 
 
@@ -97,6 +102,19 @@ def _variant(config: dict, index: int) -> dict:
     (lambda c: _variant(c, 7)["speculative"].update(tokens=3), "variants.7.speculative.tokens",
      "prompt lookup"),
     (lambda c: _variant(c, 2).update(name="int4"), "variants.2.name", "a precision's name"),
+    (lambda c: _variant(c, 9)["prune"].update(sparsity=0.5), "variants.9.prune", "exactly one"),
+    (lambda c: _variant(c, 9)["prune"].update(pattern="2:6"), "variants.9.prune.pattern",
+     "groups of 6"),
+    (lambda c: _variant(c, 9)["prune"].update(pattern="3:2"), "variants.9.prune.pattern",
+     "0 < n < m"),
+    (lambda c: _variant(c, 9).update(precision="int4"), "variants.9.prune", "float model"),
+    (lambda c: _variant(c, 9)["prune"].update(groups=["ffn"]), "variants.9.prune.groups",
+     "single weights"),
+    (lambda c: _variant(c, 10)["prune"].update(pattern="2:4"), "variants.10.prune",
+     "not pattern"),
+    (lambda c: c["inference"]["techniques"].update(source="mla-small", variants=[
+        v for v in c["inference"]["techniques"]["variants"] if "kv_cache" not in v]),
+     "variants.8.prune", "dense MHA/MQA/GQA"),
     (lambda c: c["inference"]["techniques"]["variants"].pop(0), "variants'",
      "no plain variant named bf16"),
 ])
@@ -118,9 +136,10 @@ def test_torchao_int4_is_accepted_with_a_gpu(config, schema):
 
 GROUP = "techniques-gqa-small"
 LABELS = {"bf16": "bf16", "nf4": "NF4 (bnb)", "hqq4": "HQQ int4", "kv-fp8": "KV fp8",
-          "draft": "Draft", "lookup": "Prompt lookup"}
+          "draft": "Draft", "lookup": "Prompt lookup", "magnitude-2of4": "Magnitude 2:4",
+          "wanda-2of4": "Wanda 2:4", "structured-25": "Structured 25%"}
 # technique -> (perplexity, kv_perplexity, al, weight bytes, kv bytes/token, bits,
-#               tokens/pass, identical output), per seed
+#               tokens/pass, identical output[, weight sparsity]), per seed
 VALUES = {
     "bf16": [(40.0, 30.0, 0.30, 2.0e6, 256.0, 16, None, None),
              (40.4, 30.2, 0.31, 2.0e6, 256.0, 16, None, None)],
@@ -134,9 +153,15 @@ VALUES = {
               (40.4, 30.2, 0.21, 2.0e6, 260.0, 16, 2.4, 1.0)],
     "lookup": [(40.0, 30.0, 0.28, 2.0e6, 260.0, 16, 1.3, 1.0),
                (40.4, 30.2, 0.29, 2.0e6, 260.0, 16, 1.2, 0.97)],
+    "magnitude-2of4": [(48.0, 36.0, 0.30, 2.0e6, 256.0, 16, None, None, 0.5),
+                       (48.6, 36.3, 0.31, 2.0e6, 256.0, 16, None, None, 0.5)],
+    "wanda-2of4": [(44.0, 33.0, 0.30, 2.0e6, 256.0, 16, None, None, 0.5),
+                   (44.3, 33.1, 0.31, 2.0e6, 256.0, 16, None, None, 0.5)],
+    "structured-25": [(46.0, 34.0, 0.22, 1.6e6, 200.0, 16, None, None, 0.25),
+                      (46.2, 34.4, 0.23, 1.6e6, 200.0, 16, None, None, 0.25)],
 }
 NAMES = ("perplexity", "kv_perplexity", "al", "weight_bytes", "kv_cache_bytes_per_token",
-         "bits_nominal", "tokens_per_pass", "identical_output")
+         "bits_nominal", "tokens_per_pass", "identical_output", "weight_sparsity")
 
 
 def normalised(values=VALUES, seeds=(0, 1)) -> pd.DataFrame:
@@ -169,6 +194,8 @@ def test_the_techniques_claims_on_two_seeds():
     assert kv["verdict"] == HOLDS and "bound" in kv["reason"] and "x bf16" in kv["reason"]
     assert claims["speculative_faster"]["verdict"] == HOLDS
     assert claims["speculative_identical"]["verdict"] == HOLDS
+    assert claims["wanda_beats_magnitude"]["verdict"] == HOLDS
+    assert claims["structured_prune_faster"]["verdict"] == HOLDS
 
 
 def test_the_techniques_claims_fail_when_reversed_and_wait_for_seeds():
@@ -193,7 +220,8 @@ def test_panels_follow_what_the_runs_recorded():
     summary = seed_summary(normalised(), list(NAMES), by=("group", "technique", "label"))
     parts = {name: list(rows["technique"]) for name, rows in panels(summary).items()}
     assert parts == {"weights": ["bf16", "nf4", "hqq4"], "kv": ["bf16", "kv-fp8"],
-                     "decoding": ["bf16", "draft", "lookup"]}
+                     "decoding": ["bf16", "draft", "lookup"],
+                     "pruning": ["bf16", "magnitude-2of4", "wanda-2of4", "structured-25"]}
 
 
 def test_the_figure_and_table_are_drawn_from_the_registry(tmp_path):

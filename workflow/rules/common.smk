@@ -109,6 +109,12 @@ def upstream_model(stage):
     return path
 
 
+def teacher_model(wildcards):
+    """Input function: the teacher of a distillation student; none for the other runs."""
+    run = RUNS["pretrain"][wildcards.run]
+    return f"results/{run.upstream}/model" if run.spec.distill else []
+
+
 def draft_model(wildcards):
     """Input function: the draft model of a speculative-decoding run; none for the others."""
     speculative = RUNS["inference"][wildcards.run].spec.speculative

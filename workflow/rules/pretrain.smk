@@ -1,5 +1,6 @@
 # Stage 2: pretraining sweeps (every block's variants x sizes x seeds; shared runs trained once),
-# and the pruning block's routes, each from a pretrained source (effllm.training.prune).
+# the distillation block's students (their teacher an input), and the pruning block's routes,
+# each from a pretrained source (effllm.training.prune).
 import re
 
 PRUNING_RUNS = [name for name, run in RUNS["pretrain"].items() if run.spec.pruning]
@@ -9,6 +10,7 @@ _PRUNING = "|".join(re.escape(name) for name in PRUNING_RUNS) or "(?!)"
 rule pretrain:
     input:
         tokens="results/data/tokens",
+        teacher=teacher_model,
         code=run_code("pretrain", "effllm.training.pretrain"),
     output:
         model=directory("results/pretrain/{run}/model"),

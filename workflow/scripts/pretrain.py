@@ -12,4 +12,5 @@ run_stage("pretrain", getattr(sm.resources, "gpu", 0),
           gpu_memory_gb=getattr(sm.resources, "gpu_memory_gb", None),
           spec=json.loads(sm.params.spec),
           data_dir=sm.input.tokens, model_out=sm.output.model, record_out=sm.output.record,
-          checkpoint_dir=sm.params.checkpoints)
+          checkpoint_dir=sm.params.checkpoints,
+          teacher_dir=str(sm.input.teacher) if sm.input.teacher else None)

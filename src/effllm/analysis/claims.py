@@ -97,6 +97,8 @@ PAPER_SCALE = 1e9  # fine-tuning bases below this many parameters are CPU-scale 
 XING = "Xing et al. 2025, arXiv 2502.06663"
 # The serving techniques (issue 22): the survey of seed 002.
 DING = "Ding et al. 2023, The Efficiency Spectrum of LLMs (seed 002)"
+WANDA = "Sun et al. 2023, arXiv 2306.11695"
+HINTON = "Hinton et al. 2015, arXiv 1503.02531"
 TECHNIQUES = "techniques"
 
 Pairs = Callable[[pd.DataFrame], list[tuple[str, str | None]]]
@@ -300,6 +302,14 @@ CLAIMS: tuple[Claim, ...] = (
           "LLM-Pruner and SparseGPT, into pretraining); issue 21", "pruning", "perplexity",
           "lowest", "pruning_aware", among=("pruning_aware", "oneshot", "oneshot_obs"),
           every=True),
+    # Issue 22: knowledge distillation in pretraining, at equal student size and tokens.
+    Claim("distilled_beats_scratch", "A student distilled from a larger teacher reaches lower "
+          "perplexity than its twin pretrained from scratch on the same tokens",
+          f"{HINTON}; {DING} (knowledge distillation); issue 22", "distillation",
+          "perplexity", "lower", "distilled", "scratch"),
+    Claim("distillation_costs_time", "Distillation's teacher forward makes a training step "
+          "slower (AL) than the scratch twin's", f"{DING} (distillation's training cost); "
+          "issue 22", "distillation", "al", "lower", "scratch", "distilled"),
     # Issue 22: the serving techniques on one served model (the default's variant names).
     Claim("hqq4_beats_nf4", "HQQ int4 (optimised zero points) keeps lower perplexity than "
           "bitsandbytes NF4 at the same 4 bits", f"{DING} (weight-only quantisation); issue 22 "
@@ -318,6 +328,14 @@ CLAIMS: tuple[Claim, ...] = (
           "(at least 99% of prompts identical; bf16 verification in one pass may flip a "
           "near-tie)", f"{DING}; issue 22", TECHNIQUES, "identical_output", "at_least",
           "draft", bound=0.99, exact=True),
+    Claim("wanda_beats_magnitude", "Wanda's score (|w| x input norm) keeps lower perplexity "
+          "than magnitude alone at the same 2:4 sparsity, with no retraining",
+          f"{WANDA} (its 2:4 results against magnitude); {DING} (pruning)", TECHNIQUES,
+          "perplexity", "lower", "wanda-2of4", "magnitude-2of4"),
+    Claim("structured_prune_faster", "Structured pruning (heads and FFN channels sliced away) "
+          "lowers latency (AL), where 2:4 zeros in dense tensors do not",
+          f"{DING} (structured vs unstructured pruning); issue 22", TECHNIQUES, "al", "lower",
+          "structured-25", "bf16"),
     Claim("no_single_best", "No single technique is best on every metric (each block's "
           "leaderboard columns, the metrics every technique of the group has)",
           "abstract (\"no single method is universally optimal\"); Fig. 2 (no row ranks 1 in "

@@ -67,6 +67,10 @@ TABLES: dict[str, tuple[str, MetricList]] = {
     # Not in the paper: pruning-aware pretraining vs one-shot pruning and scratch at equal size
     # and tokens (issue 21; Xing et al. 2025, arXiv 2502.06663).
     "table_pruning": ("pruning", _PRETRAIN),
+    # Not in the paper: knowledge distillation, the student beside its scratch twin (same shape
+    # and tokens) and its teacher (issue 22).
+    "table_distillation": ("distillation", ["params_total", "teacher_params", "perplexity",
+                                            "loss", "distill_kl", *_PRETRAIN[2:]]),
     # Fine-tuning (the paper's tables 7-8: loss, AMU, PCU, AL, ST, AEC), plus what makes the
     # methods comparable: trainable parameters, held-out loss and accuracy, MFU, plain rates.
     "table7_finetune": ("finetune", ["params_trainable", "loss", "val_loss", "exact_match",
@@ -85,7 +89,8 @@ TABLES: dict[str, tuple[str, MetricList]] = {
     "table_techniques": ("techniques", present(
         "perplexity", "kv_perplexity", "performance", "amu", "al", "decode_latency", "it",
         "aec", "weight_bytes", "mcr_nominal", "mcr_measured", "kv_cache_bytes_per_token",
-        "tokens_per_pass", "draft_acceptance", "identical_output", "quantize_seconds")),
+        "tokens_per_pass", "draft_acceptance", "identical_output", "quantize_seconds",
+        "weight_sparsity", "prune_seconds")),
 }
 
 

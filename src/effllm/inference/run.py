@@ -24,9 +24,11 @@ from effllm.data.tokenizer import with_pad_token
 from effllm.distributed import Placement, place
 from effllm.evaluation.perplexity import finite_metric, perplexity
 from effllm.evaluation.scoring import reasoning_metrics
-from effllm.inference.techniques import (NoCache, PassCounter, cache_factory,
-                                         cached_perplexity, check_draft_tokenizer,
-                                         generate_options, quantize_weights)
+from effllm.inference.techniques import (
+    CALIB_BATCH, CALIB_WINDOWS, NoCache, PassCounter, cache_factory, cached_perplexity,
+    check_draft_tokenizer, generate_options, linear_sparsity, prunable, prune_weights,
+    quantize_weights,
+)
 from effllm.measure import Timer, Window, count_flops, latency_summary, sync
 from effllm.measure.cache import CACHE_FIELDS, tensor_bytes
 from effllm.measure.peak import Peak, device_peak, mfu_metric, pcu_from_mfu
@@ -137,15 +139,15 @@ def time_generation(model, prompt_ids: torch.Tensor, new_tokens: int, pad_id: in
 
 
 def corpus_test_tokens(tokenizer, corpus_dir: str | os.PathLike,
-                       max_tokens: int | None = None) -> np.ndarray:
-    """The corpus test documents in the served model's own token ids: with the pipeline's
-    tokenizer its ``test.npy`` (beside ``corpus_dir``), memory-mapped; a hub model brings its own
-    tokenizer (perplexities not comparable with ours), which encodes test documents in order
-    only until ``max_tokens`` (None: all)."""
+                       max_tokens: int | None = None, split: str = "test") -> np.ndarray:
+    """The corpus test documents (or another ``split``'s) in the served model's own token ids:
+    with the pipeline's tokenizer its ``test.npy`` (beside ``corpus_dir``), memory-mapped; a hub
+    model brings its own tokenizer (perplexities not comparable with ours), which encodes test
+    documents in order only until ``max_tokens`` (None: all)."""
     from effllm.data.tokenizer import encode_split, pipeline_tokens
 
-    tokens = pipeline_tokens(tokenizer, Path(corpus_dir).parent / "tokens", "test")
-    return tokens if tokens is not None else encode_split(tokenizer, corpus_dir, "test",
+    tokens = pipeline_tokens(tokenizer, Path(corpus_dir).parent / "tokens", split)
+    return tokens if tokens is not None else encode_split(tokenizer, corpus_dir, split,
                                                           max_tokens)
 
 
@@ -191,13 +193,17 @@ def run_inference(spec: InferenceSpec | dict, model_dir: str | os.PathLike,
                                                     reasoning_dir, draft_dir), record_out)
 
 
-def load_served(spec: InferenceSpec, model_dir, draft_dir=None):
-    """(model, note, seconds the weight quantiser took or None, draft model or None): the model
-    at the spec's precision, its linear layers then quantised by ``spec.weights``."""
+def load_served(spec: InferenceSpec, model_dir, draft_dir=None, calibration=None):
+    """(model, note, seconds the weight quantiser took or None, draft model or None, the
+    pruning's metrics): the model at the spec's precision, its linear layers then quantised by
+    ``spec.weights`` or pruned by ``spec.prune`` (``calibration(windows)``: that many token
+    windows of the train split, [windows, length])."""
     model, note = load_model(model_dir, spec.precision, spec.quant)
-    seconds = None
+    seconds, pruned = None, {}
     if spec.weights:
         note, seconds = quantize_weights(model, spec.weights, exact_modules(model_dir))
+    if spec.prune:
+        model, note, pruned = prune_served(spec, model, exact_modules(model_dir), calibration)
     draft = None
     if spec.speculative and spec.speculative.draft:
         if draft_dir is None:
@@ -208,7 +214,56 @@ def load_served(spec: InferenceSpec, model_dir, draft_dir=None):
         draft, _ = load_model(draft_dir, spec.precision if spec.precision in DTYPES else "bf16",
                               spec.quant)
         draft.eval()
-    return model, note or None, seconds, draft
+    return model, note or None, seconds, draft, pruned
+
+
+def _layer_linear_weights(model, keep: list[str]) -> int:
+    return sum(m.weight.numel() for name, m in model.named_modules() if prunable(name, m, keep))
+
+
+def prune_served(spec: InferenceSpec, model, keep: list[str], calibration
+                 ) -> tuple[torch.nn.Module, str, dict[str, Metric]]:
+    """One-shot post-training pruning of the loaded model (``spec.prune``); returns the pruned
+    model (structured: a new, sliced one), a note, and its metrics: the share of the linear
+    layers' weights removed, the pruning's wall time and its calibration tokens."""
+    from effllm.models.params import count_params
+    from effllm.models.pruning import oneshot_prune
+
+    p = spec.prune
+    ids = calibration(p.calib_windows or CALIB_WINDOWS)
+    batches = [ids[i:i + CALIB_BATCH].to(model.device)
+               for i in range(0, len(ids), CALIB_BATCH)]
+    before = _layer_linear_weights(model, keep)
+    start = time.perf_counter()
+    if p.method == "structured":
+        removed_target = int(p.sparsity * before)
+        target = count_params(model)[0] - removed_target
+        model, removed = oneshot_prune(model, [{"input_ids": b, "labels": b} for b in batches],
+                                       target, p.groups or ("heads", "ffn"))
+        after = _layer_linear_weights(model, keep)
+        sparsity, passes = 1 - after / before, 2 * len(batches)
+        note = (f"structured: {removed} groups removed, sliced to "
+                f"{count_params(model)[0]:,} parameters (target {target:,})")
+        how = ("1 - the decoder layers' linear weights after the slice / before (the head and "
+               "embeddings untouched)")
+    else:
+        note, passes = prune_weights(model, p, keep,
+                                     [{"input_ids": b, "logits_to_keep": 1} for b in batches])
+        zeros, total = linear_sparsity(model, keep)
+        sparsity = zeros / total
+        how = f"zero weights / weights of the {p.method}-pruned linear layers (dense storage)"
+    seconds = time.perf_counter() - start
+    what = p.pattern or f"{p.sparsity:.0%}"
+    return model, note, {
+        "weight_sparsity": Metric.measured(sparsity, "fraction", "count_weights", how),
+        "prune_seconds": Metric.measured(seconds, "s", "perf_counter",
+                                         f"{p.method} {what}, calibration passes included"),
+        "calibration_tokens": Metric.configured(
+            int(ids.numel()) if passes else 0, "tokens", "calib_windows x eval_max_length",
+            f"{passes} passes over {len(ids)} train-split windows "
+            + ("(saliency: forward and backward; compensation: forward)"
+               if p.method == "structured" else "(input norms: forward)" if passes
+               else "(magnitude: none read)"))}
 
 
 def serve(spec: InferenceSpec, placement: Placement, model_dir, corpus_dir, reasoning_dir,
@@ -217,14 +272,21 @@ def serve(spec: InferenceSpec, placement: Placement, model_dir, corpus_dir, reas
     time under evaluation)."""
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_dir), model_dir)
+    ev = spec.eval
+
+    def calibration(windows: int) -> torch.Tensor:
+        train = corpus_test_tokens(tokenizer, corpus_dir, 4 * windows * ev.eval_max_length,
+                                   "train")
+        return timing_prompts(train, ev.eval_max_length, windows, spec.seed)
+
     with Window(spec.measure.sample_interval_s) as load_window:
-        model, quant_note, quantize_seconds, draft = load_served(spec, model_dir, draft_dir)
+        model, quant_note, quantize_seconds, draft, pruned = load_served(
+            spec, model_dir, draft_dir, calibration)
     model.eval()
     tokens = corpus_test_tokens(tokenizer, corpus_dir, max(
         spec.eval.ppl_tokens, spec.eval.eval_max_length, spec.eval.prompt_tokens + 1))
     pad_ids = (int((tokens == tokenizer.pad_token_id).sum())
                if tokenizer.pad_token_id != tokenizer.eos_token_id else None)
-    ev = spec.eval
     prompt_ids = timing_prompts(tokens, ev.prompt_tokens, ev.batch_size, spec.seed)
     window = Window(spec.measure.sample_interval_s, spec.measure.watts_per_core)
     options = generate_options(model, spec.speculative, draft)
@@ -240,6 +302,7 @@ def serve(spec: InferenceSpec, placement: Placement, model_dir, corpus_dir, reas
                                      tokenizer.pad_token_id, options, draft, window,
                                      quantize_seconds, times["cached_tokens"]))
     metrics.update(cached_quality(spec, model, tokens, make_cache))
+    metrics.update(pruned)
     metrics.update({
         "weight_bytes": Metric.measured(weight_bytes(model), "B", "tensor_bytes_with_quant_state",
                                         quant_note),

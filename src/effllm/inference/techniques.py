@@ -7,7 +7,17 @@ library made for it:
 * a quantised KV cache: transformers' ``QuantizedCache`` with its ``fp8`` (per-tensor e4m3) or
   ``hqq`` (group-wise, a full-precision residual of the newest tokens) backend;
 * speculative decoding: transformers' assisted generation with a draft model of ours (it
-  shares the tokenizer) or prompt lookup (candidates copied from the context).
+  shares the tokenizer) or prompt lookup (candidates copied from the context);
+* one-shot post-training pruning: unstructured or n:m (2:4) sparsity by magnitude or by Wanda's
+  score (Sun et al. 2023, arXiv 2306.11695: |w| times its input's norm over calibration
+  tokens), or structured heads and FFN channels of our decoder (:func:`oneshot_prune`: the
+  pruning block's saliency, compensation and slice, with no training after).
+
+Why the unstructured masks are ours: llmcompressor's Wanda and SparseGPT pin an older
+transformers than ours, torch-pruning removes whole channels only, and ``torch.ao.pruning``
+scores by magnitude alone; a row-wise top-k of |w| * ||x|| is a few lines. The zeros stay in
+dense tensors: they cost the same bytes and the same matmul time on a CPU (the
+``benchmarks/sparse_matmul.py`` ratios say what sparse kernels would buy).
 
 The head, MoE routers and layers a family reads directly stay unquantised, as for bitsandbytes
 (:func:`effllm.models.quantize.exact_modules`). docs/techniques.md says what each measures.
@@ -25,10 +35,13 @@ import torch.nn.functional as F
 
 from effllm.evaluation.logprobs import token_scores
 from effllm.evaluation.perplexity import safe_exp, token_windows
-from effllm.specs import KVCacheSpec, SpeculativeSpec, WeightQuant
+from effllm.specs import KVCacheSpec, PruneSpec, SpeculativeSpec, WeightQuant, nm_pattern
 
 KV_BACKENDS = ("fp8", "hqq")
 HQQ_GROUP = 64  # HQQ's group size when the config gives none
+PRUNE_METHODS = ("magnitude", "wanda", "structured")
+CALIB_WINDOWS = 16  # calibration windows of the train split when the config gives none
+CALIB_BATCH = 8  # calibration windows per forward pass
 
 
 def takes(name: str, module: torch.nn.Module, weights: WeightQuant, keep: list[str]) -> bool:
@@ -91,6 +104,101 @@ def _torchao_config(weights: WeightQuant):
     # tinygemm's layout (CUDA, sm80+): torchao 0.18's default int4 layout needs the mslk package
     return Int4WeightOnlyConfig(group_size=weights.group_size or 128,
                                 int4_packing_format="tile_packed_to_4d")
+
+
+def sparsity_mask(score: torch.Tensor, sparsity: float | None = None,
+                  pattern: str | None = None) -> torch.Tensor:
+    """The weights kept (True) of a [out, in] score: per output row the ``sparsity`` fraction
+    with the lowest score removed (Wanda's comparison group), or, with ``pattern`` "n:m", the
+    ``m - n`` lowest of every ``m`` consecutive inputs. Ties go to the lower index."""
+    rows, cols = score.shape
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    if pattern:
+        n, m = nm_pattern(pattern)
+        if cols % m:
+            raise ValueError(f"prune.pattern {pattern!r}: {cols} inputs do not split into "
+                             f"groups of {m}")
+        groups = score.reshape(rows, cols // m, m)
+        top = groups.topk(n, dim=-1, sorted=False).indices
+        return keep.reshape(rows, cols // m, m).scatter_(-1, top, True).reshape(rows, cols)
+    drop = int(cols * (sparsity or 0.0))
+    top = score.topk(cols - drop, dim=1, sorted=False).indices
+    return keep.scatter_(1, top, True)
+
+
+class InputNorms:
+    """Squared L2 norm of every input feature of chosen linear layers over the calibration
+    forwards (fp32): Wanda's ||x_j||^2."""
+
+    def __init__(self, modules: dict[str, torch.nn.Linear]):
+        self.sq: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sq = (x * x).sum(0)
+            self.sq[name] = self.sq[name] + sq if name in self.sq else sq
+
+        return hook
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for handle in self.handles:
+            handle.remove()
+        return self.sq
+
+
+def prunable(name: str, module: torch.nn.Module, keep: list[str]) -> bool:
+    """Whether unstructured pruning takes this layer: a linear the skip list does not name (the
+    quantisers' rule: the head and routers stay dense)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return isinstance(module, torch.nn.Linear) and should_convert_module(name, keep)
+
+
+@torch.no_grad()
+def prune_weights(model: torch.nn.Module, prune: PruneSpec, keep: list[str], batches
+                  ) -> tuple[str, int]:
+    """Zero the lowest-scoring weights of each linear layer :func:`prunable` takes, in place:
+    ``magnitude`` scores |w|, ``wanda`` |w| * ||x|| with the input norms of ``batches``
+    (forward passes of the dense model, dicts of model inputs). Returns (a note naming the
+    layers kept dense, calibration forward passes)."""
+    if prune.method not in ("magnitude", "wanda"):
+        raise ValueError(f"prune.method {prune.method!r}: magnitude or wanda here (structured: "
+                         "oneshot_prune)")
+    layers = {name: m for name, m in model.named_modules() if prunable(name, m, keep)}
+    norms, passes = {}, 0
+    if prune.method == "wanda":
+        hooks = InputNorms(layers)
+        try:
+            for batch in batches:
+                model(**batch)
+                passes += 1
+        finally:
+            norms = hooks.close()
+        if not passes:
+            raise ValueError("Wanda needs calibration batches")
+    for name, linear in layers.items():
+        w = linear.weight
+        score = w.detach().float().abs()
+        if name in norms:
+            score = score * norms[name].sqrt().to(score.device)
+        w.mul_(sparsity_mask(score, prune.sparsity, prune.pattern).to(w.dtype))
+    dense = sorted(name for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name not in layers)
+    note = (f"{len(dense)} linear layers kept dense (the skip list {keep}): {dense}"
+            if dense else "")
+    return note, passes
+
+
+def linear_sparsity(model: torch.nn.Module, keep: list[str]) -> tuple[int, int]:
+    """(zero weights, weights) over the linear layers pruning takes."""
+    zeros = total = 0
+    for name, m in model.named_modules():
+        if prunable(name, m, keep):
+            zeros += int((m.weight == 0).sum())
+            total += m.weight.numel()
+    return zeros, total
 
 
 def cache_factory(model, kv: KVCacheSpec | None):

@@ -423,3 +423,38 @@ def slice_model(model: DecoderForCausalLM, masks: Masks) -> DecoderForCausalLM:
         dst.relative_bias.weight.copy_(src.relative_bias.weight)
     small.tie_weights()
     return small.to(next(model.parameters()).device)
+
+
+# ------------------------------------------------------------- one-shot post-training pruning
+
+
+def oneshot_prune(model: DecoderForCausalLM, batches, target_params: int,
+                  groups=("heads", "ffn"), saliency: str = "taylor", compensation: bool = True,
+                  damp: float = 0.01) -> tuple[DecoderForCausalLM, dict[str, int]]:
+    """A trained model pruned once to at most ``target_params`` parameters, with no training
+    after (the survey's post-training structured pruning): saliency from the gradients of
+    ``batches`` (dicts with ``input_ids`` and ``labels``; no update), the least salient
+    ``groups`` masked, the layers they cut compensated from the same batches' inputs, and the
+    slice. Works in fp32 and returns the small model in ``model``'s dtype, with the groups
+    removed of each kind. ``model`` is left masked (its weights changed)."""
+    check_prunable(model.config, groups)
+    dtype = model.dtype
+    model.float().train()
+    full = Masks.full(model.config)
+    scores = None
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        s = group_saliency(model, saliency)
+        scores = s if scores is None else Masks(
+            [a + b for a, b in zip(scores.heads, s.heads)],
+            [a + b for a, b in zip(scores.ffn, s.ffn)], scores.hidden + s.hidden)
+    model.zero_grad(set_to_none=True)
+    if scores is None:
+        raise ValueError("one-shot pruning needs at least one calibration batch")
+    masks, removed = select(model.config, full, scores, target_params, groups)
+    if compensation:
+        compensate_model(model, full, masks, batches, damp)
+    apply_masks(model, masks)
+    model.eval()
+    return slice_model(model, masks).to(dtype).eval(), removed

@@ -375,7 +375,7 @@ def preflight(spec: dict, gpus: int, gpu_memory_gb: float | None, model_dir=None
         config = json.loads((Path(model_dir) / "config.json").read_text())
         ref = ModelRef(Path(model_dir).parent.name, config=config)
     draft = None
-    if draft_dir:  # a speculative draft: its weights are on the device too
+    if draft_dir:  # a speculative draft or a distillation teacher: on the device too
         draft = ModelRef(Path(draft_dir).parent.name,
                          config=json.loads((Path(draft_dir) / "config.json").read_text()))
     job = fit_job(run, ref, gpus, draft=draft)

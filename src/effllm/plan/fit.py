@@ -17,7 +17,8 @@ DEVICE_SIZES = (80, 96, 141)  # GB: H100 80 GB, H100 NVL/GH200 96 GB, H200 141 G
 GPU_COUNTS = (1, 2, 4, 8)  # one node
 # Display parts, each the sum of the tensor account's parts.
 PARTS = {
-    "weights": ("params", "buffers", "quant_state", "draft"),  # draft: a speculative draft model
+    # draft: a speculative draft model; teacher: a distillation teacher's weights and logits
+    "weights": ("params", "buffers", "quant_state", "draft", "teacher"),
     "grads": ("grads",),
     "optimizer": ("optimizer",),
     "activations": ("activations", "temporaries", "other", "kv_growth"),

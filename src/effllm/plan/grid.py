@@ -82,8 +82,10 @@ def strategy(spec: RunSpec, gpus: int) -> str:
     return "fsdp" if spec.method.name in SHARDED_METHODS else "ddp"
 
 
-def train_work(spec: RunSpec, ref: ModelRef, gpus: int) -> TrainWork:
-    """One optimiser step of a pretraining or fine-tuning job on one of its ``gpus`` ranks."""
+def train_work(spec: RunSpec, ref: ModelRef, gpus: int, teacher: ModelRef | None = None
+               ) -> TrainWork:
+    """One optimiser step of a pretraining or fine-tuning job on one of its ``gpus`` ranks
+    (``teacher``: a distillation student's)."""
     train = spec.train
     world = max(1, gpus)
     local = train.batch_size // world
@@ -95,7 +97,7 @@ def train_work(spec: RunSpec, ref: ModelRef, gpus: int) -> TrainWork:
         method, seq_len = memory_method(spec.method), train.max_length
         offload = way == "fsdp" and bool(spec.method.offload)
     return TrainWork(ref, method, train.precision, rows, math.ceil(local / rows), seq_len,
-                     bool(train.gradient_checkpointing), way, world, offload)
+                     bool(train.gradient_checkpointing), way, world, offload, teacher=teacher)
 
 
 def serve_work(spec: InferenceSpec, ref: ModelRef, draft: ModelRef | None = None) -> ServeWork:
@@ -104,7 +106,9 @@ def serve_work(spec: InferenceSpec, ref: ModelRef, draft: ModelRef | None = None
     log-likelihood batches over ``eval_max_length + eval_max_new_tokens`` tokens with every
     position's log-softmax, and its generation batches. A weight-only quantiser and a
     speculative ``draft`` model (:func:`draft_ref`) are part of the work; a quantised KV cache
-    is planned at the full cache's bytes (an upper bound)."""
+    is planned at the full cache's bytes (an upper bound), pruned weights at the dense bytes
+    they keep, with Wanda's calibration forwards as a pass (structured pruning's saliency
+    backward, for grid decoders only, is not booked)."""
     import inspect
 
     from effllm.evaluation.scoring import generate_answers
@@ -114,6 +118,12 @@ def serve_work(spec: InferenceSpec, ref: ModelRef, draft: ModelRef | None = None
     passes = [ServePass("decode", ev.batch_size, ev.prompt_tokens, ev.new_tokens, "last"),
               ServePass("exact_match", problems, ev.eval_max_length, ev.eval_max_new_tokens,
                         "last")]
+    if spec.prune is not None and spec.prune.method == "wanda":
+        from effllm.inference.techniques import CALIB_BATCH, CALIB_WINDOWS
+
+        windows = spec.prune.calib_windows or CALIB_WINDOWS
+        passes.append(ServePass("prune_calibration", min(CALIB_BATCH, windows),
+                                ev.eval_max_length, 0, "last"))
     if spec.harness is not None:
         batch = spec.harness.batch_size or 1
         passes += [ServePass("lm_eval_loglik", batch, ev.eval_max_length + ev.eval_max_new_tokens,
@@ -128,23 +138,28 @@ def serve_work(spec: InferenceSpec, ref: ModelRef, draft: ModelRef | None = None
 
 def job_work(spec: RunSpec, ref: ModelRef, gpus: int, draft: ModelRef | None = None
              ) -> TrainWork | ServeWork:
-    """The workload of ``spec`` on ``gpus`` GPUs; ``draft``: its speculative draft model."""
+    """The workload of ``spec`` on ``gpus`` GPUs; ``draft``: its speculative draft model, or a
+    distillation student's teacher (:func:`draft_ref`)."""
     if isinstance(spec, InferenceSpec):
         return serve_work(spec, ref, draft)
-    return train_work(spec, ref, gpus)
+    return train_work(spec, ref, gpus, draft)
 
 
 def draft_ref(config: Mapping, runs: Mapping, spec: RunSpec,
               refs: dict | None = None) -> ModelRef | None:
-    """The model of an inference job's speculative draft (None without one), kept in
-    ``refs`` by run id."""
+    """The second model a job holds (None without one), kept in ``refs`` by run id: an
+    inference job's speculative draft, or a distillation student's teacher (its upstream)."""
     speculative = getattr(spec, "speculative", None)
-    if not speculative or not speculative.draft:
+    if getattr(spec, "distill", None):
+        other = spec.upstream
+    elif speculative and speculative.draft:
+        other = speculative.draft
+    else:
         return None
     refs = {} if refs is None else refs
-    if speculative.draft not in refs:
-        refs[speculative.draft] = model_ref(config, runs, speculative.draft)
-    return refs[speculative.draft]
+    if other not in refs:
+        refs[other] = model_ref(config, runs, other)
+    return refs[other]
 
 
 def gpu_choices(spec: RunSpec) -> tuple[int, ...]:

@@ -598,16 +598,34 @@ def draft_bytes(work: ServeWork) -> int:
         return sum(static_bytes(build(work.draft, None, dtype), training=False).values())
 
 
+def teacher_bytes(work: TrainWork) -> int:
+    """Bytes a distillation teacher adds to each rank: its fp32 weights (the job loads it so;
+    replicated, not sharded), its logits for one pass at the compute dtype, and the fp32
+    log-softmax of teacher and student and the teacher's probabilities that the KL holds
+    (activations of its forward, freed layer by layer under no_grad, left out)."""
+    if work.teacher is None:
+        return 0
+    with fake_runtime(1):
+        model = build(work.teacher, None, _torch().float32)
+        weights = sum(static_bytes(model, training=False).values())
+        vocab = model.get_input_embeddings().num_embeddings
+    logits = work.rows * work.seq_len * vocab
+    compute = 2 if work.precision == "bf16" else 4
+    return weights + logits * (compute + 3 * 4)
+
+
 def _with_draft(sim: Simulation, work) -> Simulation:
-    """``sim`` with the draft's weights (:func:`draft_bytes`) added to every phase as
-    ``draft``."""
-    extra = draft_bytes(work) if work.kind == "serve" else 0
+    """``sim`` with the second model's bytes added to every phase: a speculative draft's weights
+    (:func:`draft_bytes`) as ``draft``, a distillation teacher's (:func:`teacher_bytes`) as
+    ``teacher``."""
+    part = "draft" if work.kind == "serve" else "teacher"
+    extra = draft_bytes(work) if work.kind == "serve" else teacher_bytes(work)
     if not extra:
         return sim
-    phases = {name: {**parts, "draft": extra, "total": parts["total"] + extra}
+    phases = {name: {**parts, part: extra, "total": parts["total"] + extra}
               for name, parts in sim.phases.items()}
-    return dataclasses.replace(sim, phases=phases, static={**sim.static, "draft": extra},
-                               method=f"{sim.method}; draft model's weights added")
+    return dataclasses.replace(sim, phases=phases, static={**sim.static, part: extra},
+                               method=f"{sim.method}; {part} model's bytes added")
 
 
 def serve_account(work: ServeWork, layers: int, seq_len: int | None, fake: bool = True,

@@ -52,6 +52,8 @@ class TrainWork(Spec):
     strategy: str
     world: int
     offload: bool = opt(False)
+    # a distillation student's teacher: its weights and logits beside the student's step
+    teacher: ModelRef | None = opt()
 
     kind = "train"
 

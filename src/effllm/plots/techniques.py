@@ -1,17 +1,20 @@
 """The serving techniques' figure (issue 22): what each technique trades, in its own units.
 
-Three panels per served model (a row per group of the ``techniques`` block):
+Four panels per served model (a row per group of the ``techniques`` block):
 
 * weights: the bytes the weights take against perplexity, marker area by latency (AL): plain
   bf16, bitsandbytes NF4 and the weight-only quantisers;
 * KV cache: bytes per cached token against perplexity of text read back through the cache;
 * decoding: latency speed-up over plain decoding (bf16 AL / AL) of the speculative variants,
   annotated with tokens per served-model pass and the share of outputs identical to plain
-  decoding.
+  decoding;
+* pruning: perplexity against the latency speed-up over bf16, each point labelled with the
+  share of weights removed: does sparsity buy speed on this hardware?
 
 A technique's panel follows from what its runs recorded (weights quantised: fewer bits than
-16; a KV technique: fewer KV bytes than the reference; speculative: tokens per pass), so the
-figure needs no settings beyond the table. Values are seed means; whiskers the min-max.
+16; a KV technique: fewer KV bytes than the reference; speculative: tokens per pass; pruned: a
+weight sparsity), so the figure needs no settings beyond the table. Values are seed means;
+whiskers the min-max.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from effllm.plots.style import plt
 
 REFERENCE = "bf16"  # the technique every panel compares with
 COLUMNS = ("perplexity", "kv_perplexity", "al", "weight_bytes", "kv_cache_bytes_per_token",
-           "bits_nominal", "tokens_per_pass", "identical_output")
+           "bits_nominal", "tokens_per_pass", "identical_output", "weight_sparsity")
 MB = 1e6
 
 
@@ -40,12 +43,13 @@ def panels(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
         raise ValueError(f"group {summary['group'].iloc[0]!r} has no {REFERENCE!r} reference "
                          "variant to compare with")
     kv_ref = float(ref["kv_cache_bytes_per_token"].iloc[0])
+    is_ref = summary["technique"] == REFERENCE
     speculative = summary["tokens_per_pass"].notna()
+    pruned = summary["weight_sparsity"].notna()
     kv = summary["kv_cache_bytes_per_token"] < kv_ref * 0.99
-    weights = ~speculative & ~kv
-    return {"weights": summary[weights], "kv": summary[~speculative & (kv | (
-        summary["technique"] == REFERENCE))], "decoding": summary[speculative | (
-            summary["technique"] == REFERENCE)]}
+    weights = ~speculative & ~kv & ~pruned
+    return {"weights": summary[weights], "kv": summary[~speculative & ~pruned & (kv | is_ref)],
+            "decoding": summary[speculative | is_ref], "pruning": summary[pruned | is_ref]}
 
 
 def _whiskers(rows: pd.DataFrame, column: str) -> np.ndarray | None:
@@ -89,7 +93,8 @@ def draw_techniques(normalised_csv: str | os.PathLike, out_pdf: str | os.PathLik
     df = style.select_block(read_table(normalised_csv), block, normalised_csv)
     present = [c for c in COLUMNS if c in df]
     groups = list(dict.fromkeys(df["group"]))
-    fig, axes = plt.subplots(len(groups), 3, figsize=(style.TWO_COLUMN, 2.4 * len(groups) + 0.6),
+    fig, axes = plt.subplots(len(groups), 4, figsize=(style.TWO_COLUMN * 1.3,
+                                                      2.4 * len(groups) + 0.6),
                              squeeze=False, layout="constrained")
     most = int(df.groupby(["group", "technique"])["seed"].nunique().max())
     for row_axes, group in zip(axes, groups):
@@ -109,6 +114,7 @@ def draw_techniques(normalised_csv: str | os.PathLike, out_pdf: str | os.PathLik
                  "KV cache (B / cached token)", "perplexity through the cache \u2193", colour_of)
         row_axes[1].set_title("KV cache", loc="left")
         _draw_decoding(row_axes[2], parts["decoding"], colour_of)
+        _draw_pruning(row_axes[3], parts["pruning"], colour_of)
     seeds = f"mean over {most} seeds, whiskers min\u2013max" if most > 1 else "1 seed"
     fig.suptitle(title or "Serving techniques: what each costs and gains"
                  + (f" ({groups[0]})" if len(groups) == 1 else ""), fontweight="bold")
@@ -142,3 +148,22 @@ def _draw_decoding(ax, rows: pd.DataFrame, colour_of: dict) -> None:
     ax.set_ylabel("speed-up (bf16 AL / AL) \u2191")
     ax.set_title("speculative decoding", loc="left")
     ax.grid(True, axis="y")
+
+
+def _draw_pruning(ax, rows: pd.DataFrame, colour_of: dict) -> None:
+    """Perplexity against the speed-up over bf16 (bf16 AL / AL) of the pruned variants, each
+    labelled with its share of weights removed; the reference at 1."""
+    ref = rows[rows["technique"] == REFERENCE]
+    ref_al = float(ref["al"].iloc[0]) if len(ref) else math.nan
+    ax.axvline(1.0, color="0.3", linewidth=0.8, linestyle="--")
+    ax.set_title("pruning (share removed)", loc="left")
+    if len(rows) == len(ref) or not math.isfinite(ref_al):
+        ax.text(0.5, 0.5, "no pruned variant", ha="center", va="center", transform=ax.transAxes)
+        return
+    rows = rows.assign(speed_up=ref_al / rows["al"].to_numpy(float))
+    names = [str(row["label"]) + (f" ({row['weight_sparsity']:.0%})"
+                                  if math.isfinite(row["weight_sparsity"]) else "")
+             for _, row in rows.iterrows()]
+    colours = {**colour_of, **dict(zip(names, (colour_of[x] for x in rows["label"])))}
+    _scatter(ax, rows.assign(label=names), "speed_up", "perplexity", 1, None,
+             "speed-up (bf16 AL / AL) \u2191", "perplexity \u2193", colours)

@@ -148,7 +148,8 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
           checkpoint: Checkpoint | None = None, precision: str = "fp32",
           device: str | None = None, micro_batch_size: int | None = None,
           stop_on_nonfinite: bool = False, on_gradients: Callable[[int], None] | None = None,
-          on_step: Callable[[int], None] | None = None) -> StepLog:
+          on_step: Callable[[int], None] | None = None, loss_fn: Callable | None = None
+          ) -> StepLog:
     """Run optimiser steps up to ``steps`` (continuing ``log`` when resuming) inside ``window``,
     forward passes at ``precision`` (:func:`autocast`).
 
@@ -164,6 +165,8 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
     run is then marked diverged (:func:`divergence`) rather than lost. ``on_gradients(step)``
     runs when the step's gradients are complete (before clipping), ``on_step(step)`` after the
     optimiser step: pruning-aware training scores and masks there (:mod:`effllm.training.prune`).
+    ``loss_fn(model, chunk)`` returns (the loss to minimise, the cross-entropy to log) in place
+    of the model's own loss: distillation's (:mod:`effllm.training.distill`).
     """
     log = log or StepLog()
     model.train()
@@ -178,10 +181,11 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
             batch = {key: value.to(device) for key, value in next(batches).items()}
             predicted = (batch["labels"][:, 1:] != -100).sum().double()  # tokens with a loss
             probing = len(log.losses) == probe_at
-            with Timer() as timer, _probe(probing, model, optimizer, device, window):
+            with Timer() as timer, _probe(probing, model, optimizer, device, window,
+                                          getattr(loss_fn, "teacher", None)):
                 total = all_reduce_(predicted.clone()) if distributed else predicted
                 loss_sum = _accumulate(model, batch, micro_batch_size, predicted, total,
-                                       precision, device)
+                                       precision, device, loss_fn)
                 if on_gradients is not None:
                     on_gradients(len(log.losses))
                 if grad_clip:
@@ -217,19 +221,22 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
 
 
 @contextmanager
-def _probe(on: bool, model, optimizer, device, window: Window):
-    """Track the tensors of this step (when ``on``) and attach the account to ``window``."""
+def _probe(on: bool, model, optimizer, device, window: Window, teacher=None):
+    """Track the tensors of this step (when ``on``) and attach the account to ``window``; a
+    distillation ``teacher``'s weights count as parameters held for the step."""
     if not on:
         yield
         return
     inner = unwrap(model)
-    with track(inner, optimizer, device=device, extra_bytes=quant_state_bytes(inner)) as t:
+    also = (teacher,) if teacher is not None else ()
+    with track(inner, *also, optimizer, device=device,
+               extra_bytes=quant_state_bytes(inner)) as t:
         yield
     window.account(t.account, "one training step (forward, backward, optimiser step)")
 
 
 def _accumulate(model, batch: dict, micro_batch_size: int | None, predicted, total,
-                precision: str, device):
+                precision: str, device, loss_fn: Callable | None = None):
     """Forward and backward of the rank's batch in micro-batches of ``micro_batch_size`` rows
     (None: all at once), each loss weighed by its share of the global batch's predicted
     tokens, so the gradient equals one pass over the whole batch. DDP synchronises gradients
@@ -246,11 +253,15 @@ def _accumulate(model, batch: dict, micro_batch_size: int | None, predicted, tot
         last = i == len(starts) - 1
         with _gradient_sync(model, last):
             with autocast(device, precision):
-                out = model(input_ids=chunk["input_ids"],
-                            attention_mask=chunk["attention_mask"], labels=chunk["labels"])
+                if loss_fn is None:
+                    loss = logged = model(input_ids=chunk["input_ids"],
+                                          attention_mask=chunk["attention_mask"],
+                                          labels=chunk["labels"]).loss
+                else:
+                    loss, logged = loss_fn(model, chunk)
             # DDP/FSDP average the ranks' gradients: weigh by this chunk's share of the batch
-            (out.loss * (tokens * scale).to(out.loss.dtype)).backward()
-        loss_sum += out.loss.detach().double() * tokens
+            (loss * (tokens * scale).to(loss.dtype)).backward()
+        loss_sum += logged.detach().double() * tokens
     return loss_sum
 
 
@@ -355,14 +366,16 @@ def utilisation_metrics(metrics: dict[str, Metric], flops_per_token: float | Non
     return out
 
 
-def step_flops_per_token(model, batch: dict, precision: str = "fp32") -> float:
+def step_flops_per_token(model, batch: dict, precision: str = "fp32",
+                         loss_fn: Callable | None = None) -> float:
     """FLOPs of one training step per real token, counted in a separate fwd+bwd pass (the
-    counter is slow). Under torchrun every rank counts its slice of the batch and the sums are
+    counter is slow; with ``loss_fn``, the loss the run trains on, a teacher's forward
+    included). Under torchrun every rank counts its slice of the batch and the sums are
     the whole batch's, as one process would count it."""
 
     def step():
         with autocast(batch["input_ids"].device, precision):
-            loss = model(**batch).loss
+            loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)[0]
         loss.backward()
 
     flops = count_flops(step)

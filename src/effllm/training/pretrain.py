@@ -61,21 +61,42 @@ def build_model(shape: ModelShape, tokenizer):
 
 def run_pretrain(spec: PretrainSpec | dict, data_dir: str | os.PathLike,
                  model_out: str | os.PathLike, record_out: str | os.PathLike,
-                 checkpoint_dir: str | os.PathLike | None = None):
+                 checkpoint_dir: str | os.PathLike | None = None,
+                 teacher_dir: str | os.PathLike | None = None):
     """Train one model of the sweep from scratch, measure it, save model and record.
 
     With ``checkpoint_dir`` (outside the declared outputs) the run saves its state every
     ``train.checkpoint_every`` steps and a restarted job resumes from there. The model trains on
     a GPU when torch sees one; under torchrun (``effllm.launch.run_stage``) every rank trains
     its slice of each batch (DDP) and rank 0 measures, saves and returns the record (the other
-    ranks return None).
+    ranks return None). A student of the distillation block learns from the model in
+    ``teacher_dir`` too (:mod:`effllm.training.distill`).
     """
     return run_job(spec, lambda s, placement: pretrain(s, placement, Path(data_dir),
-                                                       checkpoint_dir), record_out, model_out)
+                                                       checkpoint_dir, teacher_dir),
+                   record_out, model_out)
+
+
+def load_teacher(spec: PretrainSpec, teacher_dir, device):
+    """The distillation loss with its teacher loaded (fp32 weights: autocast computes at the
+    run's precision), or None for a run without ``distill``."""
+    if spec.distill is None:
+        return None
+    if teacher_dir is None:
+        raise ValueError(f"{spec.run_id}: distillation needs its teacher's model directory")
+    from transformers import AutoModelForCausalLM
+
+    from effllm.models.quantize import model_config
+    from effllm.training.distill import DistillLoss
+
+    model_config(teacher_dir)  # our Mamba/RWKV fixes before the weights load
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    return DistillLoss(teacher.to(device), spec.distill)
 
 
 def pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
-             checkpoint_dir: str | os.PathLike | None) -> Outcome | None:
+             checkpoint_dir: str | os.PathLike | None,
+             teacher_dir: str | os.PathLike | None = None) -> Outcome | None:
     """Build, train and measure; rank 0 gets the outcome, the other ranks None."""
     train_cfg, shape = spec.train, spec.model
     tokenizer = load_tokenizer(data_dir / "tokenizer")
@@ -94,7 +115,10 @@ def pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
     model.to(placement.device)
     probe = local_batch(np.random.default_rng([spec.seed, 2**31]))  # not a training step
     probe = {key: value.to(placement.device) for key, value in probe.items()}
-    flops_per_token = step_flops_per_token(model, probe, train_cfg.precision)
+    distill = load_teacher(spec, teacher_dir, placement.device)
+    flops_per_token = step_flops_per_token(model, probe, train_cfg.precision, distill)
+    if distill is not None:
+        distill.kl.clear(), distill.tokens.clear()  # the count's pass is not a step
 
     use_checkpointing(model, train_cfg)  # after the FLOP count: it counts the plain step
     sharded = placement.world > 1 and train_cfg.sharding == "fsdp"
@@ -117,7 +141,8 @@ def pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
     log = train(trained, step_batches(local_batch, spec.seed, len(log.losses)),
                 train_cfg.steps, optimizer, scheduler, train_cfg.grad_clip, window,
                 desc=f"pretrain {spec.run_id}", log=log, checkpoint=checkpoint,
-                precision=train_cfg.precision, micro_batch_size=train_cfg.micro_batch_size)
+                precision=train_cfg.precision, micro_batch_size=train_cfg.micro_batch_size,
+                loss_fn=distill)
     if sharded:  # the whole trained model on rank 0, to evaluate and save (a collective)
         weights = full_state(model)[0]
         model = None
@@ -130,12 +155,18 @@ def pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
         return None
     metrics = pretrain_metrics(spec, model, log, window, val_tokens, probe, flops_per_token,
                                params_total, params_active, placement.world)
+    series = {"train_loss": log.losses, "step_seconds": log.seconds}
+    if distill is not None:
+        rows = probe["input_ids"].shape[0]
+        chunks = -(-rows // (train_cfg.micro_batch_size or rows))
+        series["distill_kl"] = distill.steps(chunks)
+        metrics.update(distill_metrics(spec, distill, series["distill_kl"]))
 
     def save(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
         save_tokenizer(tokenizer, folder)
 
-    return Outcome(metrics, {"train_loss": log.losses, "step_seconds": log.seconds},
+    return Outcome(metrics, series,
                    {"precision": PRECISION_NOTES[train_cfg.precision],
                     **sequence_kernel(model, placement.device)}, save=save,
                    strategy="FSDP full shard (ZeRO-3)" if sharded else "DDP",
@@ -160,8 +191,9 @@ def pretrain_metrics(spec: PretrainSpec, model, log: StepLog, window: Window,
     metrics["perplexity"] = Metric.measured(ppl, "1", "exp_mean_nll_validation",
                                             f"{scored} scored tokens, seq_len "
                                             f"{train_cfg.seq_len}")
-    metrics["flops_per_token"] = Metric.measured(flops_per_token, "FLOP/token",
-                                                 "flop_counter_fwd_bwd", flop_note(spec.model))
+    metrics["flops_per_token"] = Metric.measured(
+        flops_per_token, "FLOP/token", "flop_counter_fwd_bwd", flop_note(spec.model)
+        + ("; the teacher's forward included" if spec.distill else ""))
     metrics["flops_per_token_6n"] = Metric.estimated(
         6 * (params_active - embedding_params(model)), "FLOP/token", "analytic_6N",
         "6 x active non-embedding parameters, attention FLOPs not included")
@@ -177,6 +209,22 @@ def pretrain_metrics(spec: PretrainSpec, model, log: StepLog, window: Window,
         "decoding cache holds, per token (0 = constant-size state)")
     metrics["decode_latency_long"] = long_context_decode(model, val_tokens, spec.long_context)
     return metrics
+
+
+def distill_metrics(spec: PretrainSpec, distill, kl_steps: list[float]) -> dict[str, Metric]:
+    """The student's final soft-target KL (mean of the last 10 % of steps, as ``loss``) and its
+    teacher's size; the cross-entropy is ``loss`` as for every run."""
+    tail = kl_steps[-max(1, len(kl_steps) // 10):]
+    cfg = spec.distill
+    return {
+        "distill_kl": Metric.measured(
+            sum(tail) / len(tail), "nats/token", "mean_last_10pct_steps",
+            f"KL(teacher || student) at temperature {cfg.temperature}, rank 0's tokens; "
+            f"loss = {1 - cfg.weight:g} CE + {cfg.weight:g} T^2 KL") if tail
+        else Metric.unavailable("nats/token", "mean_last_10pct_steps", "no step ran"),
+        "teacher_params": Metric.measured(count_params(distill.teacher)[0], "params",
+                                          "count_unique_parameters", spec.upstream),
+    }
 
 
 def check_variant(model, shape: ModelShape) -> None:
