@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} thread(s), fp32, median of {args.repeats}")
     print(f"{'shape':28} {'tokens':>6} {'pattern':>8} {'dense ms':>9} {'CSR ms':>9} "

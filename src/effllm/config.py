@@ -163,8 +163,9 @@ def _check_distillation(config: dict) -> None:
             raise ConfigError(f"config key '{key}.student': size {student!r} (~"
                               f"{counts[student]:,} parameters) is not smaller than the "
                               f"teacher's {size!r} (~{counts[size]:,})")
-    elif student == size:
-        raise ConfigError(f"config key '{key}.student': {student!r} is the teacher's size")
+    elif config["sizes"][student]["hidden_size"] >= config["sizes"][size]["hidden_size"]:
+        raise ConfigError(f"config key '{key}.student': size {student!r} is not narrower than "
+                          f"the teacher's {size!r}")
 
 
 def _check_hub_source(config: dict, block: dict, key: str) -> None:
@@ -389,10 +390,10 @@ def _check_prune(config: dict, prune: dict, where: str, precision: str, quantise
         if sparsity is None or pattern:
             raise ConfigError(f"{where}': structured pruning takes sparsity (the share of the "
                               "decoder layers' linear weights removed), not pattern")
-        if served_hub:
-            raise ConfigError(f"{where}': structured pruning needs a decoder of this grid "
-                              "(saliency from a backward pass the GPU plan does not book for "
-                              "hub models); use magnitude or wanda")
+        if served_hub or base is None:
+            raise ConfigError(f"{where}': structured pruning needs a decoder of this grid, "
+                              "not a hub model (saliency from a backward pass the GPU plan "
+                              "does not book for hub models); use magnitude or wanda")
         m = base.spec.model if base is not None else None
         if m is not None and (m.family != "decoder" or m.attention not in ("mha", "mqa", "gqa")
                               or m.num_experts):

@@ -416,8 +416,9 @@ class PruneSpec(Spec):
     weight row keeps its highest-scoring weights (``magnitude``: |w|; ``wanda``: |w| times the
     norm of its input over the calibration tokens, Sun et al. 2023), ``sparsity`` of them
     removed or ``pattern`` "n:m" (n kept of every m consecutive inputs); or ``structured``:
-    heads and FFN channels of our decoder (``groups``) cut to ``sparsity`` of its parameters by
-    first-order saliency with second-order compensation, then sliced. Calibration:
+    head groups and FFN channels of our decoder (``groups``) removed until ``sparsity`` of the
+    decoder layers' linear weights are gone, by first-order saliency with second-order
+    compensation, then sliced. Calibration:
     ``calib_windows`` windows of the train split."""
 
     method: str  # magnitude | wanda | structured

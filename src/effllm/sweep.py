@@ -154,12 +154,17 @@ VARIANT_MODULES = {
 
 
 DISTILL_MODULE = "effllm.training.distill"  # read by distillation students only
+PRUNING_MODULE = "effllm.models.pruning"  # read by serving only for structured pruning
 
 
 def unused_modules(runs: dict[str, dict[str, "Run"]], run: "Run") -> list[str]:
     """The variant modules the model behind ``run`` (its root pretraining run) does not use,
-    and the distillation loss unless ``run`` is a student."""
+    the distillation loss unless ``run`` is a student, and for serving the structured pruning
+    unless ``run`` prunes so."""
     extra = [] if getattr(run.spec, "distill", None) else [DISTILL_MODULE]
+    prune = getattr(run.spec, "prune", None)
+    if run.stage == "inference" and (prune is None or prune.method != "structured"):
+        extra.append(PRUNING_MODULE)
     while run.upstream is not None:
         stage, name = run.upstream.split("/", 1)
         if stage == "hub":  # a transformers model class: none of our variant modules
@@ -265,6 +270,9 @@ def _place(runs: dict[str, Run], identity: tuple[str, str, str, str], seed: int,
     the same model trained the same way is already a run, one more place for it."""
     name, technique, size, group = identity
     if name in runs:
+        if any(getattr(runs[name].spec, k) != v for k, v in settings.items()):
+            raise ValueError(f"config key 'pretrain.blocks.{member.block}': run name {name!r} "
+                             "is already used by a different model; rename the variant")
         runs[name] = dataclasses.replace(runs[name],
                                          memberships=runs[name].memberships + (member,))
         return
@@ -381,8 +389,15 @@ def _add_distillation_runs(config: dict, seed: int, runs: dict[str, Run], first:
     block = config["pretrain"]["blocks"].get(DISTILL_BLOCK)
     if not block or seed not in block_seeds(config, DISTILL_BLOCK):
         return
-    teacher = base_run(runs, block["teacher"], seed)
-    variant = source_variant(config, teacher)
+    # the teacher by any of its names (rope-small is the run gqa-small trains as)
+    variant, teacher_size = next((v, v.get("size", s)) for _, n, s, v in pretrain_variants(config)
+                                 if f"{n}-{v.get('size', s)}" == block["teacher"])
+    teacher_key = json.dumps({"model": model_shape(config, teacher_size, variant).to_json()},
+                             sort_keys=True)
+    shared = next((f[0] for k, f in first.items()
+                   if json.loads(k)["model"] == json.loads(teacher_key)["model"]),
+                  f"{block['teacher']}-s{seed}")
+    teacher = base_run(runs, shared.rsplit("-s", 1)[0], seed)
     size = block["student"]
     group = f"{DISTILL_BLOCK}-{size}"
     twin_model = model_shape(config, size, variant)
@@ -398,7 +413,8 @@ def _add_distillation_runs(config: dict, seed: int, runs: dict[str, Run], first:
                   and not r.spec.distill and all(getattr(r.spec, k) == v
                                                  for k, v in settings.items())), None)
     identity = ((equal.name, equal.technique, equal.size, equal.spec.group) if equal else
-                first.get(key, (f"scratch-{size}-s{seed}", "scratch", size, group)))
+                first.get(key, (f"scratch-{variant['name']}-{size}-s{seed}", "scratch", size,
+                                group)))
     _place(runs, identity, seed, settings, _membership(DISTILL_BLOCK, group, "scratch"))
     if teacher.seed == seed:  # the reference row, once per seed the teacher has
         runs[teacher.name] = dataclasses.replace(teacher, memberships=teacher.memberships + (

@@ -149,11 +149,33 @@ def test_shared_runs_are_trained_once_and_keep_every_place(config, schema):
     assert student.upstream == "pretrain/gqa-small-s0" and student.distill.weight == 0.5
     assert student.model == runs["gqa-tiny-s1"].spec.model  # the twin's shape and training
     assert student.train == runs["gqa-tiny-s1"].spec.train
+    from effllm.plan.grid import job_model_id  # the plan sizes the student, not its teacher
+
+    assert job_model_id(student) == student.run_id
+    route = runs["oneshot-gqa-small-to-tiny-s0"].spec
+    assert job_model_id(route) == route.upstream == "pretrain/gqa-small-s0"
     assert "rope-small-s0" not in runs and "dense-small-s0" not in runs
     dropped = copy.deepcopy(config)
     dropped["pretrain"]["blocks"]["moe"] = None  # a block removed: the shared run is unchanged
     assert expand_runs(dropped)["pretrain"]["gqa-small-s0"].spec == gqa.spec
     assert not any(r.name.startswith("moe-") for r in expand_runs(dropped)["pretrain"].values())
+
+
+def test_a_teacher_by_any_name_and_a_twin_of_its_own(config, schema):
+    """A teacher named by another place of its run (rope-small is gqa-small) is that run; a
+    student with no equal run in the grid gets a twin of its own shape (never another block's
+    run of the same name)."""
+    config = check_config(config, schema)
+    config["pretrain"]["blocks"]["distillation"]["teacher"] = "rope-small"
+    runs = expand_runs(config)["pretrain"]
+    assert runs["distilled-rope-small-to-tiny-s0"].upstream == "pretrain/gqa-small-s0"
+    config["pretrain"]["blocks"]["distillation"]["teacher"] = "moe-8x-small"
+    config["pretrain"]["blocks"]["pruning"]["continue_steps"] = 250  # scratch-tiny: 450 steps
+    runs = expand_runs(config)["pretrain"]
+    student = runs["distilled-moe-8x-small-to-tiny-s0"].spec
+    twin = runs["scratch-moe-8x-tiny-s0"]
+    assert twin.spec.model == student.model and student.model.num_experts == 8
+    assert twin.spec.train == student.train and twin.memberships[0].block == "distillation"
 
 
 def test_variants_resolve_to_their_models(config, schema):

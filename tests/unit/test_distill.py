@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -48,8 +49,33 @@ def test_the_loss_mixes_cross_entropy_and_the_scaled_kl():
     kl = soft_kl(s[:, :-1], t[:, :-1], torch.ones(2, 11, dtype=torch.bool), 2.0)
     assert ce.item() == pytest.approx(student(**chunk).loss.item(), rel=1e-6)
     assert loss.item() == pytest.approx(0.75 * ce.item() + 0.25 * 4 * kl.item(), rel=1e-5)
-    assert loss_fn.kl == [pytest.approx(kl.item(), rel=1e-5)] and loss_fn.tokens == [22]
+    loss_fn(student, {k: v[:1] for k, v in chunk.items()})  # a second micro-batch: one row
+    first = soft_kl(s[:1, :-1], t[:1, :-1], torch.ones(1, 11, dtype=torch.bool), 2.0)
+    step = loss_fn.end_step()["distill_kl"]  # token-weighted over the step's micro-batches
+    assert step == pytest.approx((22 * kl.item() + 11 * first.item()) / 33, rel=1e-5)
+    assert math.isnan(loss_fn.end_step()["distill_kl"])  # a fresh step: nothing yet
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_an_moe_students_router_loss_keeps_its_weight():
+    from effllm.models import DecoderConfig, DecoderForCausalLM
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    student = DecoderForCausalLM(DecoderConfig(**config, num_experts=4, num_experts_per_tok=2,
+                                               moe_intermediate_size=32))
+    teacher = DecoderForCausalLM(DecoderConfig(**config))
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(2))
+    chunk = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    out = student(**chunk)
+    aux = student.config.router_aux_loss_coef * out.aux_loss
+    with torch.no_grad():
+        kl = soft_kl(out.logits[:, :-1], teacher(input_ids=ids).logits[:, :-1],
+                     torch.ones(2, 11, dtype=torch.bool), 2.0)
+    loss, logged = DistillLoss(teacher, DistillSpec(temperature=2.0, weight=1.0))(student, chunk)
+    assert aux.item() > 0 and logged.item() == pytest.approx(out.loss.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(4 * kl.item() + aux.item(), rel=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +114,7 @@ def test_distillation_at_weight_0_is_its_scratch_twin(stdlib_tokens, tmp_path, t
     assert zero["series"]["train_loss"] == scratch["series"]["train_loss"]
     assert all(torch.equal(zero_w[k], scratch_w[k]) for k in scratch_w)
     assert len(zero["series"]["distill_kl"]) == 12 and zero["metrics"]["distill_kl"]["value"] > 0
+    assert all(math.isfinite(v) for v in zero["series"]["distill_kl"])
     # at weight 0.5 the student moves towards the teacher: the first step is the same batch,
     # same weights (same CE), after that the KL falls faster than without its pull
     assert half["series"]["train_loss"][0] == scratch["series"]["train_loss"][0]

@@ -10,7 +10,9 @@ library made for it:
   shares the tokenizer) or prompt lookup (candidates copied from the context);
 * one-shot post-training pruning: unstructured or n:m (2:4) sparsity by magnitude or by Wanda's
   score (Sun et al. 2023, arXiv 2306.11695: |w| times its input's norm over calibration
-  tokens), or structured heads and FFN channels of our decoder (:func:`oneshot_prune`: the
+  tokens; the norms come from one pass over the dense model, where Wanda's own code passes
+  the calibration data layer by layer through the already-pruned layers before), or structured
+  heads and FFN channels of our decoder (:func:`oneshot_prune`: the
   pruning block's saliency, compensation and slice, with no training after).
 
 Why the unstructured masks are ours: llmcompressor's Wanda and SparseGPT pin an older
@@ -110,7 +112,7 @@ def sparsity_mask(score: torch.Tensor, sparsity: float | None = None,
                   pattern: str | None = None) -> torch.Tensor:
     """The weights kept (True) of a [out, in] score: per output row the ``sparsity`` fraction
     with the lowest score removed (Wanda's comparison group), or, with ``pattern`` "n:m", the
-    ``m - n`` lowest of every ``m`` consecutive inputs. Ties go to the lower index."""
+    ``m - n`` lowest of every ``m`` consecutive inputs (ties: whichever ``topk`` keeps)."""
     rows, cols = score.shape
     keep = torch.zeros_like(score, dtype=torch.bool)
     if pattern:

@@ -226,11 +226,11 @@ def refuse_unfit(config: Mapping, runs: Mapping, limit: int = 5) -> tuple[int, i
     exceeds; its activations are checked by the job itself before it reads a weight
     (:func:`preflight`). Returns (jobs checked by their plan, jobs checked by their state)."""
     from effllm.plan.fit import fits
-    from effllm.plan.grid import draft_ref, model_ref
+    from effllm.plan.grid import draft_ref, job_model_id, model_ref
 
     refused, refs, counts = [], {}, [0, 0]
     for stage, run, gpus, device_gb, key in jobs_to_check(config, runs):
-        upstream = run.spec.upstream or run.run_id
+        upstream = job_model_id(run.spec)
         if upstream not in refs:
             refs[upstream] = model_ref(config, runs, upstream)
         draft = draft_ref(config, runs, run.spec, refs)
@@ -268,7 +268,7 @@ def auto_resources(config: Mapping, runs: Mapping, only: set[str] | None = None
 
     from effllm.cluster import stage_settings
     from effllm.plan.fit import GB, fits, host_bytes
-    from effllm.plan.grid import draft_ref, gpu_choices, model_ref
+    from effllm.plan.grid import draft_ref, gpu_choices, job_model_id, model_ref
 
     out, refs = {}, {}
     for stage in auto_stages(config):
@@ -276,7 +276,7 @@ def auto_resources(config: Mapping, runs: Mapping, only: set[str] | None = None
             if only is not None and run.run_id not in only:
                 continue
             settings = stage_settings(config, stage, name)
-            upstream = run.spec.upstream or run.run_id
+            upstream = job_model_id(run.spec)
             if upstream not in refs:
                 refs[upstream] = model_ref(config, runs, upstream)
             ref, device_gb = refs[upstream], settings.gpu_memory_gb

@@ -145,6 +145,15 @@ def job_work(spec: RunSpec, ref: ModelRef, gpus: int, draft: ModelRef | None = N
     return train_work(spec, ref, gpus, draft)
 
 
+def job_model_id(spec: RunSpec) -> str:
+    """The run whose model a job trains or serves: its upstream (a fine-tuned base, a served
+    model, a pruning route's source), or itself (pretraining from scratch, and a distillation
+    student, whose upstream is its teacher)."""
+    if spec.upstream is None or getattr(spec, "distill", None):
+        return spec.run_id
+    return spec.upstream
+
+
 def draft_ref(config: Mapping, runs: Mapping, spec: RunSpec,
               refs: dict | None = None) -> ModelRef | None:
     """The second model a job holds (None without one), kept in ``refs`` by run id: an

@@ -179,7 +179,7 @@ def plan_rows(config: Mapping, runs: Mapping, results: Path = Path("results"),
     fewer GPUs already fit the smallest device needs no more)."""
     from effllm.cluster import stage_settings
     from effllm.plan.fit import rank_peak, rescaled
-    from effllm.plan.grid import draft_ref, gpu_choices, job_work, model_ref
+    from effllm.plan.grid import draft_ref, gpu_choices, job_model_id, job_work, model_ref
     from effllm.plan.simulate import simulate
 
     peak_flops, mfu = plan_settings(config)
@@ -188,7 +188,7 @@ def plan_rows(config: Mapping, runs: Mapping, results: Path = Path("results"),
     for stage in GPU_STAGES:
         for name, run in runs.get(stage, {}).items():
             settings = stage_settings(config, stage, name)
-            source = run.spec.upstream or run.run_id
+            source = job_model_id(run.spec)
             if source not in refs:
                 refs[source] = model_ref(config, runs, source)
             jobs.append((run, refs[source], settings.gpus, settings.gpu_memory_gb))

@@ -610,7 +610,7 @@ def teacher_bytes(work: TrainWork) -> int:
         weights = sum(static_bytes(model, training=False).values())
         vocab = model.get_input_embeddings().num_embeddings
     logits = work.rows * work.seq_len * vocab
-    compute = 2 if work.precision == "bf16" else 4
+    compute = 2 if work.precision in ("bf16", "fp16") else 4
     return weights + logits * (compute + 3 * 4)
 
 

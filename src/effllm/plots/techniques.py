@@ -89,7 +89,7 @@ def _scatter(ax, rows: pd.DataFrame, x: str, y: str, scale: float, size: np.ndar
 
 def draw_techniques(normalised_csv: str | os.PathLike, out_pdf: str | os.PathLike,
                     out_png: str | os.PathLike, block: str, title: str | None = None) -> None:
-    """One row of the three panels per served model of the ``block``."""
+    """One row of the four panels per served model of the ``block``."""
     df = style.select_block(read_table(normalised_csv), block, normalised_csv)
     present = [c for c in COLUMNS if c in df]
     groups = list(dict.fromkeys(df["group"]))

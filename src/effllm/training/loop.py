@@ -62,6 +62,7 @@ class StepLog:
         self.starts: list[int] = [0]
         self.probed: list[int] = []  # steps run under the tensor tracker (slower: not timed)
         self.nonfinite: list[int] = []  # the step whose loss was NaN/inf (training stopped)
+        self.extra: dict[str, list[float]] = {}  # per-step series of a loss_fn (end_step)
 
     def state(self) -> dict:
         return dict(vars(self))
@@ -69,7 +70,8 @@ class StepLog:
     @classmethod
     def from_state(cls, state: dict) -> "StepLog":
         log = cls()
-        vars(log).update({k: list(v) for k, v in state.items()})
+        vars(log).update({k: {n: list(x) for n, x in v.items()} if isinstance(v, dict)
+                          else list(v) for k, v in state.items()})
         return log
 
 
@@ -165,8 +167,9 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
     run is then marked diverged (:func:`divergence`) rather than lost. ``on_gradients(step)``
     runs when the step's gradients are complete (before clipping), ``on_step(step)`` after the
     optimiser step: pruning-aware training scores and masks there (:mod:`effllm.training.prune`).
-    ``loss_fn(model, chunk)`` returns (the loss to minimise, the cross-entropy to log) in place
-    of the model's own loss: distillation's (:mod:`effllm.training.distill`).
+    ``loss_fn(model, chunk)`` returns (the loss to minimise, the model's own loss to log) in
+    place of the model's own loss: distillation's (:mod:`effllm.training.distill`); its
+    ``end_step()``, outside the timed step, gives per-step values kept in ``log.extra``.
     """
     log = log or StepLog()
     model.train()
@@ -212,6 +215,9 @@ def train(model, batches: Iterator[dict], steps: int, optimizer, scheduler, grad
                 log.nonfinite.append(len(log.losses))  # diverged: the caller marks the run
                 break
             log.losses.append(loss)
+            for key, value in (loss_fn.end_step() if hasattr(loss_fn, "end_step")
+                               else {}).items():
+                log.extra.setdefault(key, []).append(value)
             log.seconds.append(timer.seconds)
             log.tokens.append(int(tokens))
             log.samples.append(int(samples))

@@ -77,23 +77,6 @@ def run_pretrain(spec: PretrainSpec | dict, data_dir: str | os.PathLike,
                    record_out, model_out)
 
 
-def load_teacher(spec: PretrainSpec, teacher_dir, device):
-    """The distillation loss with its teacher loaded (fp32 weights: autocast computes at the
-    run's precision), or None for a run without ``distill``."""
-    if spec.distill is None:
-        return None
-    if teacher_dir is None:
-        raise ValueError(f"{spec.run_id}: distillation needs its teacher's model directory")
-    from transformers import AutoModelForCausalLM
-
-    from effllm.models.quantize import model_config
-    from effllm.training.distill import DistillLoss
-
-    model_config(teacher_dir)  # our Mamba/RWKV fixes before the weights load
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    return DistillLoss(teacher.to(device), spec.distill)
-
-
 def pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
              checkpoint_dir: str | os.PathLike | None,
              teacher_dir: str | os.PathLike | None = None) -> Outcome | None:
@@ -115,10 +98,14 @@ def pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
     model.to(placement.device)
     probe = local_batch(np.random.default_rng([spec.seed, 2**31]))  # not a training step
     probe = {key: value.to(placement.device) for key, value in probe.items()}
-    distill = load_teacher(spec, teacher_dir, placement.device)
+    distill = None
+    if spec.distill is not None:  # only a student reads (and depends on) the distillation code
+        from effllm.training.distill import load_teacher
+
+        distill = load_teacher(spec, teacher_dir, placement.device)
     flops_per_token = step_flops_per_token(model, probe, train_cfg.precision, distill)
     if distill is not None:
-        distill.kl.clear(), distill.tokens.clear()  # the count's pass is not a step
+        distill.end_step()  # the count's pass is not a step
 
     use_checkpointing(model, train_cfg)  # after the FLOP count: it counts the plain step
     sharded = placement.world > 1 and train_cfg.sharding == "fsdp"
@@ -156,10 +143,8 @@ def pretrain(spec: PretrainSpec, placement: Placement, data_dir: Path,
     metrics = pretrain_metrics(spec, model, log, window, val_tokens, probe, flops_per_token,
                                params_total, params_active, placement.world)
     series = {"train_loss": log.losses, "step_seconds": log.seconds}
-    if distill is not None:
-        rows = probe["input_ids"].shape[0]
-        chunks = -(-rows // (train_cfg.micro_batch_size or rows))
-        series["distill_kl"] = distill.steps(chunks)
+    if distill is not None:  # per step, kept in the checkpoint's log across a resume
+        series["distill_kl"] = log.extra.get("distill_kl", [])
         metrics.update(distill_metrics(spec, distill, series["distill_kl"]))
 
     def save(folder: Path) -> None:
@@ -220,7 +205,8 @@ def distill_metrics(spec: PretrainSpec, distill, kl_steps: list[float]) -> dict[
         "distill_kl": Metric.measured(
             sum(tail) / len(tail), "nats/token", "mean_last_10pct_steps",
             f"KL(teacher || student) at temperature {cfg.temperature}, rank 0's tokens; "
-            f"loss = {1 - cfg.weight:g} CE + {cfg.weight:g} T^2 KL") if tail
+            f"loss = {1 - cfg.weight:g} CE + {cfg.weight:g} T^2 KL (+ an MoE router's "
+            "auxiliary loss)") if tail
         else Metric.unavailable("nats/token", "mean_last_10pct_steps", "no step ran"),
         "teacher_params": Metric.measured(count_params(distill.teacher)[0], "params",
                                           "count_unique_parameters", spec.upstream),
