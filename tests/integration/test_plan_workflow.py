@@ -68,7 +68,7 @@ def test_full_fine_tuning_of_the_24b_base_on_one_80_gb_gpu_is_refused(tmp_path, 
         "finetune": {"methods": ["full"], "datasets": ["o1_sft"], "full": {"offload": False}},
         "pretrain": {"blocks": {"attention": {"sizes": ["0.5b"], "variants": [
             {"name": "gqa", "attention": "gqa"}]}, "position": None, "moe": None,
-            "attention_free": None, "pruning": None}},
+            "attention_free": None, "pruning": None, "distillation": None}},
         "inference": {"hub_models": ["r1-distill-qwen-1.5b"], "precisions": ["bf16"],
                       "techniques": None},
         "resources": {"finetune": {"gpu_memory_gb": 80,
