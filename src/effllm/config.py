@@ -116,14 +116,8 @@ def _check_pruning(config: dict) -> None:
             m["moe"]["num_experts"]:
         raise ConfigError(f"config key '{key}.source': {block['source']!r} is not a dense "
                           f"MHA/MQA/GQA decoder; only those are pruned (heads, FFN, hidden)")
-    groups = block.get("groups", PRUNING_DEFAULTS["groups"])
-    pe = m["position_encoding"]
-    if "heads" in groups and pe in ("relative", "alibi"):
-        raise ConfigError(f"config key '{key}.groups': heads cannot be pruned under "
-                          f"position_encoding {pe!r} (a score bias per head index)")
-    if "hidden" in groups and pe == "sinusoidal":
-        raise ConfigError(f"config key '{key}.groups': hidden cannot be pruned under sinusoidal "
-                          f"positions (a fixed table of the full width)")
+    _check_groups(f"config key '{key}.groups'", block.get("groups", PRUNING_DEFAULTS["groups"]),
+                  m["position_encoding"])
     target = block["target_params"]
     if isinstance(target, str):
         if target not in config["sizes"]:
@@ -134,6 +128,18 @@ def _check_pruning(config: dict) -> None:
             raise ConfigError(f"config key '{key}.target_params': size {target!r} "
                               f"(~{counts[target]:,} parameters) is not smaller than the "
                               f"source's size {size!r} (~{counts[size]:,})")
+
+
+def _check_groups(key: str, groups, position_encoding: str) -> None:
+    """Structured pruning's groups against the positions (the pruning block and the techniques
+    block's structured variants): head groups not under a per-head score bias, hidden
+    dimensions not under a fixed sinusoidal table."""
+    if "heads" in groups and position_encoding in ("relative", "alibi"):
+        raise ConfigError(f"{key}: heads cannot be pruned under position_encoding "
+                          f"{position_encoding!r} (a score bias per head index)")
+    if "hidden" in groups and position_encoding == "sinusoidal":
+        raise ConfigError(f"{key}: hidden cannot be pruned under sinusoidal positions (a fixed "
+                          "table of the full width)")
 
 
 def _check_distillation(config: dict) -> None:
@@ -306,8 +312,9 @@ def _check_techniques(config: dict, known: dict) -> None:
     if base is not None and not decodes_padded(base.spec.model):
         raise ConfigError(f"{key}.source': {source!r} {PADDED}")
     names = [v["name"] for v in block["variants"]]
-    plain = [v for v in block["variants"]
-             if not set(v) & {"weights", "kv_cache", "speculative", "prune"}]
+    from effllm.sweep import TECHNIQUE_KEYS
+
+    plain = [v for v in block["variants"] if not set(v) & set(TECHNIQUE_KEYS)]
     if not any(v["name"] == "bf16" and v.get("precision", "bf16") == "bf16" for v in plain):
         raise ConfigError(f"{key}.variants': no plain variant named bf16 ({{name: bf16}}): "
                           "the reference of the block's figure, MCR and claims")
@@ -317,8 +324,7 @@ def _check_techniques(config: dict, known: dict) -> None:
             raise ConfigError(f"{where}.name': {variant['name']!r} names two variants (the "
                               f"first: variants.{names.index(variant['name'])})")
         precision = variant.get("precision", "bf16")
-        weights, kv, spec, prune = (variant.get(k) for k in ("weights", "kv_cache",
-                                                               "speculative", "prune"))
+        weights, kv, spec, prune = (variant.get(k) for k in TECHNIQUE_KEYS)
         if (weights or kv or spec or prune) and variant["name"] in PRECISIONS:
             raise ConfigError(f"{where}.name': {variant['name']!r} is a precision's name, which "
                               "its run would share with the inference block's; name the "
@@ -399,14 +405,8 @@ def _check_prune(config: dict, prune: dict, where: str, precision: str, quantise
                               or m.num_experts):
             raise ConfigError(f"{where}': structured pruning needs a dense MHA/MQA/GQA "
                               f"decoder, not {m.family} {m.attention}")
-        groups = prune.get("groups") or ["heads", "ffn"]
-        pe = m.position_encoding if m is not None else "rope"
-        if "heads" in groups and pe in ("relative", "alibi"):
-            raise ConfigError(f"{where}.groups': heads cannot be pruned under "
-                              f"position_encoding {pe!r} (a score bias per head index)")
-        if "hidden" in groups and pe == "sinusoidal":
-            raise ConfigError(f"{where}.groups': hidden cannot be pruned under sinusoidal "
-                              "positions (a fixed table of the full width)")
+        _check_groups(f"{where}.groups'", prune.get("groups") or ["heads", "ffn"],
+                      m.position_encoding if m is not None else "rope")
         return
     if prune.get("groups"):
         raise ConfigError(f"{where}.groups': groups are structured pruning's; {method} prunes "

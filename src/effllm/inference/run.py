@@ -26,7 +26,7 @@ from effllm.evaluation.perplexity import finite_metric, perplexity
 from effllm.evaluation.scoring import reasoning_metrics
 from effllm.inference.techniques import (
     CALIB_BATCH, CALIB_WINDOWS, NoCache, PassCounter, cache_factory, cached_perplexity,
-    check_draft_tokenizer, generate_options, linear_sparsity, prunable, prune_weights,
+    check_draft_tokenizer, generate_options, linear_sparsity, prune_weights,
     quantize_weights,
 )
 from effllm.measure import Timer, Window, count_flops, latency_summary, sync
@@ -217,10 +217,6 @@ def load_served(spec: InferenceSpec, model_dir, draft_dir=None, calibration=None
     return model, note or None, seconds, draft, pruned
 
 
-def _layer_linear_weights(model, keep: list[str]) -> int:
-    return sum(m.weight.numel() for name, m in model.named_modules() if prunable(name, m, keep))
-
-
 def prune_served(spec: InferenceSpec, model, keep: list[str], calibration
                  ) -> tuple[torch.nn.Module, str, dict[str, Metric]]:
     """One-shot post-training pruning of the loaded model (``spec.prune``); returns the pruned
@@ -230,17 +226,19 @@ def prune_served(spec: InferenceSpec, model, keep: list[str], calibration
     from effllm.models.pruning import oneshot_prune
 
     p = spec.prune
-    ids = calibration(p.calib_windows or CALIB_WINDOWS)
+    # magnitude reads no text
+    ids = (calibration(p.calib_windows or CALIB_WINDOWS) if p.method != "magnitude"
+           else torch.zeros(0, 0, dtype=torch.long))
     batches = [ids[i:i + CALIB_BATCH].to(model.device)
                for i in range(0, len(ids), CALIB_BATCH)]
-    before = _layer_linear_weights(model, keep)
+    before = linear_sparsity(model, keep)[1]
     start = time.perf_counter()
     if p.method == "structured":
         removed_target = int(p.sparsity * before)
         target = count_params(model)[0] - removed_target
         model, removed = oneshot_prune(model, [{"input_ids": b, "labels": b} for b in batches],
                                        target, p.groups or ("heads", "ffn"))
-        after = _layer_linear_weights(model, keep)
+        after = linear_sparsity(model, keep)[1]
         sparsity, passes = 1 - after / before, 2 * len(batches)
         note = (f"structured: {removed} groups removed, sliced to "
                 f"{count_params(model)[0]:,} parameters (target {target:,})")

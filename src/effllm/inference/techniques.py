@@ -37,22 +37,28 @@ import torch.nn.functional as F
 
 from effllm.evaluation.logprobs import token_scores
 from effllm.evaluation.perplexity import safe_exp, token_windows
+from effllm.models.hooks import InputStats
 from effllm.specs import KVCacheSpec, PruneSpec, SpeculativeSpec, WeightQuant, nm_pattern
 
 KV_BACKENDS = ("fp8", "hqq")
 HQQ_GROUP = 64  # HQQ's group size when the config gives none
-PRUNE_METHODS = ("magnitude", "wanda", "structured")
 CALIB_WINDOWS = 16  # calibration windows of the train split when the config gives none
 CALIB_BATCH = 8  # calibration windows per forward pass
 
 
-def takes(name: str, module: torch.nn.Module, weights: WeightQuant, keep: list[str]) -> bool:
-    """Whether the weight-only quantiser takes this layer: a linear the ``keep`` list does not
-    name (transformers' skip-list rule, as bitsandbytes applies it to the same list) whose
-    weight HQQ can split into its groups. The GPU plan books layers by this rule too."""
+def prunable(name: str, module: torch.nn.Module, keep: list[str]) -> bool:
+    """A linear layer the ``keep`` list does not name (transformers' skip-list rule, as
+    bitsandbytes applies it to the same list): what pruning and the quantisers take; the head
+    and routers stay dense."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    if not isinstance(module, torch.nn.Linear) or not should_convert_module(name, keep):
+    return isinstance(module, torch.nn.Linear) and should_convert_module(name, keep)
+
+
+def takes(name: str, module: torch.nn.Module, weights: WeightQuant, keep: list[str]) -> bool:
+    """Whether the weight-only quantiser takes this layer: :func:`prunable`, and its weight
+    splits into HQQ's groups. The GPU plan books layers by this rule too."""
+    if not prunable(name, module, keep):
         return False
     return weights.method != "hqq" or not module.weight.numel() % (weights.group_size
                                                                    or HQQ_GROUP)
@@ -128,36 +134,6 @@ def sparsity_mask(score: torch.Tensor, sparsity: float | None = None,
     return keep.scatter_(1, top, True)
 
 
-class InputNorms:
-    """Squared L2 norm of every input feature of chosen linear layers over the calibration
-    forwards (fp32): Wanda's ||x_j||^2."""
-
-    def __init__(self, modules: dict[str, torch.nn.Linear]):
-        self.sq: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name):
-        def hook(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sq = (x * x).sum(0)
-            self.sq[name] = self.sq[name] + sq if name in self.sq else sq
-
-        return hook
-
-    def close(self) -> dict[str, torch.Tensor]:
-        for handle in self.handles:
-            handle.remove()
-        return self.sq
-
-
-def prunable(name: str, module: torch.nn.Module, keep: list[str]) -> bool:
-    """Whether unstructured pruning takes this layer: a linear the skip list does not name (the
-    quantisers' rule: the head and routers stay dense)."""
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    return isinstance(module, torch.nn.Linear) and should_convert_module(name, keep)
-
-
 @torch.no_grad()
 def prune_weights(model: torch.nn.Module, prune: PruneSpec, keep: list[str], batches
                   ) -> tuple[str, int]:
@@ -171,7 +147,7 @@ def prune_weights(model: torch.nn.Module, prune: PruneSpec, keep: list[str], bat
     layers = {name: m for name, m in model.named_modules() if prunable(name, m, keep)}
     norms, passes = {}, 0
     if prune.method == "wanda":
-        hooks = InputNorms(layers)
+        hooks = InputStats(layers, lambda x: (x * x).sum(0))  # Wanda's ||x_j||^2
         try:
             for batch in batches:
                 model(**batch)

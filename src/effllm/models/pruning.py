@@ -34,6 +34,7 @@ from torch import nn
 
 from effllm.models.config import BIAS_ENCODINGS
 from effllm.models.decoder import DecoderConfig, DecoderForCausalLM
+from effllm.models.hooks import InputStats
 from effllm.specs import decoder_mismatch, decoder_params
 
 GROUP_TYPES = ("heads", "ffn", "hidden")
@@ -291,26 +292,12 @@ def compensate(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor,
     return out
 
 
-class InputGram:
+class InputGram(InputStats):
     """``sum X X^T`` (fp32) of the inputs of chosen linear layers over calibration forwards;
     layers that read the same tensor (Q/K/V, gate/up) share one matrix."""
 
     def __init__(self, modules: dict[str, nn.Linear]):
-        self.grams: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name):
-        def hook(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            gram = x.T @ x
-            self.grams[name] = self.grams[name] + gram if name in self.grams else gram
-
-        return hook
-
-    def close(self) -> dict[str, torch.Tensor]:
-        for handle in self.handles:
-            handle.remove()
-        return self.grams
+        super().__init__(modules, lambda x: x.T @ x)
 
 
 def affected_linears(model: DecoderForCausalLM, old: Masks, new: Masks
